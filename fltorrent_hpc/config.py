@@ -1,0 +1,216 @@
+"""The one configuration object, and the unit parsing used at its edges.
+
+Inside the project every size is bytes and every rate is bytes per second; strings such as "4MiB",
+"17.1GB", "10Gbps" or ranges "7Gbps:10Gbps" are accepted only where a user types them (CLI, env
+variables, `SwarmConfig.from_env`).  Every knob of the protocol lives in `SwarmConfig`, with the
+paper's default and unit, so the simulator, the MPI engine and the torch backend read the same field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+PRIVACY_MECHANISMS = ("spray", "lags", "gating")
+SCHEDULERS = ("gff", "random-ff", "random-fifo", "flooding")
+OVERLAYS = ("random", "expander")
+COVER_SCOPES = ("swarm", "update")
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30,
+}
+_RATE_UNITS = {  # bits per second; "B/s" forms are bytes per second
+    "bps": 1, "kbps": 10**3, "mbps": 10**6, "gbps": 10**9, "tbps": 10**12,
+}
+_NUM = r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)"
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'4MiB' -> 4194304, '17.1GB' -> 17100000000, 1024 -> 1024."""
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise ConfigError(f"size must be >= 0, got {text}")
+        return int(text)
+    m = re.fullmatch(_NUM + r"\s*([a-zA-Z]*)", text.strip())
+    if not m or m.group(2).lower() not in _BYTE_UNITS:
+        raise ConfigError(f"cannot parse size {text!r}; use e.g. 4MiB, 256KiB, 17.1GB or a byte count")
+    return int(round(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()]))
+
+
+def parse_rate(text: str | int | float) -> float:
+    """'10Gbps' -> 1.25e9 bytes/s; '100MB/s' -> 1e8 bytes/s; a bare number is bytes/s."""
+    if isinstance(text, (int, float)):
+        if text <= 0:
+            raise ConfigError(f"rate must be > 0, got {text}")
+        return float(text)
+    s = text.strip()
+    m = re.fullmatch(_NUM + r"\s*([a-zA-Z]+)/s", s)
+    if m:
+        return float(parse_bytes(m.group(1) + m.group(2)))
+    m = re.fullmatch(_NUM + r"\s*([a-zA-Z]*)", s)
+    if not m:
+        raise ConfigError(f"cannot parse rate {text!r}; use e.g. 10Gbps, 25.3Mbps or 100MB/s")
+    unit = m.group(2).lower()
+    if unit == "":
+        return float(m.group(1))
+    if unit not in _RATE_UNITS:
+        raise ConfigError(f"cannot parse rate {text!r}; units: bps, Kbps, Mbps, Gbps or <size>/s")
+    return float(m.group(1)) * _RATE_UNITS[unit] / 8.0
+
+
+def parse_range(text: str | tuple | list, parse=parse_rate) -> tuple[float, float]:
+    """'7Gbps:10Gbps' -> (lo, hi); a single value gives (v, v)."""
+    if isinstance(text, (tuple, list)):
+        lo, hi = (parse(text[0]), parse(text[-1]))
+    else:
+        parts = str(text).split(":")
+        if len(parts) not in (1, 2):
+            raise ConfigError(f"range {text!r} must be LOW:HIGH or a single value")
+        lo, hi = parse(parts[0]), parse(parts[-1])
+    if hi < lo:
+        raise ConfigError(f"range {text!r} has HIGH < LOW")
+    return lo, hi
+
+
+def parse_privacy(text: str | frozenset | set | tuple | list) -> frozenset[str]:
+    """'full' -> all mechanisms, 'none' -> none, 'spray,lags' -> those two."""
+    if isinstance(text, (frozenset, set, tuple, list)):
+        items = set(text)
+    else:
+        t = text.strip().lower()
+        if t == "full":
+            return frozenset(PRIVACY_MECHANISMS)
+        if t in ("none", ""):
+            return frozenset()
+        items = {p.strip() for p in t.split(",") if p.strip()}
+    bad = items - set(PRIVACY_MECHANISMS)
+    if bad:
+        raise ConfigError(f"unknown privacy mechanism(s) {sorted(bad)}; choose from full, none or {PRIVACY_MECHANISMS}")
+    return frozenset(items)
+
+
+def privacy_label(privacy: frozenset[str]) -> str:
+    if privacy == frozenset(PRIVACY_MECHANISMS):
+        return "full"
+    if not privacy:
+        return "none"
+    return ",".join(p for p in PRIVACY_MECHANISMS if p in privacy)
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """Every knob of a round, with the paper's default (PAPER.md §6) and its unit.
+
+    Environment variables FLTORRENT_<FIELD> (upper case) override defaults in `from_env`.
+    """
+
+    # overlay
+    degree: int = 10                      # minimum degree m
+    overlay: str = "random"               # "random" (min degree m, heterogeneous above) or "expander" (d-regular)
+    # chunks
+    chunk_bytes: int = 4 * 2**20          # C; 4 MiB for real runs, the simulator CLI uses the paper's 256 KiB
+    # privacy mechanisms (subset of spray, lags, gating); empty = BitTorrent only
+    privacy: frozenset = frozenset(PRIVACY_MECHANISMS)
+    spray_ratio: float = 0.2              # R: floor(R*K) chunks per owner sprayed to non-neighbours
+    lag_slots: int = 3                    # T_lag: lag ~ U{0..T_lag-1} slots
+    cover: float = 0.10                   # K: cover-set threshold fraction
+    cover_scope: str = "swarm"            # "swarm": k = ceil(K*|C|); "update": k = ceil(K*K_v)
+    kappa: int = 1                        # owner throttle: eligible owner chunks at once
+    # scheduling
+    scheduler: str = "gff"
+    tau: int = 4                          # concurrent receivers per sender per stage
+    bt_passes: int = 2                    # request/grant passes per BitTorrent stage
+    endgame_chunks: int = 8               # a receiver missing at most this many chunks enters endgame
+    slot_seconds: float = 1.0             # Delta
+    # deadlines
+    deadline_stages: int = 0              # s_max for the simulator; 0 = derived from capacities (4x the ideal)
+    warmup_deadline_stages: int = 0       # warm-up fails open after this many stages; 0 = s_max
+    deadline_s: float = 0.0               # wall-clock deadline of a real round; 0 = none (only timeout_s)
+    timeout_s: float = 300.0              # bound on every distributed wait
+    consensus: bool = True                # agree on A = intersection of A_v so every rank holds the same result
+    # real transport
+    tracker_rank: int = 0
+    uplink: float = 0.0                   # emulated uplink bytes/s per rank (0 = unpaced)
+    downlink: float = 0.0                 # emulated downlink bytes/s per rank (0 = unpaced)
+    seed: int = 0
+    trace: str = ""                       # HDF5 trace path ("" = no trace)
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "privacy", parse_privacy(self.privacy))
+        object.__setattr__(self, "chunk_bytes", parse_bytes(self.chunk_bytes))
+        checks = [
+            (self.degree >= 1, "degree must be >= 1"),
+            (self.overlay in OVERLAYS, f"overlay must be one of {OVERLAYS}"),
+            (self.chunk_bytes >= 1, "chunk_bytes must be >= 1"),
+            (0.0 <= self.spray_ratio < 1.0, "spray_ratio must be in [0, 1)"),
+            (self.lag_slots >= 1, "lag_slots must be >= 1"),
+            (0.0 <= self.cover <= 1.0, "cover must be in [0, 1]"),
+            (self.cover_scope in COVER_SCOPES, f"cover_scope must be one of {COVER_SCOPES}"),
+            (self.kappa >= 1, "kappa must be >= 1"),
+            (self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}"),
+            (self.tau >= 1, "tau must be >= 1"),
+            (self.bt_passes >= 1, "bt_passes must be >= 1"),
+            (self.slot_seconds > 0, "slot_seconds must be > 0"),
+            (self.timeout_s > 0, "timeout_s must be > 0"),
+            (self.deadline_stages >= 0 and self.warmup_deadline_stages >= 0, "deadlines must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"SwarmConfig: {msg}")
+
+    def replace(self, **changes: Any) -> SwarmConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, base: SwarmConfig | None = None, environ: dict | None = None) -> SwarmConfig:
+        """Apply FLTORRENT_<FIELD> overrides (e.g. FLTORRENT_CHUNK_BYTES=1MiB) to `base`."""
+        env = os.environ if environ is None else environ
+        base = base or cls()
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = "FLTORRENT_" + f.name.upper()
+            if f.name == "extra" or key not in env:
+                continue
+            raw = env[key]
+            cur = getattr(base, f.name)
+            try:
+                if f.name in ("uplink", "downlink"):
+                    changes[f.name] = parse_rate(raw)
+                elif f.name == "chunk_bytes":
+                    changes[f.name] = parse_bytes(raw)
+                elif f.name == "privacy":
+                    changes[f.name] = parse_privacy(raw)
+                elif isinstance(cur, bool):
+                    changes[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                elif isinstance(cur, int):
+                    changes[f.name] = int(raw)
+                elif isinstance(cur, float):
+                    changes[f.name] = float(raw)
+                else:
+                    changes[f.name] = raw
+            except ValueError as e:
+                raise ConfigError(f"{key}={raw!r}: {e}") from e
+        return base.replace(**changes) if changes else base
+
+    def cover_threshold(self, n_peers: int, chunks_per_peer: int) -> int:
+        """k: chunks every active peer must hold before warm-up ends (PAPER.md §2.0)."""
+        import math
+
+        if self.cover_scope == "swarm":
+            return max(1, math.ceil(self.cover * n_peers * chunks_per_peer - 1e-9))
+        return max(1, math.ceil(self.cover * chunks_per_peer - 1e-9))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["privacy"] = privacy_label(self.privacy)
+        d.pop("extra", None)
+        return d

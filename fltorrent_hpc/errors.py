@@ -1,0 +1,31 @@
+"""One small error hierarchy, so callers can catch fltorrent failures without catching everything."""
+
+from __future__ import annotations
+
+
+class FLTorrentError(RuntimeError):
+    """Base class of every error fltorrent_hpc raises on purpose."""
+
+
+class ConfigError(FLTorrentError, ValueError):
+    """A knob has a bad value or a size/rate string cannot be parsed."""
+
+
+class ShapeMismatchError(FLTorrentError, ValueError):
+    """Ranks disagreed on the size, shape or dtype of what they contribute to a round."""
+
+
+class PeerTimeoutError(FLTorrentError, TimeoutError):
+    """A distributed wait ran past its timeout; the message names peer, round, stage and what was outstanding."""
+
+
+class IntegrityError(FLTorrentError):
+    """A chunk failed its hash check and could not be re-fetched from any other holder."""
+
+
+class ProtocolError(FLTorrentError):
+    """A peer sent a control message that does not fit the protocol (bad header, bad ids)."""
+
+
+class LaunchError(FLTorrentError):
+    """fltorrent was started without an MPI launcher or with an inconsistent rank layout."""
