@@ -37,7 +37,7 @@ def chunk_hashes(buf: np.ndarray | bytes | memoryview, chunk_bytes: int) -> np.n
         return np.zeros(0, dtype=np.uint64)
     if chunk_bytes <= 0 or chunk_bytes % 8:
         # any chunk size works; a multiple of 8 keeps the padded layout a plain reshape
-        return np.array([chunk_hash(b[i:i + chunk_bytes]) for i in range(0, n, chunk_bytes)], dtype=np.uint64)
+        return np.array([chunk_hash(b[i : i + chunk_bytes]) for i in range(0, n, chunk_bytes)], dtype=np.uint64)
     nfull = n // chunk_bytes
     out = np.empty(-(-n // chunk_bytes), dtype=np.uint64)
     if nfull:
@@ -47,7 +47,7 @@ def chunk_hashes(buf: np.ndarray | bytes | memoryview, chunk_bytes: int) -> np.n
             h = splitmix64(words ^ idx).sum(axis=1, dtype=np.uint64)
             out[:nfull] = splitmix64(h ^ (np.uint64(chunk_bytes) * LEN_SALT))
     if nfull < out.size:
-        out[-1] = chunk_hash(b[nfull * chunk_bytes:])
+        out[-1] = chunk_hash(b[nfull * chunk_bytes :])
     return out
 
 

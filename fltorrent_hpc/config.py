@@ -22,13 +22,26 @@ OVERLAYS = ("random", "expander")
 COVER_SCOPES = ("swarm", "update")
 
 _BYTE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
 }
 _RATE_UNITS = {  # bits per second; "B/s" forms are bytes per second
-    "bps": 1, "kbps": 10**3, "mbps": 10**6, "gbps": 10**9, "tbps": 10**12,
+    "bps": 1,
+    "kbps": 10**3,
+    "mbps": 10**6,
+    "gbps": 10**9,
+    "tbps": 10**12,
 }
 _NUM = r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)"
 
@@ -113,35 +126,35 @@ class SwarmConfig:
     """
 
     # overlay
-    degree: int = 10                      # minimum degree m
-    overlay: str = "random"               # "random" (min degree m, heterogeneous above) or "expander" (d-regular)
+    degree: int = 10  # minimum degree m
+    overlay: str = "random"  # "random" (min degree m, heterogeneous above) or "expander" (d-regular)
     # chunks
-    chunk_bytes: int = 4 * 2**20          # C; 4 MiB for real runs, the simulator CLI uses the paper's 256 KiB
+    chunk_bytes: int = 4 * 2**20  # C; 4 MiB for real runs, the simulator CLI uses the paper's 256 KiB
     # privacy mechanisms (subset of spray, lags, gating); empty = BitTorrent only
     privacy: frozenset = frozenset(PRIVACY_MECHANISMS)
-    spray_ratio: float = 0.2              # R: floor(R*K) chunks per owner sprayed to non-neighbours
-    lag_slots: int = 3                    # T_lag: lag ~ U{0..T_lag-1} slots
-    cover: float = 0.10                   # K: cover-set threshold fraction
-    cover_scope: str = "swarm"            # "swarm": k = ceil(K*|C|); "update": k = ceil(K*K_v)
-    kappa: int = 1                        # owner throttle: eligible owner chunks at once
+    spray_ratio: float = 0.2  # R: floor(R*K) chunks per owner sprayed to non-neighbours
+    lag_slots: int = 3  # T_lag: lag ~ U{0..T_lag-1} slots
+    cover: float = 0.10  # K: cover-set threshold fraction
+    cover_scope: str = "swarm"  # "swarm": k = ceil(K*|C|); "update": k = ceil(K*K_v)
+    kappa: int = 1  # owner throttle: eligible owner chunks at once
     # scheduling
     scheduler: str = "gff"
-    tau: int = 4                          # concurrent receivers per sender per stage
-    bt_passes: int = 2                    # request/grant passes per BitTorrent stage
-    endgame_chunks: int = 8               # a receiver missing at most this many chunks enters endgame
-    slot_seconds: float = 1.0             # Delta
+    tau: int = 4  # concurrent receivers per sender per stage
+    bt_passes: int = 2  # request/grant passes per BitTorrent stage
+    endgame_chunks: int = 8  # a receiver missing at most this many chunks enters endgame
+    slot_seconds: float = 1.0  # Delta
     # deadlines
-    deadline_stages: int = 0              # s_max for the simulator; 0 = derived from capacities (4x the ideal)
-    warmup_deadline_stages: int = 0       # warm-up fails open after this many stages; 0 = s_max
-    deadline_s: float = 0.0               # wall-clock deadline of a real round; 0 = none (only timeout_s)
-    timeout_s: float = 300.0              # bound on every distributed wait
-    consensus: bool = True                # agree on A = intersection of A_v so every rank holds the same result
+    deadline_stages: int = 0  # s_max for the simulator; 0 = derived from capacities (4x the ideal)
+    warmup_deadline_stages: int = 0  # warm-up fails open after this many stages; 0 = s_max
+    deadline_s: float = 0.0  # wall-clock deadline of a real round; 0 = none (only timeout_s)
+    timeout_s: float = 300.0  # bound on every distributed wait
+    consensus: bool = True  # agree on A = intersection of A_v so every rank holds the same result
     # real transport
     tracker_rank: int = 0
-    uplink: float = 0.0                   # emulated uplink bytes/s per rank (0 = unpaced)
-    downlink: float = 0.0                 # emulated downlink bytes/s per rank (0 = unpaced)
+    uplink: float = 0.0  # emulated uplink bytes/s per rank (0 = unpaced)
+    downlink: float = 0.0  # emulated downlink bytes/s per rank (0 = unpaced)
     seed: int = 0
-    trace: str = ""                       # HDF5 trace path ("" = no trace)
+    trace: str = ""  # HDF5 trace path ("" = no trace)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
