@@ -1,0 +1,44 @@
+"""Counter-based randomness: a random value is a pure hash of (seed, stage, pass, peer, slot).
+
+Every decision of the swarm core draws from here instead of a stateful generator.  A decision of peer v
+then depends only on v's own keys, so a real rank that computes only its own row (the decentralised
+BitTorrent phase) draws exactly the numbers the simulator drew for that row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..checksum import splitmix64
+
+_SEED0 = np.uint64(0x243F6A8885A308D3)
+
+# stream tags keep the uses of one seed apart
+OVERLAY, LAGS, SPRAY, RELEASE, WARMUP, BT, RATES, LEAVE = range(1, 9)
+
+
+def hash_keys(*keys: int | np.ndarray) -> np.ndarray:
+    """uint64 hash of broadcast integer keys (non-negative)."""
+    h = np.asarray(_SEED0, dtype=np.uint64)
+    for k in keys:
+        k = np.asarray(k)
+        if k.dtype != np.uint64:
+            k = k.astype(np.int64).astype(np.uint64)
+        h = splitmix64(h ^ k)
+    return h
+
+
+def uniform(*keys: int | np.ndarray) -> np.ndarray:
+    """Uniform float64 in [0, 1) for each broadcast key tuple."""
+    return (hash_keys(*keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def below(bound: int | np.ndarray, *keys: int | np.ndarray) -> np.ndarray:
+    """Integer uniform in [0, bound) (bound >= 1) for each broadcast key tuple."""
+    b = np.asarray(bound, dtype=np.uint64)
+    return (hash_keys(*keys) % np.maximum(b, np.uint64(1))).astype(np.int64)
+
+
+def generator(*keys: int) -> np.random.Generator:
+    """A numpy Generator for one-off set-up draws (overlay, link rates), keyed like the rest."""
+    return np.random.default_rng(int(hash_keys(*keys)))

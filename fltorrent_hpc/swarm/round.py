@@ -1,0 +1,355 @@
+"""`SwarmRound`: the state of one FLTorrent round and its stage loop, with no I/O.
+
+Use: `st = rnd.next_stage()` returns the transfers of the current slot; the caller moves the bytes (or
+pretends to, in the simulator) and reports back with `rnd.complete(st, delivered)`.  Chunk ids are
+global, `owner * K + i`.  The tracker's decisions (spray, warm-up) read the global state; the BitTorrent
+phase reads, for each peer, only its own and its neighbours' rows (see bittorrent.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import SwarmConfig
+from ..errors import ProtocolError
+from . import rng
+from .overlay import Overlay, build_overlay
+
+SPRAY, WARMUP, BT = 0, 1, 2
+
+
+@dataclass
+class Stage:
+    """The transfers of one slot.  `kind` per transfer: 0 spray, 1 warm-up, 2 BitTorrent."""
+
+    index: int
+    phase: int
+    sender: np.ndarray
+    receiver: np.ndarray
+    chunk: np.ndarray
+    kind: np.ndarray
+    sender_owned: np.ndarray
+    sender_buffer: np.ndarray
+    capacity: int
+    release_peer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    release_chunk: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    maxflow: int = -1
+
+    @property
+    def size(self) -> int:
+        return int(self.sender.size)
+
+
+class _Collector:
+    """Accumulates a stage's accepted transfers across passes."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, s, r, c, kind, owned, buf) -> None:
+        if np.size(s):
+            self.parts.append(tuple(np.asarray(a, dtype=np.int64) for a in (s, r, c, kind, owned, buf)))
+
+    def arrays(self) -> list[np.ndarray]:
+        if not self.parts:
+            return [np.zeros(0, np.int64) for _ in range(6)]
+        return [np.concatenate([p[i] for p in self.parts]) for i in range(6)]
+
+    def __len__(self) -> int:
+        return int(sum(p[0].size for p in self.parts))
+
+
+class SwarmRound:
+    """One round: n peers, K chunks each, per-stage chunk budgets, a seed.  Deterministic."""
+
+    def __init__(
+        self,
+        config: SwarmConfig,
+        n_peers: int,
+        chunks_per_peer: int,
+        up_budget: np.ndarray,
+        down_budget: np.ndarray,
+        seed: int = 0,
+        overlay: Overlay | None = None,
+        compute_maxflow: bool = False,
+    ) -> None:
+        n, K = int(n_peers), int(chunks_per_peer)
+        if n < 1 or K < 0:
+            raise ValueError("a round needs n >= 1 peers and K >= 0 chunks per peer")
+        self.cfg = config
+        self.n, self.K, self.N = n, K, n * K
+        self.seed = int(seed)
+        self.up = np.asarray(up_budget, dtype=np.int64).reshape(n)
+        self.down = np.asarray(down_budget, dtype=np.int64).reshape(n)
+        if np.any(self.up < 1) or np.any(self.down < 1):
+            raise ValueError(
+                "every peer needs an upload and download budget of >= 1 chunk per slot; "
+                "use a longer slot or a smaller chunk"
+            )
+        self.overlay = overlay or build_overlay(n, config, self.seed)
+        self.nbr = self.overlay.nbr
+        self.deg = self.overlay.degree
+        self.privacy = config.privacy
+        self.gating = "gating" in self.privacy
+        self.k = config.cover_threshold(n, K)
+        self.kappa = config.kappa
+        self.compute_maxflow = compute_maxflow
+        # have-state; row n is a sentinel peer that holds nothing (pads neighbour lists)
+        self.have = np.zeros((n + 1, self.N), dtype=bool)
+        own = np.arange(self.N) // max(K, 1)
+        self.have[own, np.arange(self.N)] = True
+        self.held = np.full(n, K, dtype=np.int64)
+        self.holders = np.ones(self.N, dtype=np.int32)  # active holders per chunk
+        self.active = np.ones(n + 1, dtype=bool)
+        self.active[n] = False
+        self.left_at = np.full(n, -1, dtype=np.int64)
+        self.complete_stage = np.where(self.held >= self.N, 0, -1).astype(np.int64)
+        # lags
+        if "lags" in self.privacy and config.lag_slots > 1:
+            self.lag = rng.below(config.lag_slots, self.seed, rng.LAGS, np.arange(n))
+        else:
+            self.lag = np.zeros(n, dtype=np.int64)
+        # spray plan: floor(R*K) distinct own chunks per owner, each to a random non-neighbour
+        self.spray = self._plan_spray() if "spray" in self.privacy else self._empty_plan()
+        # gating: a window of at most kappa owner chunks, opened once the eligible buffer reaches k
+        self.win = np.full((n, self.kappa), -1, dtype=np.int64)
+        self.in_window = np.zeros(self.N, dtype=bool)
+        self.gate_open = np.zeros(n, dtype=bool)
+        keys = rng.uniform(self.seed, rng.RELEASE, np.arange(n)[:, None], np.arange(K)[None, :])
+        self.release_order = (np.argsort(keys, axis=1) + (np.arange(n) * K)[:, None]).astype(np.int64)
+        self.release_ptr = np.zeros(n, dtype=np.int64)
+        # warm-up relay lists: non-owner chunks each peer received (append-only), for candidate sampling
+        cap = int(min(self.N, self.k + 4 * int(self.down.max()) + 64))
+        self.rlist = np.full((n, max(cap, 1)), -1, dtype=np.int64)
+        self.rlen = np.zeros(n, dtype=np.int64)
+        # BitTorrent per-peer state (each row is that peer's own knowledge)
+        self.bt = None
+        self.recip = np.zeros(self.nbr.shape, dtype=np.int64)  # chunks v received from its j-th neighbour
+        self.acc_est = np.full(n, 0.2)
+        # phase and clocks
+        self.stage = 0
+        self.phase = WARMUP if self.privacy else BT
+        self.s_bt = 0 if self.phase == BT else -1
+        self.warmup_failed_open = False
+        self.warmup_deadline = config.warmup_deadline_stages or 0
+        self.releases = 0
+        self._refresh_windows()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _empty_plan(self) -> dict[str, np.ndarray]:
+        z = np.zeros(0, dtype=np.int64)
+        return {"sender": z, "receiver": z, "chunk": z}
+
+    def _plan_spray(self) -> dict[str, np.ndarray]:
+        n, K = self.n, self.K
+        sigma = int(np.floor(self.cfg.spray_ratio * K + 1e-9))
+        non_nbr = n - 1 - self.deg
+        if sigma == 0 or K == 0 or n < 2:
+            return self._empty_plan()
+        owners = np.repeat(np.arange(n), sigma)
+        slot = np.tile(np.arange(sigma), n)
+        # sigma distinct chunks per owner: the first sigma of a seeded permutation
+        keys = rng.uniform(self.seed, rng.SPRAY, np.arange(n)[:, None], np.arange(K)[None, :])
+        pick = np.argsort(keys, axis=1)[:, :sigma]
+        chunk = owners * K + pick.reshape(-1)
+        # recipient: uniform over non-neighbours (index into the sorted complement of N(u) u {u})
+        ok = non_nbr[owners] > 0
+        idx = rng.below(np.maximum(non_nbr[owners], 1), self.seed, rng.SPRAY, owners, slot, 1)
+        recv = np.full(owners.size, -1, dtype=np.int64)
+        for u in np.unique(owners[ok]):
+            excl = np.zeros(n, dtype=bool)
+            excl[self.nbr[u][self.nbr[u] < n]] = True
+            excl[u] = True
+            comp = np.flatnonzero(~excl)
+            sel = owners == u
+            recv[sel] = comp[idx[sel]]
+        keep = recv >= 0
+        return {"sender": owners[keep], "receiver": recv[keep], "chunk": chunk[keep]}
+
+    # ------------------------------------------------------------------ views
+    @property
+    def received(self) -> np.ndarray:
+        """X_v: non-owner chunks each peer holds."""
+        return self.held - self.K  # own chunks are always held
+
+    @property
+    def owned_eligible(self) -> np.ndarray:
+        """O_u: eligible owner chunks per peer (window size with gating, all K without)."""
+        if self.gating and self.phase == WARMUP:
+            return (self.win >= 0).sum(axis=1)
+        return np.full(self.n, self.K, dtype=np.int64)
+
+    def eligible(self, w: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Whether peer w may serve chunk c now (availability plus, in gated warm-up, the owner window)."""
+        h = self.have[w, c]
+        if self.gating and self.phase == WARMUP:
+            h &= (c // max(self.K, 1) != w) | self.in_window[c]
+        return h
+
+    @property
+    def done(self) -> bool:
+        """Every active peer holds every chunk that some active peer holds."""
+        act = self.active[: self.n]
+        if not act.any():
+            return True
+        u = int(np.count_nonzero(self.holders > 0))
+        return int(self.held[act].sum()) == int(act.sum()) * u
+
+    def reconstructable(self) -> np.ndarray:
+        """A[v, u]: peer v holds every chunk of peer u (PAPER.md §1.3)."""
+        n, K = self.n, self.K
+        if K == 0:
+            return np.ones((n, n), dtype=bool)
+        return self.have[:n].reshape(n, n, K).all(axis=2)
+
+    # ------------------------------------------------------------------ stage loop
+    def next_stage(self) -> Stage:
+        """Decide the transfers of slot `self.stage` from the state after the previous slot."""
+        if self.phase == WARMUP:
+            act = self.active[: self.n]
+            spray_left = self.spray["sender"].size > 0
+            if not spray_left and np.all(self.received[act] >= self.k):
+                self._enter_bt()
+            elif self.warmup_deadline and self.stage >= self.warmup_deadline:
+                self.warmup_failed_open = True
+                self._enter_bt()
+        if self.phase == WARMUP:
+            from .warmup import warmup_stage
+
+            return warmup_stage(self)
+        from .bittorrent import bt_stage
+
+        return bt_stage(self)
+
+    def _enter_bt(self) -> None:
+        self.phase = BT
+        self.s_bt = self.stage
+        self.win[:] = -1
+        self.in_window[:] = False
+
+    def capacity(self) -> int:
+        return int(self.up[self.active[: self.n]].sum())
+
+    def complete(self, stage: Stage, delivered: np.ndarray | None = None) -> None:
+        """Apply the transfers of `stage` that arrived (all of them when `delivered` is None)."""
+        if stage.index != self.stage:
+            raise ProtocolError(f"completion for stage {stage.index} while the round is at stage {self.stage}")
+        m = np.ones(stage.size, dtype=bool) if delivered is None else np.asarray(delivered, dtype=bool)
+        r, c, s, kind = stage.receiver[m], stage.chunk[m], stage.sender[m], stage.kind[m]
+        if r.size:
+            if np.any(self.have[r, c]):
+                raise ProtocolError(f"stage {stage.index}: duplicate delivery of a chunk a peer already held")
+            codes = r * self.N + c
+            if np.unique(codes).size != codes.size:
+                raise ProtocolError(f"stage {stage.index}: the same chunk delivered twice to one peer")
+            self.have[r, c] = True
+            self.held += np.bincount(r, minlength=self.n)
+            self.holders += np.bincount(c, minlength=self.N).astype(np.int32)
+            if self.phase == WARMUP:
+                self._append_rlist(r, c)
+            nb = kind != SPRAY
+            if np.any(nb):
+                slot = np.argmax(self.nbr[r[nb]] == s[nb][:, None], axis=1)
+                np.add.at(self.recip, (r[nb], slot), 1)
+            done_now = (self.complete_stage < 0) & (self.held >= self.N)
+            self.complete_stage[done_now] = stage.index
+        if stage.kind.size and np.any(stage.kind == SPRAY):
+            sp = stage.kind == SPRAY
+            sent = stage.sender[sp & m] * self.N + stage.chunk[sp & m]
+            plan = self.spray["sender"] * self.N + self.spray["chunk"]
+            keep = ~np.isin(plan, sent)
+            self.spray = {k: v[keep] for k, v in self.spray.items()}
+        self.stage += 1
+        if self.phase == WARMUP:
+            self._refresh_windows()
+
+    def _append_rlist(self, r: np.ndarray, c: np.ndarray) -> None:
+        order = np.argsort(r, kind="stable")
+        r, c = r[order], c[order]
+        from .assign import cumcount
+
+        pos = self.rlen[r] + cumcount(r)
+        need = int(pos.max()) + 1 if pos.size else 0
+        if need > self.rlist.shape[1]:
+            grow = np.full((self.n, max(need, 2 * self.rlist.shape[1]) - self.rlist.shape[1]), -1, np.int64)
+            self.rlist = np.concatenate([self.rlist, grow], axis=1)
+        self.rlist[r, pos] = c
+        self.rlen += np.bincount(r, minlength=self.n)
+
+    def _refresh_windows(self) -> None:
+        """Drop replicated chunks from owner windows; refill windows of owners whose gate is open."""
+        if not self.gating or self.K == 0:
+            return
+        w = self.win
+        filled = w >= 0
+        if filled.any():
+            rep = np.zeros_like(filled)
+            rep[filled] = self.holders[w[filled]] >= 2
+            self.in_window[w[rep]] = False
+            w[rep] = -1
+        self.gate_open |= self.received >= self.k - self.kappa
+        need = np.flatnonzero(self.gate_open & self.active[: self.n] & (w < 0).any(axis=1))
+        for u in need:
+            self._fill_window(int(u), self.kappa)
+
+    def _fill_window(self, u: int, limit: int) -> list[int]:
+        """Put up to `limit` unreplicated own chunks of u into its window; returns the chunks added."""
+        added: list[int] = []
+        slots = np.flatnonzero(self.win[u] < 0)[:limit]
+        order = self.release_order[u]
+        p = int(self.release_ptr[u])
+        for sl in slots:
+            while p < self.K and (self.holders[order[p]] >= 2 or self.in_window[order[p]]):
+                p += 1
+            if p >= self.K:
+                break
+            ch = int(order[p])
+            self.win[u, sl] = ch
+            self.in_window[ch] = True
+            added.append(ch)
+            p += 1
+        self.release_ptr[u] = p
+        return added
+
+    def gated_release(self) -> tuple[np.ndarray, np.ndarray]:
+        """Gated start (DESIGN.md): every gated, sending-capable owner releases one owner chunk."""
+        can = self.active[: self.n] & ~self.gate_open & (self.lag <= self.stage) & (self.win < 0).all(axis=1)
+        peers, chunks = [], []
+        for u in np.flatnonzero(can):
+            got = self._fill_window(int(u), 1)
+            if got:
+                peers.append(int(u))
+                chunks.append(got[0])
+        self.releases += len(peers)
+        return np.asarray(peers, dtype=np.int64), np.asarray(chunks, dtype=np.int64)
+
+    def leave(self, peers: np.ndarray | list[int], repair: bool = False) -> None:
+        """Peers go silent from the current stage on: excluded from scheduling; their chunks stay only where copied."""
+        peers = np.asarray(peers, dtype=np.int64)
+        peers = peers[self.active[peers]]
+        if peers.size == 0:
+            return
+        self.active[peers] = False
+        self.left_at[peers] = self.stage
+        self.holders -= self.have[peers].sum(axis=0).astype(np.int32)
+        for u in peers:
+            ch = self.win[u][self.win[u] >= 0]
+            self.in_window[ch] = False
+            self.win[u] = -1
+        if repair:
+            self.overlay = self.overlay.repair(np.flatnonzero(~self.active[: self.n]), self.seed + self.stage)
+            old_nbr = self.nbr
+            self.nbr = self.overlay.nbr
+            self.deg = self.overlay.degree
+            self.recip = np.zeros(self.nbr.shape, dtype=np.int64)
+            del old_nbr
+
+    def deadline(self) -> int:
+        """s_max in stages: the configured one, or 4x the uplink-bound ideal (at least 64 stages)."""
+        if self.cfg.deadline_stages:
+            return int(self.cfg.deadline_stages)
+        need = self.N * (self.n - 1)
+        ideal = need / max(1, int(self.up.sum()))
+        return int(max(64, np.ceil(4 * ideal) + 4 * self.cfg.lag_slots))

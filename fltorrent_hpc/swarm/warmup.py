@@ -1,0 +1,243 @@
+"""Warm-up stages: pre-round spray, then tracker-scheduled transfers until every active peer holds k.
+
+The tracker sees the global have-state (PAPER.md §2.3).  Each pass, every receiver with download budget
+left proposes chunks that its neighbours may serve (sampled from their relay lists plus the owners'
+released window chunks); the scheduler picks a sender per request and senders accept within budget, tau
+and once-per-chunk.  Schedulers (PAPER.md §3.2; tie-breaks in DESIGN.md):
+  gff          fastest feasible sender (non-owner first, largest residual uplink, seeded random), senders
+               favour fast requesters; repeated passes re-assign what was refused (greedy fill)
+  random-ff    random feasible sender (non-owner first), senders favour fast requesters, one pass
+  random-fifo  random feasible sender (non-owner first), senders serve in arrival order, one pass
+  flooding     no tracker assignment: senders push random eligible chunks to random neighbours
+Receivers still below k come first everywhere: they are what the warm-up waits for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import rng
+from .assign import accept, choose_holder, cumcount, first_occurrence, take_per_group
+from .round import BT, SPRAY, WARMUP, Stage, SwarmRound, _Collector
+
+GFF_PASSES = 3
+
+
+class StageBudget:
+    """Residual budgets and per-stage bookkeeping shared by the passes of one stage (padded with sentinel n)."""
+
+    def __init__(self, rnd: SwarmRound):
+        n = rnd.n
+        act = rnd.active[:n]
+        self.up_left = np.zeros(n + 1, dtype=np.int64)
+        self.up_left[:n] = np.where(act, rnd.up, 0)
+        self.down_left = np.zeros(n + 1, dtype=np.int64)
+        self.down_left[:n] = np.where(act, rnd.down, 0)
+        self.tau_left = np.full(n + 1, rnd.cfg.tau, dtype=np.int64)
+        self.can_send = np.zeros(n + 1, dtype=bool)
+        self.can_send[:n] = act & (rnd.lag <= rnd.stage)
+        self.served: set[int] = set()
+        self.sent = np.zeros(0, dtype=np.int64)  # sender*N + chunk
+        self.pending = np.zeros(0, dtype=np.int64)  # receiver*N + chunk
+        self.n, self.N = n, rnd.N
+
+    def commit(self, s: np.ndarray, r: np.ndarray, c: np.ndarray, use_tau: bool = True) -> None:
+        n = self.n
+        self.up_left[:n] -= np.bincount(s, minlength=n + 1)[:n]
+        self.down_left[:n] -= np.bincount(r, minlength=n + 1)[:n]
+        if use_tau:
+            pairs = np.unique(s * n + r)
+            new = [int(p) for p in pairs if int(p) not in self.served]
+            if new:
+                self.tau_left[:n] -= np.bincount(np.asarray(new, dtype=np.int64) // n, minlength=n)
+                self.served.update(new)
+        self.sent = np.concatenate([self.sent, s * self.N + c])
+        self.pending = np.concatenate([self.pending, r * self.N + c])
+
+
+def _spray(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
+    plan = rnd.spray
+    if plan["sender"].size == 0:
+        return
+    s, r, c = plan["sender"], plan["receiver"], plan["chunk"]
+    alive = rnd.active[s] & rnd.active[r]
+    if not alive.all():  # an endpoint left: that spray item is void
+        rnd.spray = {k: v[alive] for k, v in plan.items()}
+        s, r, c = s[alive], r[alive], c[alive]
+    first = -np.arange(s.size, dtype=np.float64)  # plan order
+    ok = take_per_group(s, first, b.up_left)
+    ok &= take_per_group(np.where(ok, r, rnd.n), first, np.append(b.down_left[: rnd.n], 0))
+    ok &= ~rnd.have[r, c]
+    s, r, c = s[ok], r[ok], c[ok]
+    col.add(s, r, c, np.full(s.size, SPRAY), np.ones(s.size), np.ones(s.size))
+    b.commit(s, r, c, use_tau=False)
+
+
+def _candidates(rnd: SwarmRound, b: StageBudget, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Requests (v, c): chunks v lacks that a neighbour may serve, sampled from neighbours' relay lists."""
+    n, K, N = rnd.n, rnd.K, rnd.N
+    recv = np.flatnonzero(b.down_left[:n] > 0)
+    recv = recv[rnd.deg[recv] > 0]
+    if recv.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    want = b.down_left[recv]
+    draws = np.clip(np.ceil(1.5 * want / rnd.acc_est[recv]), 8, 1024).astype(np.int64)
+    rows = np.repeat(recv, draws)
+    t = cumcount(rows)
+    j = rng.below(rnd.deg[rows], rnd.seed, rng.WARMUP, rnd.stage, p, rows, t)
+    w = rnd.nbr[rows, j].astype(np.int64)
+    own = 0 if rnd.gating else K
+    total = rnd.rlen[w] + own
+    pos = rng.below(np.maximum(total, 1), rnd.seed, rng.WARMUP, rnd.stage, p, rows, t, 1)
+    from_list = pos < rnd.rlen[w]
+    c = np.where(from_list, rnd.rlist[w, np.minimum(pos, rnd.rlist.shape[1] - 1)], w * K + (pos - rnd.rlen[w]))
+    valid = total > 0
+    v = rows[valid]
+    c = c[valid]
+    if rnd.gating:  # owners' released window chunks are always offered
+        nb = rnd.nbr[recv]
+        wins = rnd.win[np.minimum(nb, n - 1)]  # [R, D, kappa]
+        wins = np.where((nb < n)[..., None], wins, -1)
+        vv = np.broadcast_to(recv[:, None, None], wins.shape).reshape(-1)
+        ww = wins.reshape(-1)
+        keep = ww >= 0
+        v = np.concatenate([v, vv[keep]])
+        c = np.concatenate([c, ww[keep]])
+    ok = (c >= 0) & ~rnd.have[v, np.maximum(c, 0)]
+    v, c = v[ok], c[ok]
+    code = v * N + c
+    ok = first_occurrence(code)
+    if b.pending.size:
+        ok &= ~np.isin(code, b.pending)
+    v, c = v[ok], c[ok]
+    # acceptance estimate sizes the next draw
+    got = np.bincount(v, minlength=n)[recv]
+    rnd.acc_est[recv] = np.clip(0.5 * rnd.acc_est[recv] + 0.5 * got / draws, 0.01, 1.0)
+    return v, c
+
+
+def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int) -> int:
+    n, K, N = rnd.n, rnd.K, rnd.N
+    sched = rnd.cfg.scheduler
+    v, c = _candidates(rnd, b, p)
+    if v.size == 0:
+        return 0
+    w = rnd.nbr[v].astype(np.int64)
+    feas = rnd.eligible(w, c[:, None]) & b.can_send[w] & (b.up_left[w] > 0)
+    if b.sent.size:
+        feas &= ~np.isin(w * N + c[:, None], b.sent)
+    anyf = feas.any(axis=1)
+    v, c, w, feas = v[anyf], c[anyf], w[anyf], feas[anyf]
+    if v.size == 0:
+        return 0
+    key = (rnd.seed, rng.WARMUP, rnd.stage, p)
+    # each receiver asks for at most its residual download budget
+    pick = take_per_group(v, rng.uniform(*key, 2, v, c), b.down_left)
+    v, c, w, feas = v[pick], c[pick], w[pick], feas[pick]
+    nonowner = w != (c // max(K, 1))[:, None]
+    tie = rng.uniform(*key, 3, v[:, None], w)
+    if sched == "gff":
+        score = nonowner * 1e9 + b.up_left[w] * 1e3 + tie
+    else:
+        score = nonowner * 1e9 + tie
+    snd, _ = choose_holder(w, feas, score)
+    below_k = rnd.received[v] < rnd.k
+    jitter = rng.uniform(*key, 4, v, c)
+    if sched == "random-fifo":
+        prio = below_k * 1e9 + jitter
+    else:
+        prio = below_k * 1e9 + rnd.down[v] * 1e3 + jitter
+    ok = accept(snd, v, c, prio, b.up_left, b.tau_left, b.served, b.sent, n, N)
+    s, r, c = snd[ok], v[ok], c[ok]
+    owned = rnd.owned_eligible
+    col.add(s, r, c, np.full(s.size, WARMUP), owned[s], rnd.received[s] + owned[s])
+    b.commit(s, r, c)
+    return int(s.size)
+
+
+def _flooding_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int) -> int:
+    n, K, N = rnd.n, rnd.K, rnd.N
+    snd = np.flatnonzero(b.can_send[:n] & (b.up_left[:n] > 0) & (rnd.deg > 0))
+    if snd.size == 0:
+        return 0
+    draws = 3 * b.up_left[snd] + 4
+    rows = np.repeat(snd, draws)
+    t = cumcount(rows)
+    key = (rnd.seed, rng.WARMUP, rnd.stage, p)
+    v = rnd.nbr[rows, rng.below(rnd.deg[rows], *key, 5, rows, t)].astype(np.int64)
+    win = -np.sort(-rnd.win, axis=1)
+    own = (win >= 0).sum(axis=1) if rnd.gating else np.full(n, K)
+    total = rnd.rlen[rows] + own[rows]
+    pos = rng.below(np.maximum(total, 1), *key, 6, rows, t)
+    in_list = pos < rnd.rlen[rows]
+    k_own = pos - rnd.rlen[rows]
+    own_chunk = win[rows, np.clip(k_own, 0, win.shape[1] - 1)] if rnd.gating else rows * K + k_own
+    c = np.where(in_list, rnd.rlist[rows, np.minimum(pos, rnd.rlist.shape[1] - 1)], own_chunk)
+    ok = (total > 0) & (c >= 0)
+    rows, v, c = rows[ok], v[ok], c[ok]
+    ok = ~rnd.have[v, c] & b.down_left[v].astype(bool)
+    rows, v, c = rows[ok], v[ok], c[ok]
+    code = v * N + c
+    ok = first_occurrence(code)
+    if b.pending.size:
+        ok &= ~np.isin(code, b.pending)
+    rows, v, c = rows[ok], v[ok], c[ok]
+    acc = accept(rows, v, c, rng.uniform(*key, 7, rows, c), b.up_left, b.tau_left, b.served, b.sent, n, N)
+    rows, v, c = rows[acc], v[acc], c[acc]
+    keep = take_per_group(v, rng.uniform(*key, 8, v, c), b.down_left)
+    s, r, c = rows[keep], v[keep], c[keep]
+    owned = rnd.owned_eligible
+    col.add(s, r, c, np.full(s.size, WARMUP), owned[s], rnd.received[s] + owned[s])
+    b.commit(s, r, c)
+    return int(s.size)
+
+
+def _schedule(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
+    sched = rnd.cfg.scheduler
+    if sched == "flooding":
+        for p in range(2):
+            if _flooding_pass(rnd, b, col, p) == 0:
+                break
+        return
+    passes = GFF_PASSES if sched == "gff" else 1
+    for p in range(passes):
+        if _centralised_pass(rnd, b, col, p) == 0 and p > 0:
+            break
+
+
+def warmup_stage(rnd: SwarmRound) -> Stage:
+    """Spray items first (they ride in the owners' budgets), then the scheduler fills what is left."""
+    b = StageBudget(rnd)
+    col = _Collector()
+    _spray(rnd, b, col)
+    mf = -1
+    if rnd.compute_maxflow:
+        from .maxflow import stage_bound
+
+        mf = stage_bound(rnd, b)
+    _schedule(rnd, b, col)
+    rel_p = rel_c = np.zeros(0, np.int64)
+    act = rnd.active[: rnd.n]
+    if len(col) == 0 and rnd.gating and np.any(rnd.received[act] < rnd.k):
+        rel_p, rel_c = rnd.gated_release()
+        if rel_p.size:
+            if rnd.compute_maxflow:
+                from .maxflow import stage_bound
+
+                mf = stage_bound(rnd, b)
+            _schedule(rnd, b, col)
+    s, r, c, kind, owned, buf = col.arrays()
+    return Stage(
+        index=rnd.stage,
+        phase=WARMUP if rnd.phase != BT else BT,
+        sender=s,
+        receiver=r,
+        chunk=c,
+        kind=kind,
+        sender_owned=owned,
+        sender_buffer=buf,
+        capacity=rnd.capacity(),
+        release_peer=rel_p,
+        release_chunk=rel_c,
+        maxflow=mf,
+    )

@@ -1,0 +1,255 @@
+"""Simulated transport: slots of Δ seconds, per-peer link budgets, no bytes moved.
+
+It drives the same `SwarmRound` the MPI engine drives, marks every scheduled transfer delivered, and
+records the round in a `Trace`.  Use `simulate(...)` from code, `fltorrent simulate` from a shell.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import SwarmConfig, privacy_label
+from ..swarm import SwarmRound, rng
+from ..swarm.round import BT, WARMUP
+from ..trace import Trace
+
+PAPER_UPLINK = ("15.5Mbps", "25.3Mbps")
+PAPER_DOWNLINK = ("36.5Mbps", "121Mbps")
+PAPER_CHUNK = 256 * 1024
+PAPER_UPDATE = 206 * PAPER_CHUNK
+
+
+@dataclass
+class SimResult:
+    summary: dict[str, Any]
+    trace: Trace | None
+    round: SwarmRound
+
+
+def draw_links(
+    n: int, uplink: tuple[float, float], downlink: tuple[float, float], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-peer uplink and downlink rates (bytes/s), uniform in the given ranges."""
+    gen = rng.generator(seed, rng.RATES)
+    up = gen.uniform(uplink[0], uplink[1], size=n) if uplink[1] > uplink[0] else np.full(n, uplink[0])
+    down = gen.uniform(downlink[0], downlink[1], size=n) if downlink[1] > downlink[0] else np.full(n, downlink[0])
+    return up, down
+
+
+def budgets(rate: np.ndarray, chunk_bytes: int, slot_seconds: float) -> np.ndarray:
+    """Per-slot chunk budgets floor(rate * Δ / C) (PAPER.md §1.1)."""
+    return np.floor(rate * slot_seconds / chunk_bytes + 1e-9).astype(np.int64)
+
+
+def _peak_rss() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def simulate(
+    config: SwarmConfig,
+    peers: int,
+    update_bytes: int,
+    uplink: tuple[float, float],
+    downlink: tuple[float, float],
+    maxflow: bool = False,
+    progress: bool = False,
+    leave_fraction: float = 0.0,
+    leave_stage: int | None = None,
+    trace: bool = True,
+    warmup_only: bool = False,
+) -> SimResult:
+    """Run one round in simulated time and summarise it (fields listed in docs/ARCHITECTURE.md)."""
+    t0 = time.perf_counter()
+    C = config.chunk_bytes
+    K = max(1, math.ceil(update_bytes / C)) if update_bytes > 0 else 0
+    up_rate, down_rate = draw_links(peers, uplink, downlink, config.seed)
+    ub, db = budgets(up_rate, C, config.slot_seconds), budgets(down_rate, C, config.slot_seconds)
+    if np.any(ub < 1) or np.any(db < 1):
+        raise ValueError(
+            f"a link of {min(up_rate.min(), down_rate.min()):.0f} B/s moves less than one {C}-byte chunk per "
+            f"{config.slot_seconds}s slot; raise --slot-seconds or lower --chunk-bytes"
+        )
+    rnd = SwarmRound(config, peers, K, ub, db, seed=config.seed, compute_maxflow=maxflow)
+    s_max = rnd.deadline()
+    tr = _new_trace(rnd, config, up_rate, down_rate, update_bytes) if trace else None
+    last_bytes = update_bytes - (K - 1) * C if K else 0
+    leavers = np.zeros(0, dtype=np.int64)
+    if leave_fraction > 0:
+        gen = rng.generator(config.seed, rng.LEAVE)
+        leavers = np.sort(gen.choice(peers, size=int(round(leave_fraction * peers)), replace=False))
+    bar = _progress(progress, peers * rnd.N)
+    moved = cap = wu_moved = wu_cap = 0
+    mf_sum = mf_gff = 0
+    try:
+        while not rnd.done and rnd.stage < s_max:
+            if leavers.size and rnd.stage == (leave_stage if leave_stage is not None else 0):
+                rnd.leave(leavers, repair=config.overlay == "expander")
+            if warmup_only and rnd.phase == BT:
+                break
+            st = rnd.next_stage()
+            if warmup_only and st.phase == BT:
+                break
+            rnd.complete(st)
+            moved += st.size
+            cap += st.capacity
+            if st.phase == WARMUP:
+                wu_moved += st.size
+                wu_cap += st.capacity
+                if st.maxflow >= 0:
+                    mf_sum += st.maxflow
+                    mf_gff += int(np.count_nonzero(st.kind == WARMUP))
+            if tr is not None:
+                _record(tr, st, rnd, C, last_bytes, config.slot_seconds)
+            if bar is not None and st.index % 10 == 0:
+                bar[0].update(bar[1], completed=int(rnd.held[rnd.active[: rnd.n]].sum()))
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    stages = rnd.stage
+    s_bt = rnd.s_bt if rnd.s_bt >= 0 else stages
+    dt = config.slot_seconds
+    act = rnd.active[: rnd.n]
+    A = rnd.reconstructable()
+    summary: dict[str, Any] = {
+        "peers": peers,
+        "chunks_per_update": K,
+        "chunk_bytes": C,
+        "update_bytes": int(update_bytes),
+        "privacy": privacy_label(config.privacy),
+        "scheduler": config.scheduler,
+        "overlay": config.overlay,
+        "degree": config.degree,
+        "seed": config.seed,
+        "cover_k": rnd.k,
+        "stages": stages,
+        "warmup_stages": s_bt,
+        "round_s": stages * dt,
+        "warmup_s": s_bt * dt,
+        "bt_s": (stages - s_bt) * dt,
+        "warmup_share": (s_bt / stages) if stages else 0.0,
+        "utilization": moved / cap if cap else 0.0,
+        "warmup_utilization": wu_moved / wu_cap if wu_cap else 0.0,
+        "complete_fraction": float(np.mean(rnd.complete_stage[act] >= 0)) if act.any() else 0.0,
+        "reconstructable_fraction": float(A[act].mean()) if act.any() else 0.0,
+        "deadline_stages": s_max,
+        "deadline_hit": bool(not rnd.done and not warmup_only),
+        "warmup_failed_open": rnd.warmup_failed_open,
+        "gate_releases": rnd.releases,
+        "transfers": moved,
+        "peers_left": int(leavers.size),
+        "lambda2": float(rnd.overlay.lambda2),
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_bytes": _peak_rss(),
+    }
+    if maxflow:
+        summary["gff_maxflow_ratio"] = mf_gff / mf_sum if mf_sum else 1.0
+        summary["maxflow_warmup_transfers"] = mf_sum
+        if not warmup_only and config.scheduler != "maxflow" and rnd.privacy:
+            ref = simulate(
+                config.replace(scheduler="maxflow"),
+                peers,
+                update_bytes,
+                uplink,
+                downlink,
+                trace=False,
+                warmup_only=True,
+            )
+            summary["maxflow_warmup_stages"] = ref.summary["warmup_stages"]
+            summary["maxflow_makespan_ratio"] = ref.summary["warmup_stages"] / max(s_bt, 1)
+    if tr is not None:
+        _finish_trace(tr, rnd, A, summary)
+    return SimResult(summary, tr, rnd)
+
+
+def _progress(on: bool, total: int):
+    if not on:
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    p = Progress(
+        TextColumn("swarm"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), transient=True
+    )
+    p.start()
+    return p, p.add_task("swarm", total=total)
+
+
+def _new_trace(rnd: SwarmRound, cfg: SwarmConfig, up: np.ndarray, down: np.ndarray, update_bytes: int) -> Trace:
+    tr = Trace()
+    tr.attrs.update(
+        source="sim",
+        n_peers=rnd.n,
+        chunks_per_peer=rnd.K,
+        chunk_bytes=cfg.chunk_bytes,
+        cover_k=rnd.k,
+        kappa=cfg.kappa,
+        seed=cfg.seed,
+        slot_seconds=cfg.slot_seconds,
+        update_bytes=int(update_bytes),
+        config={**cfg.to_dict(), "update_bytes": int(update_bytes)},
+    )
+    tr.peers = {
+        "uplink": up,
+        "downlink": down,
+        "up_budget": rnd.up,
+        "down_budget": rnd.down,
+        "lag": rnd.lag,
+        "weight": np.ones(rnd.n),
+    }
+    tr.edges = rnd.overlay.edges
+    tr.overlay_attrs = {"kind": rnd.overlay.kind, "lambda2": float(rnd.overlay.lambda2)}
+    return tr
+
+
+def _record(tr: Trace, st, rnd: SwarmRound, C: int, last_bytes: int, dt: float) -> None:
+    if st.size:
+        K = max(rnd.K, 1)
+        nbytes = np.where(st.chunk % K == K - 1, last_bytes, C)
+        tr.add_transfers(
+            stage=np.full(st.size, st.index),
+            t=np.full(st.size, (st.index + 1) * dt),
+            t_start=np.full(st.size, st.index * dt),
+            sender=st.sender,
+            receiver=st.receiver,
+            owner=st.chunk // K,
+            chunk=st.chunk,
+            phase=st.kind,
+            sender_owned=st.sender_owned,
+            sender_buffer=st.sender_buffer,
+            bytes=nbytes,
+            ok=np.ones(st.size, bool),
+        )
+    tr.add_stage(
+        stage=[st.index],
+        phase=[st.phase],
+        transfers=[st.size],
+        capacity=[st.capacity],
+        utilization=[st.size / st.capacity if st.capacity else 0.0],
+        maxflow=[st.maxflow],
+    )
+    if st.release_peer.size:
+        tr.add_gate_releases(
+            stage=np.full(st.release_peer.size, st.index), peer=st.release_peer, chunk=st.release_chunk
+        )
+
+
+def _finish_trace(tr: Trace, rnd: SwarmRound, A: np.ndarray, summary: dict[str, Any]) -> None:
+    act = rnd.active[: rnd.n]
+    tr.attrs.update(
+        warmup_stages=summary["warmup_stages"],
+        stages=summary["stages"],
+        warmup_failed_open=bool(rnd.warmup_failed_open),
+    )
+    tr.peers.update(active=act, left_at=rnd.left_at, complete_stage=rnd.complete_stage)
+    tr.reconstructable = A
+    agreed = np.ones(rnd.n, dtype=bool)
+    if act.any():
+        agreed = A[act].all(axis=0)
+    tr.agreed = agreed
