@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConfigError
 
 PRIVACY_MECHANISMS = ("spray", "lags", "gating")
-SCHEDULERS = ("gff", "random-ff", "random-fifo", "flooding")
+SCHEDULERS = ("gff", "random-ff", "random-fifo", "flooding", "maxflow")  # maxflow: offline bound
 OVERLAYS = ("random", "expander")
 COVER_SCOPES = ("swarm", "update")
 

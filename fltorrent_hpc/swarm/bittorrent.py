@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rng
-from .assign import accept, choose_holder, cumcount, first_occurrence, take_per_group
+from .assign import accept, choose_holder, cumcount, first_occurrence, member, slot_of, take_per_group
 from .round import BT, Stage, SwarmRound, _Collector
 from .warmup import StageBudget
 
@@ -49,7 +49,7 @@ class MissingLists:
         self.on[rows] = True
 
 
-def _bt_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, choked: list[np.ndarray]) -> int:
+def _bt_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, choked: np.ndarray) -> int:
     n, N, K = rnd.n, rnd.N, rnd.K
     ml: MissingLists = rnd.bt
     key = (rnd.seed, rng.BT, rnd.stage, p)
@@ -58,72 +58,70 @@ def _bt_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, choked: l
     if recv.size == 0:
         return 0
     eg = missing[recv] <= rnd.cfg.endgame_chunks
-    # sampled candidates for peers not in endgame
-    rs = recv[~eg]
     # request pipeline (like a BitTorrent request queue), within the download budget
     want = np.minimum(b.down_left[:n], rnd.bt_want)
+    rs = recv[~eg]
     draws = np.clip(np.ceil(1.5 * want[rs] / rnd.acc_est[rs]), 8, 2048).astype(np.int64)
     rows = np.repeat(rs, draws)
-    t = cumcount(rows)
+    t = rows * 4096 + cumcount(rows)
     listed = ml.on[rows]
-    lpos = rng.below(np.maximum(ml.length[rows], 1), *key, 0, rows, t)
-    c = np.where(listed, ml.items[rows, np.minimum(lpos, ml.items.shape[1] - 1)], rng.below(N, *key, 1, rows, t))
+    lpos = rng.below(np.maximum(ml.length[rows], 1), *key, 0, t)
+    c = np.where(listed, ml.items[rows, np.minimum(lpos, ml.items.shape[1] - 1)], rng.below(N, *key, 1, t))
     v = rows
     # endgame peers consider their whole (short) missing list
     re = recv[eg]
     if re.size:
         width = int(ml.length[re].max())
-        cols = np.arange(width)
-        m = cols[None, :] < ml.length[re][:, None]
+        m = np.arange(width)[None, :] < ml.length[re][:, None]
         v = np.concatenate([v, np.broadcast_to(re[:, None], m.shape)[m]])
         c = np.concatenate([c, ml.items[re][:, :width][m]])
     c = c.astype(np.int64)
     ok = c >= 0
     v, c = v[ok], c[ok]
     ok = ~rnd.have[v, c]
+    v, c = v[ok], c[ok]
     code = v * N + c
-    ok &= first_occurrence(np.where(ok, code, -1 - np.arange(code.size)))
+    ok = first_occurrence(code)
     if b.pending.size:
-        ok &= ~np.isin(code, b.pending)
+        ok &= ~member(code, b.pending)
     v, c = v[ok], c[ok]
     w = rnd.nbr[v].astype(np.int64)
     hold = rnd.have[w, c[:, None]]
-    feas = hold & b.can_send[w] & (b.up_left[w] > 0)
-    if choked:
-        ch = np.concatenate(choked)
-        feas &= ~np.isin(v[:, None] * (n + 1) + w, ch)
+    feas = hold & b.can_send[w] & (b.up_left[w] > 0) & ~choked[v]
     anyf = feas.any(axis=1)
     got = np.bincount(v[anyf], minlength=n)[rs]
     rnd.acc_est[rs] = np.clip(0.5 * rnd.acc_est[rs] + 0.5 * got / draws, 0.01, 1.0)
     v, c, w, hold, feas = v[anyf], c[anyf], w[anyf], hold[anyf], feas[anyf]
     if v.size == 0:
         return 0
+    # rarest first among what v's neighbours hold
     rarity = hold.sum(axis=1)
-    pick = take_per_group(v, -rarity + 0.5 * rng.uniform(*key, 2, v, c), np.append(want, 0))
+    pick = take_per_group(v, -rarity + 0.5 * rng.uniform(*key, 2, v * N + c), np.append(want, 0))
     v, c, w, feas = v[pick], c[pick], w[pick], feas[pick]
     in_eg = missing[v] <= rnd.cfg.endgame_chunks
-    # normal requests: one random feasible holder each
-    snd, _ = choose_holder(w[~in_eg], feas[~in_eg], rng.uniform(*key, 3, v[~in_eg][:, None], w[~in_eg]))
-    ps, pr, pc = snd, v[~in_eg], c[~in_eg]
-    if np.any(in_eg):  # endgame: every feasible holder
+    # normal requests: one random feasible holder each; endgame: every feasible holder
+    nv = ~in_eg
+    snd, jcol = choose_holder(w[nv], feas[nv], rng.uniform(*key, 3, v[nv] * N + c[nv]))
+    ps, pr, pc, pj = snd, v[nv], c[nv], jcol
+    if np.any(in_eg):
         fe = feas[in_eg]
         ps = np.concatenate([ps, w[in_eg][fe]])
         pr = np.concatenate([pr, np.broadcast_to(v[in_eg][:, None], fe.shape)[fe]])
         pc = np.concatenate([pc, np.broadcast_to(c[in_eg][:, None], fe.shape)[fe]])
-    # sender side: favour peers already unchoked this stage, then reciprocity, then chance
-    slot = np.argmax(rnd.nbr[ps] == pr[:, None], axis=1)
-    pair = ps * n + pr
-    served = np.fromiter(b.served, dtype=np.int64, count=len(b.served))
-    prio = np.isin(pair, served) * 1e12 + rnd.recip[ps, slot] * 1.0 + rng.uniform(*key, 4, ps, pr, pc)
-    ok = accept(ps, pr, pc, prio, b.up_left, b.tau_left, served, b.sent, n, N)
-    choked.append(np.unique(pr[~ok] * (n + 1) + ps[~ok]))
-    s, r, c = ps[ok], pr[ok], pc[ok]
-    order = np.argsort(rng.uniform(*key, 5, s, r, c), kind="stable")  # endgame: one grant per (r, c) survives
-    mask = np.zeros(s.size, dtype=bool)
-    mask[order] = first_occurrence((r * N + c)[order])
-    s, r, c = s[mask], r[mask], c[mask]
+        pj = np.concatenate([pj, np.nonzero(fe)[1]])
+    # sender side: peers already unchoked this stage first, then reciprocity, then chance
+    slot = slot_of(rnd.nbr, ps, pr)
+    prio = b.served[ps, slot] * 1e12 + rnd.recip[ps, slot] * 1.0 + rng.uniform(*key, 4, ps * N + pc)
+    ok = accept(ps, pr, pc, slot, prio, b, N)
+    choked[pr[~ok], pj[~ok]] = True
+    s, r, c, slot = ps[ok], pr[ok], pc[ok], slot[ok]
+    if np.any(in_eg):  # endgame: one grant per (r, c) survives, the others are cancelled
+        order = np.argsort(rng.uniform(*key, 5, s * N + c), kind="stable")
+        mask = np.zeros(s.size, dtype=bool)
+        mask[order] = first_occurrence((r * N + c)[order])
+        s, r, c, slot = s[mask], r[mask], c[mask], slot[mask]
     col.add(s, r, c, np.full(s.size, BT), np.full(s.size, K), rnd.held[s])
-    b.commit(s, r, c)
+    b.commit(s, r, c, slot)
     return int(s.size)
 
 
@@ -139,7 +137,7 @@ def bt_stage(rnd: SwarmRound) -> Stage:
     rnd.bt.refresh(rnd)
     b = StageBudget(rnd)
     col = _Collector()
-    choked: list[np.ndarray] = []
+    choked = np.zeros((rnd.n + 1, rnd.nbr.shape[1]), dtype=bool)  # [receiver, neighbour slot] refused it
     for p in range(rnd.cfg.bt_passes):
         if _bt_pass(rnd, b, col, p, choked) == 0:
             break

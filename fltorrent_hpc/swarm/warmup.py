@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import rng
-from .assign import accept, choose_holder, cumcount, first_occurrence, take_per_group
+from .assign import accept, choose_holder, cumcount, first_occurrence, member, slot_of, take_per_group
 from .round import BT, SPRAY, WARMUP, Stage, SwarmRound, _Collector
 
 GFF_PASSES = 3
@@ -34,23 +34,28 @@ class StageBudget:
         self.down_left = np.zeros(n + 1, dtype=np.int64)
         self.down_left[:n] = np.where(act, rnd.down, 0)
         self.tau_left = np.full(n + 1, rnd.cfg.tau, dtype=np.int64)
+        self.served = np.zeros((n + 1, rnd.nbr.shape[1]), dtype=bool)  # [sender, receiver slot] this stage
         self.can_send = np.zeros(n + 1, dtype=bool)
         self.can_send[:n] = act & (rnd.lag <= rnd.stage)
-        self.served: set[int] = set()
         self.sent = np.zeros(0, dtype=np.int64)  # sender*N + chunk
         self.pending = np.zeros(0, dtype=np.int64)  # receiver*N + chunk
         self.n, self.N = n, rnd.N
 
-    def commit(self, s: np.ndarray, r: np.ndarray, c: np.ndarray, use_tau: bool = True) -> None:
+    def copy(self) -> StageBudget:
+        out = object.__new__(StageBudget)
+        out.__dict__.update({k: (v.copy() if hasattr(v, "copy") else v) for k, v in self.__dict__.items()})
+        return out
+
+    def commit(self, s: np.ndarray, r: np.ndarray, c: np.ndarray, slot: np.ndarray | None = None) -> None:
+        """Book accepted transfers; `slot` (receiver's position in the sender's row) charges tau, None skips it."""
         n = self.n
         self.up_left[:n] -= np.bincount(s, minlength=n + 1)[:n]
         self.down_left[:n] -= np.bincount(r, minlength=n + 1)[:n]
-        if use_tau:
-            pairs = np.unique(s * n + r)
-            new = [int(p) for p in pairs if int(p) not in self.served]
-            if new:
-                self.tau_left[:n] -= np.bincount(np.asarray(new, dtype=np.int64) // n, minlength=n)
-                self.served.update(new)
+        if slot is not None and s.size:
+            fresh = ~self.served[s, slot]
+            pairs = np.unique(s[fresh] * self.served.shape[1] + slot[fresh])
+            self.tau_left[:n] -= np.bincount(pairs // self.served.shape[1], minlength=n + 1)[:n]
+            self.served[s, slot] = True
         self.sent = np.concatenate([self.sent, s * self.N + c])
         self.pending = np.concatenate([self.pending, r * self.N + c])
 
@@ -70,14 +75,16 @@ def _spray(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
     ok &= ~rnd.have[r, c]
     s, r, c = s[ok], r[ok], c[ok]
     col.add(s, r, c, np.full(s.size, SPRAY), np.ones(s.size), np.ones(s.size))
-    b.commit(s, r, c, use_tau=False)
+    b.commit(s, r, c)
 
 
-def _candidates(rnd: SwarmRound, b: StageBudget, p: int) -> tuple[np.ndarray, np.ndarray]:
-    """Requests (v, c): chunks v lacks that a neighbour may serve, sampled from neighbours' relay lists."""
+def _candidates(rnd: SwarmRound, b: StageBudget, p: int, fill: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Requests (v, c): chunks v lacks that a neighbour may serve, sampled from neighbours' relay lists.
+
+    Only peers still below k ask, except in the `fill` pass, where everyone may use what capacity is left.
+    """
     n, K, N = rnd.n, rnd.K, rnd.N
-    recv = np.flatnonzero(b.down_left[:n] > 0)
-    recv = recv[rnd.deg[recv] > 0]
+    recv = np.flatnonzero((b.down_left[:n] > 0) & (fill | (rnd.received < rnd.k)) & (rnd.deg > 0))
     if recv.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     want = b.down_left[recv]
@@ -108,7 +115,7 @@ def _candidates(rnd: SwarmRound, b: StageBudget, p: int) -> tuple[np.ndarray, np
     code = v * N + c
     ok = first_occurrence(code)
     if b.pending.size:
-        ok &= ~np.isin(code, b.pending)
+        ok &= ~member(code, b.pending)
     v, c = v[ok], c[ok]
     # acceptance estimate sizes the next draw
     got = np.bincount(v, minlength=n)[recv]
@@ -116,42 +123,45 @@ def _candidates(rnd: SwarmRound, b: StageBudget, p: int) -> tuple[np.ndarray, np
     return v, c
 
 
-def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int) -> int:
+def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, fill: bool = False) -> int:
     n, K, N = rnd.n, rnd.K, rnd.N
     sched = rnd.cfg.scheduler
-    v, c = _candidates(rnd, b, p)
+    v, c = _candidates(rnd, b, p, fill)
     if v.size == 0:
         return 0
     w = rnd.nbr[v].astype(np.int64)
     feas = rnd.eligible(w, c[:, None]) & b.can_send[w] & (b.up_left[w] > 0)
     if b.sent.size:
-        feas &= ~np.isin(w * N + c[:, None], b.sent)
+        feas &= ~member(w * N + c[:, None], b.sent)
     anyf = feas.any(axis=1)
     v, c, w, feas = v[anyf], c[anyf], w[anyf], feas[anyf]
     if v.size == 0:
         return 0
     key = (rnd.seed, rng.WARMUP, rnd.stage, p)
     # each receiver asks for at most its residual download budget
-    pick = take_per_group(v, rng.uniform(*key, 2, v, c), b.down_left)
+    pick = take_per_group(v, rng.uniform(*key, 2, v * N + c), b.down_left)
     v, c, w, feas = v[pick], c[pick], w[pick], feas[pick]
     nonowner = w != (c // max(K, 1))[:, None]
-    tie = rng.uniform(*key, 3, v[:, None], w)
+    tie = rng.uniform(*key, 3, v[:, None] * (n + 1) + w)
     if sched == "gff":
         score = nonowner * 1e9 + b.up_left[w] * 1e3 + tie
     else:
         score = nonowner * 1e9 + tie
     snd, _ = choose_holder(w, feas, score)
     below_k = rnd.received[v] < rnd.k
-    jitter = rng.uniform(*key, 4, v, c)
+    jitter = rng.uniform(*key, 4, v * N + c)
     if sched == "random-fifo":
         prio = below_k * 1e9 + jitter
-    else:
-        prio = below_k * 1e9 + rnd.down[v] * 1e3 + jitter
-    ok = accept(snd, v, c, prio, b.up_left, b.tau_left, b.served, b.sent, n, N)
-    s, r, c = snd[ok], v[ok], c[ok]
+    elif sched == "random-ff":
+        prio = below_k * 1e9 + b.down_left[v] * 1e3 + jitter
+    else:  # gff: the requester that would reach k last goes first (minimises the warm-up makespan)
+        prio = below_k * 1e9 + np.maximum(rnd.k - rnd.received[v], 0) / rnd.down[v] * 1e3 + jitter
+    slot = slot_of(rnd.nbr, snd, v)
+    ok = accept(snd, v, c, slot, prio, b, N)
+    s, r, c, slot = snd[ok], v[ok], c[ok], slot[ok]
     owned = rnd.owned_eligible
     col.add(s, r, c, np.full(s.size, WARMUP), owned[s], rnd.received[s] + owned[s])
-    b.commit(s, r, c)
+    b.commit(s, r, c, slot)
     return int(s.size)
 
 
@@ -164,7 +174,8 @@ def _flooding_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int) -> 
     rows = np.repeat(snd, draws)
     t = cumcount(rows)
     key = (rnd.seed, rng.WARMUP, rnd.stage, p)
-    v = rnd.nbr[rows, rng.below(rnd.deg[rows], *key, 5, rows, t)].astype(np.int64)
+    jslot = rng.below(rnd.deg[rows], *key, 5, rows, t)
+    v = rnd.nbr[rows, jslot].astype(np.int64)
     win = -np.sort(-rnd.win, axis=1)
     own = (win >= 0).sum(axis=1) if rnd.gating else np.full(n, K)
     total = rnd.rlen[rows] + own[rows]
@@ -174,26 +185,34 @@ def _flooding_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int) -> 
     own_chunk = win[rows, np.clip(k_own, 0, win.shape[1] - 1)] if rnd.gating else rows * K + k_own
     c = np.where(in_list, rnd.rlist[rows, np.minimum(pos, rnd.rlist.shape[1] - 1)], own_chunk)
     ok = (total > 0) & (c >= 0)
-    rows, v, c = rows[ok], v[ok], c[ok]
+    rows, v, c, jslot = rows[ok], v[ok], c[ok], jslot[ok]
     ok = ~rnd.have[v, c] & b.down_left[v].astype(bool)
-    rows, v, c = rows[ok], v[ok], c[ok]
+    rows, v, c, jslot = rows[ok], v[ok], c[ok], jslot[ok]
     code = v * N + c
     ok = first_occurrence(code)
     if b.pending.size:
-        ok &= ~np.isin(code, b.pending)
-    rows, v, c = rows[ok], v[ok], c[ok]
-    acc = accept(rows, v, c, rng.uniform(*key, 7, rows, c), b.up_left, b.tau_left, b.served, b.sent, n, N)
-    rows, v, c = rows[acc], v[acc], c[acc]
-    keep = take_per_group(v, rng.uniform(*key, 8, v, c), b.down_left)
-    s, r, c = rows[keep], v[keep], c[keep]
+        ok &= ~member(code, b.pending)
+    rows, v, c, jslot = rows[ok], v[ok], c[ok], jslot[ok]
+    acc = accept(rows, v, c, jslot, rng.uniform(*key, 7, rows * N + c), b, N)
+    rows, v, c, jslot = rows[acc], v[acc], c[acc], jslot[acc]
+    keep = take_per_group(v, rng.uniform(*key, 8, v * N + c), b.down_left)
+    s, r, c, jslot = rows[keep], v[keep], c[keep], jslot[keep]
     owned = rnd.owned_eligible
     col.add(s, r, c, np.full(s.size, WARMUP), owned[s], rnd.received[s] + owned[s])
-    b.commit(s, r, c)
+    b.commit(s, r, c, jslot)
     return int(s.size)
 
 
 def _schedule(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
     sched = rnd.cfg.scheduler
+    if sched == "maxflow":  # offline bound executed as a schedule (no tau), for the makespan ratio
+        from .maxflow import stage_bound
+
+        _, (s, r, c) = stage_bound(rnd, b, return_transfers=True)
+        owned = rnd.owned_eligible
+        col.add(s, r, c, np.full(s.size, WARMUP), owned[s], rnd.received[s] + owned[s])
+        b.commit(s, r, c)
+        return
     if sched == "flooding":
         for p in range(2):
             if _flooding_pass(rnd, b, col, p) == 0:
@@ -203,6 +222,7 @@ def _schedule(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
     for p in range(passes):
         if _centralised_pass(rnd, b, col, p) == 0 and p > 0:
             break
+    _centralised_pass(rnd, b, col, passes, fill=True)
 
 
 def warmup_stage(rnd: SwarmRound) -> Stage:
@@ -210,22 +230,21 @@ def warmup_stage(rnd: SwarmRound) -> Stage:
     b = StageBudget(rnd)
     col = _Collector()
     _spray(rnd, b, col)
-    mf = -1
-    if rnd.compute_maxflow:
-        from .maxflow import stage_bound
-
-        mf = stage_bound(rnd, b)
+    n_spray = len(col)
+    snap = b.copy() if rnd.compute_maxflow else None
     _schedule(rnd, b, col)
     rel_p = rel_c = np.zeros(0, np.int64)
     act = rnd.active[: rnd.n]
     if len(col) == 0 and rnd.gating and np.any(rnd.received[act] < rnd.k):
         rel_p, rel_c = rnd.gated_release()
         if rel_p.size:
-            if rnd.compute_maxflow:
-                from .maxflow import stage_bound
-
-                mf = stage_bound(rnd, b)
+            snap = b.copy() if rnd.compute_maxflow else None
             _schedule(rnd, b, col)
+    mf = -1
+    if snap is not None:
+        from .maxflow import stage_bound
+
+        mf = stage_bound(rnd, snap, achieved=len(col) - n_spray)
     s, r, c, kind, owned, buf = col.arrays()
     return Stage(
         index=rnd.stage,
