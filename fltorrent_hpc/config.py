@@ -148,6 +148,7 @@ class SwarmConfig:
     warmup_deadline_stages: int = 0  # warm-up fails open after this many stages; 0 = s_max
     deadline_s: float = 0.0  # wall-clock deadline of a real round; 0 = none (only timeout_s)
     timeout_s: float = 300.0  # bound on every distributed wait
+    stage_timeout_s: float = 30.0  # a peer silent this long within a stage is excluded from the round
     consensus: bool = True  # agree on A = intersection of A_v so every rank holds the same result
     # real transport
     tracker_rank: int = 0
@@ -174,6 +175,7 @@ class SwarmConfig:
             (self.bt_passes >= 1, "bt_passes must be >= 1"),
             (self.slot_seconds > 0, "slot_seconds must be > 0"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
+            (self.stage_timeout_s > 0, "stage_timeout_s must be > 0"),
             (self.deadline_stages >= 0 and self.warmup_deadline_stages >= 0, "deadlines must be >= 0"),
         ]
         for ok, msg in checks:

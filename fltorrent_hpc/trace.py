@@ -214,3 +214,45 @@ def config_of(trace: Trace) -> dict[str, Any]:
     """The JSON configuration stored with a trace."""
     c = trace.attrs.get("config", "{}")
     return json.loads(c) if isinstance(c, str) else dict(c)
+
+
+def merge_round(path: str | Path, out: str | Path | None = None) -> Trace:
+    """Join a real round's tracker trace (`path`) with its per-rank receive logs (`path.rankR.h5`).
+
+    The tracker knows every decision; each rank knows when its chunks arrived and whether they passed
+    their hash check.  Rows are matched on (stage, receiver, chunk); the result has the simulator's schema.
+    """
+    base = read_trace(path)
+    t = base.transfers
+    n = base.n_peers
+    N = n * base.chunks_per_peer
+    key = (t["stage"].astype(np.int64) * n + t["receiver"]) * max(N, 1) + t["chunk"]
+    t_arr, ts_arr = t["t"].copy(), t["t_start"].copy()
+    ok = t["ok"].copy()
+    for r in range(n):
+        rp = Path(f"{path}.rank{r}.h5")
+        if not rp.exists():
+            continue
+        rt = read_trace(rp).transfers
+        rkey = (rt["stage"].astype(np.int64) * n + rt["receiver"]) * max(N, 1) + rt["chunk"]
+        order = np.argsort(key)
+        pos = np.searchsorted(key[order], rkey)
+        pos = np.minimum(pos, key.size - 1)
+        hit = key[order][pos] == rkey
+        idx = order[pos[hit]]
+        t_arr[idx], ts_arr[idx] = rt["t"][hit], rt["t_start"][hit]
+        ok[idx] &= rt["ok"][hit]
+    merged = Trace(
+        attrs={**base.attrs, "source": "mpi"},
+        peers=base.peers,
+        edges=base.edges,
+        overlay_attrs=base.overlay_attrs,
+        reconstructable=base.reconstructable,
+        agreed=base.agreed,
+    )
+    merged.add_transfers(**{**t, "t": t_arr, "t_start": ts_arr, "ok": ok})
+    merged.add_stage(**base.stages)
+    merged.add_gate_releases(**base.gate_releases)
+    if out is not None:
+        write_trace(out, merged)
+    return merged

@@ -71,6 +71,7 @@ def accept(
     prio: np.ndarray,
     budget,
     n_chunks: int,
+    once_per_chunk: bool = True,
 ) -> np.ndarray:
     """Which proposals senders accept this pass.
 
@@ -78,16 +79,20 @@ def accept(
     sends that chunk this stage (or an earlier proposal does), if it would open a new receiver beyond the
     sender's tau slots left, or if its upload budget is spent.  `slot[i]` is the receiver's position in the
     sender's neighbour row; pairs already served this stage (`budget.served[sender, slot]`) need no new slot.
+    `once_per_chunk` keeps the max-flow network's cap of one send of a chunk per sender and stage (warm-up);
+    BitTorrent peers may upload one piece to several neighbours at once.
     """
     m = sender.size
     if m == 0:
         return np.zeros(0, dtype=bool)
     order = np.lexsort((-prio, sender))
     s, c, sl = sender[order], chunk[order], slot[order]
-    sc = s * n_chunks + c
-    ok = first_occurrence(sc)
-    if budget.sent.size:
-        ok &= ~member(sc, budget.sent)
+    ok = np.ones(m, dtype=bool)
+    if once_per_chunk:
+        sc = s * n_chunks + c
+        ok &= first_occurrence(sc)
+        if budget.sent.size:
+            ok &= ~member(sc, budget.sent)
     old_pair = budget.served[s, sl]
     pair = s * (budget.served.shape[1]) + sl
     # new receivers get tau slots in priority order (s is sorted, so sub-selections stay grouped)

@@ -112,7 +112,7 @@ def _bt_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, choked: n
     # sender side: peers already unchoked this stage first, then reciprocity, then chance
     slot = slot_of(rnd.nbr, ps, pr)
     prio = b.served[ps, slot] * 1e12 + rnd.recip[ps, slot] * 1.0 + rng.uniform(*key, 4, ps * N + pc)
-    ok = accept(ps, pr, pc, slot, prio, b, N)
+    ok = accept(ps, pr, pc, slot, prio, b, N, once_per_chunk=False)
     choked[pr[~ok], pj[~ok]] = True
     s, r, c, slot = ps[ok], pr[ok], pc[ok], slot[ok]
     if np.any(in_eg):  # endgame: one grant per (r, c) survives, the others are cancelled

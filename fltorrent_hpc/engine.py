@@ -1,0 +1,561 @@
+"""Real swarm rounds over MPI: the swarm core's stages executed with real bytes.
+
+Roles: every rank is a peer; the tracker role runs on `config.tracker_rank` (rank 0 by default) over its
+own communicator and handles only fixed-width int64 control frames (directives, completion reports, the
+end-of-round verdict).  Payload moves peer to peer on a separate communicator with nonblocking sends and
+receives straight into the destination buffers; contiguous chunks of one update between one pair form one
+message.  Every received chunk is checked against the hash in its owner's descriptor; a chunk that fails
+is discarded (never aggregated), reported undelivered, re-fetched from another holder in a later stage,
+and its sender recorded.
+
+The tracker drives `SwarmRound` exactly as the simulator does, so a real round makes the simulator's
+transfer decisions for the same seed, budgets and overlay (tests compare the traces).  In the BitTorrent
+phase those decisions are each peer's own (rarest-first over its neighbours' have-state, grants within its
+budget; see swarm/bittorrent.py): the tracker evaluates them on the peers' behalf and relays them as
+directives, which costs one control frame per peer and stage instead of neighbour have/request/grant
+exchanges.  A peer that stops answering within `stage_timeout_s` is excluded; the round then completes over
+the others and, with consensus, every rank averages the same agreed reconstructable set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .checksum import chunk_hashes
+from .config import PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
+from .errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
+from .swarm.round import BT, SwarmRound
+from .trace import Trace
+from .transport import mpi as tm
+
+KIND_DIRECTIVE, KIND_REPORT, KIND_END = 1, 2, 3
+UNPACED_BUDGET = 1 << 30
+
+
+@dataclass
+class RoundResult:
+    """What one rank holds after a round."""
+
+    updates: list[np.ndarray | None]  # index = rank; that rank's payload bytes, None outside the agreed set
+    weights: np.ndarray  # float64 [size]: the weight each rank published
+    participants: np.ndarray  # int64 sorted ranks in the agreed reconstructable set
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Fault:
+    """Fault injection for tests and drills (only the rank that passes it misbehaves)."""
+
+    silent_from_stage: int = -1  # stop sending, receiving and reporting from this stage on
+    corrupt_at_stage: int = -1  # flip a byte in every chunk sent at this stage
+
+
+def data_tag(round_id: int, stage: int) -> int:
+    """Per-stage data tag (< 32767): a late message of a cancelled receive cannot match a later stage's."""
+    return tm.TAG_DATA + 1 + (round_id % 2) * 16000 + stage % 16000
+
+
+def _runs(peer: np.ndarray, chunk: np.ndarray, K: int) -> list[tuple[int, int, int, int]]:
+    """(peer, owner, first_index, count) runs of consecutive chunks of one owner to/from one peer."""
+    if peer.size == 0:
+        return []
+    brk = np.ones(peer.size, dtype=bool)
+    brk[1:] = (peer[1:] != peer[:-1]) | (chunk[1:] != chunk[:-1] + 1) | (chunk[1:] // K != chunk[:-1] // K)
+    starts = np.flatnonzero(brk)
+    ends = np.concatenate([starts[1:], [peer.size]])
+    return [(int(peer[s]), int(chunk[s] // K), int(chunk[s] % K), int(e - s)) for s, e in zip(starts, ends)]
+
+
+class SwarmEngine:
+    """Runs swarm rounds over an MPI communicator (collective: every rank calls the same methods)."""
+
+    def __init__(self, comm, config: SwarmConfig | None = None):
+        self.cfg = config or SwarmConfig.from_env()
+        self.size = comm.Get_size()
+        self.rank = comm.Get_rank()
+        if not 0 <= self.cfg.tracker_rank < self.size:
+            raise ConfigError(f"tracker_rank {self.cfg.tracker_rank} is outside the communicator (size {self.size})")
+        self.tracker = self.cfg.tracker_rank
+        self.data = comm.Dup()
+        self.ctrl = comm.Dup()
+        self.round_id = 0
+        self._orphans: list = []  # sends to peers that went silent: kept alive with their buffers
+        self.last_trace: Trace | None = None
+
+    def close(self) -> None:
+        for c in (self.data, self.ctrl):
+            if c is not None:
+                c.Free()
+        self.data = self.ctrl = None
+
+    # ------------------------------------------------------------------ collectives on the control comm
+    def _allgather(self, arr: np.ndarray, what: str) -> np.ndarray:
+        MPI = tm.mpi()
+        arr = np.ascontiguousarray(arr)
+        out = np.empty((self.size,) + arr.shape, dtype=arr.dtype)
+        req = self.ctrl.Iallgather([arr, MPI.BYTE], [out, MPI.BYTE])
+        tm.wait_all([req], self.cfg.timeout_s, lambda _: f"{what} (allgather over {self.size} ranks)")
+        return out
+
+    def agree(self, meta: np.ndarray) -> None:
+        """Raise ShapeMismatchError on every rank unless every rank passed the same int64 `meta`."""
+        meta = np.ascontiguousarray(meta, dtype=np.int64).reshape(-1)
+        lens = self._allgather(np.array([meta.size], dtype=np.int64), "metadata lengths").reshape(-1)
+        if np.any(lens != lens[0]):
+            bad = int(np.flatnonzero(lens != lens[0])[0])
+            raise ShapeMismatchError(f"rank {bad} sent {lens[bad]} metadata words where rank 0 sent {lens[0]}")
+        allm = self._allgather(meta, "metadata")
+        diff = np.flatnonzero(np.any(allm != allm[0], axis=1))
+        if diff.size:
+            r = int(diff[0])
+            raise ShapeMismatchError(
+                f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where rank 0 has "
+                f"{allm[0].tolist()}"
+            )
+
+    # ------------------------------------------------------------------ the round
+    def disseminate(
+        self,
+        payload: np.ndarray,
+        *,
+        weight: float = 1.0,
+        privacy=None,
+        seed: int | None = None,
+        deadline_s: float | None = None,
+        consensus: bool = True,
+        silent: bool = False,
+        fault: Fault | None = None,
+        out: np.ndarray | None = None,
+        trace: str | None = None,
+    ) -> RoundResult:
+        """One round: every rank's `payload` (1-D contiguous bytes, same size everywhere) reaches every rank.
+
+        `out` ([size, nbytes] uint8) receives the updates in place; `silent=True` makes this rank go
+        silent after the first stage (fault injection).  Returns this rank's RoundResult.
+        """
+        cfg = self.cfg if privacy is None else self.cfg.replace(privacy=parse_privacy(privacy))
+        if silent and fault is None:
+            fault = Fault(silent_from_stage=1)
+        fault = fault or Fault()
+        pay = np.asarray(payload)
+        if not pay.flags.c_contiguous:
+            raise ShapeMismatchError("payload must be C-contiguous bytes")
+        pay = pay.reshape(-1).view(np.uint8)
+        n, me, rid = self.size, self.rank, self.round_id
+        self.round_id += 1
+        C = cfg.chunk_bytes
+        nbytes = int(pay.size)
+        priv = sum(1 << i for i, m in enumerate(PRIVACY_MECHANISMS) if m in cfg.privacy)
+        self.agree(
+            np.array(
+                [tm.MAGIC, rid, nbytes, C, priv, cfg.degree, SCHEDULERS.index(cfg.scheduler), cfg.tau, int(consensus)],
+                dtype=np.int64,
+            )
+        )
+        t0 = time.monotonic()
+        K = math.ceil(nbytes / C) if nbytes else 0
+        hashes = chunk_hashes(pay, C) if K else np.zeros(0, np.uint64)
+        rseed = int(seed) if seed is not None else cfg.seed * 1_000_003 + rid
+        info = np.array([float(weight), cfg.uplink, cfg.downlink, float(rseed)], dtype=np.float64)
+        all_info = self._allgather(info, "descriptors")
+        all_hash = self._allgather(hashes, "chunk hashes") if K else np.zeros((n, 0), np.uint64)
+        weights = all_info[:, 0].copy()
+        rseed = int(all_info[self.tracker, 3])
+        if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise ShapeMismatchError(f"FedAvg weights must be finite and >= 0, got {weights.tolist()}")
+        if out is not None and (out.shape != (n, nbytes) or out.dtype != np.uint8):
+            raise ShapeMismatchError(f"out must be uint8 [{n}, {nbytes}], got {out.dtype} {list(out.shape)}")
+        bufs = [out[u] if out is not None else np.empty(nbytes, np.uint8) for u in range(n)]
+        if out is not None:
+            out[me] = pay
+        bufs[me] = pay
+        if K == 0 or n == 1:
+            return RoundResult(
+                [bufs[u] for u in range(n)],
+                weights,
+                np.arange(n, dtype=np.int64),
+                {
+                    "round_s": time.monotonic() - t0,
+                    "stages": 0,
+                    "warmup_stages": 0,
+                    "bytes_sent": 0,
+                    "bytes_recv": 0,
+                    "warmup_s": 0.0,
+                    "swarm_s": 0.0,
+                },
+            )
+        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, fault)
+        if me == self.tracker:
+            end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer).run()
+        else:
+            end = peer.follow()
+        return peer.finish(end, weights, consensus, t0, trace or cfg.trace)
+
+
+class _PeerState:
+    """One rank's side of a round: executes directives, verifies chunks, reports."""
+
+    def __init__(
+        self, eng: SwarmEngine, cfg: SwarmConfig, rid: int, K: int, C: int, nbytes: int, bufs, all_hash, fault: Fault
+    ):
+        self.eng, self.cfg, self.rid, self.K, self.C, self.nbytes = eng, cfg, rid, K, C, nbytes
+        self.bufs, self.hashes, self.fault = bufs, all_hash, fault
+        n = eng.size
+        self.have = np.zeros((n, K), dtype=bool)
+        self.have[eng.rank] = True
+        self.sent_bytes = self.recv_bytes = 0
+        self.refetched = 0
+        self.bad_senders: set[int] = set()
+        self.log: dict[str, list] = {
+            k: [] for k in ("stage", "t_start", "t", "sender", "chunk", "phase", "bytes", "ok")
+        }
+        self.t0 = time.monotonic()
+        self.silent = False
+        MPI = tm.mpi()
+        self.BYTE = MPI.BYTE
+
+    def chunk_range(self, owner: int, first: int, count: int) -> tuple[int, int]:
+        return first * self.C, min((first + count) * self.C, self.nbytes)
+
+    def follow(self) -> np.ndarray:
+        """Non-tracker ranks: execute directives until the end-of-round frame."""
+        eng = self.eng
+        while True:
+            msg = tm.recv_control(
+                eng.ctrl, eng.tracker, tm.TAG_DIRECTIVE, self.cfg.timeout_s, f"round {self.rid} directive"
+            )
+            if msg.size >= 4 and msg[3] == KIND_END:
+                tm.check_header(msg, self.rid, KIND_END, eng.tracker)
+                return msg
+            tm.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker)
+            rep = self.execute(msg)
+            if rep is not None:
+                eng.ctrl.Send([rep, tm.mpi().INT64_T], dest=eng.tracker, tag=tm.TAG_REPORT)
+
+    def execute(self, msg: np.ndarray) -> np.ndarray | None:
+        """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
+        eng, K = self.eng, self.K
+        stage, ns, nr = int(msg[2]), int(msg[4]), int(msg[5])
+        body = msg[6:]
+        if body.size != 2 * ns + 3 * nr:
+            raise ProtocolError(f"round {self.rid} stage {stage}: directive body has {body.size} words")
+        s_to, s_chunk = body[:ns], body[ns : 2 * ns]
+        r_from, r_chunk, r_kind = (
+            body[2 * ns : 2 * ns + nr],
+            body[2 * ns + nr : 2 * ns + 2 * nr],
+            body[2 * ns + 2 * nr :],
+        )
+        if np.any((s_chunk < 0) | (s_chunk >= K * eng.size)) or np.any((r_chunk < 0) | (r_chunk >= K * eng.size)):
+            raise ProtocolError(f"round {self.rid} stage {stage}: directive names chunks outside the round")
+        if self.fault.silent_from_stage >= 0 and stage >= self.fault.silent_from_stage:
+            self.silent = True
+            return None
+        now = time.monotonic() - self.t0
+        tag = data_tag(self.rid, stage)
+        rruns = _runs(r_from, r_chunk, K)
+        rreq = []
+        for src, owner, first, count in rruns:
+            a, b = self.chunk_range(owner, first, count)
+            rreq.append(eng.data.Irecv([self.bufs[owner][a:b], self.BYTE], source=src, tag=tag))
+        sreq: list = []
+        posts = []
+        for dst, owner, first, count in _runs(s_to, s_chunk, K):
+            a, b = self.chunk_range(owner, first, count)
+            view = self.bufs[owner][a:b]
+            if stage == self.fault.corrupt_at_stage:
+                view = view.copy()
+                view[:: self.C] ^= 0xFF  # one byte per chunk
+            posts.append((lambda d=dst, v=view: eng.data.Isend([v, self.BYTE], dest=d, tag=tag), view.nbytes))
+            self.sent_bytes += view.nbytes
+        early = np.zeros(len(rreq), dtype=bool)
+        tm.post_paced(posts, tm.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
+        deadline = time.monotonic() + self.cfg.stage_timeout_s
+        done = tm.wait_until(rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]))
+        rdone, sdone = done[: len(rreq)], done[len(rreq) :]
+        tm.cancel([r for r, d in zip(rreq, rdone) if not d])
+        self.eng._orphans.extend(r for r, d in zip(sreq, sdone) if not d)
+        t_end = time.monotonic() - self.t0
+        ok = np.zeros(nr, dtype=bool)
+        pos = 0
+        for (src, owner, first, count), d in zip(rruns, rdone):
+            if d:
+                a, b = self.chunk_range(owner, first, count)
+                got = chunk_hashes(self.bufs[owner][a:b], self.C)
+                good = got == self.hashes[owner, first : first + count]
+                ok[pos : pos + count] = good
+                self.recv_bytes += b - a
+                if not good.all():
+                    self.bad_senders.add(src)
+                    self.refetched += int((~good).sum())
+            pos += count
+        # directive receive lists are sorted by (sender, chunk), the order runs were built in
+        self.have[r_chunk[ok] // K, r_chunk[ok] % K] = True
+        lg = self.log
+        lg["stage"].append(np.full(nr, stage))
+        lg["t_start"].append(np.full(nr, now))
+        lg["t"].append(np.full(nr, t_end))
+        lg["sender"].append(r_from)
+        lg["chunk"].append(r_chunk)
+        lg["phase"].append(r_kind)
+        lg["bytes"].append(np.minimum((r_chunk % K + 1) * self.C, self.nbytes) - (r_chunk % K) * self.C)
+        lg["ok"].append(ok)
+        return np.concatenate(
+            [
+                [tm.MAGIC, self.rid, stage, KIND_REPORT, nr],
+                ok.astype(np.int64),
+                np.array(sorted(self.bad_senders), dtype=np.int64),
+            ]
+        )
+
+    def finish(self, end: np.ndarray, weights: np.ndarray, consensus: bool, t0: float, trace_path: str) -> RoundResult:
+        eng, n = self.eng, self.eng.size
+        stages, s_bt, warm_us, failed_open = (int(x) for x in end[4:8])
+        agreed = end[8 : 8 + n].astype(bool)
+        left = end[8 + n : 8 + 2 * n].astype(bool)
+        mine = self.have.all(axis=1)
+        part = agreed & mine if consensus else mine
+        if consensus and not self.silent and not np.array_equal(agreed & mine, agreed):
+            missing = np.flatnonzero(agreed & ~mine).tolist()
+            raise ProtocolError(f"rank {eng.rank}: tracker agreed on updates {missing} this rank does not hold")
+        round_s = time.monotonic() - t0
+        stats = {
+            "round_s": round_s,
+            "stages": stages,
+            "warmup_stages": s_bt,
+            "warmup_s": warm_us / 1e6,
+            "swarm_s": max(0.0, round_s - warm_us / 1e6),
+            "bytes_sent": self.sent_bytes,
+            "bytes_recv": self.recv_bytes,
+            "refetched_chunks": self.refetched,
+            "bad_senders": sorted(self.bad_senders),
+            "excluded": np.flatnonzero(left).tolist(),
+            "silent": self.silent,
+            "warmup_failed_open": bool(failed_open),
+        }
+        if trace_path:
+            self._write_trace(trace_path)
+            if eng.rank == eng.tracker and eng.last_trace is not None:
+                from .trace import write_trace
+
+                write_trace(trace_path, eng.last_trace)
+        return RoundResult(
+            [self.bufs[u] if part[u] else None for u in range(n)], weights, np.flatnonzero(part).astype(np.int64), stats
+        )
+
+    def _write_trace(self, path: str) -> None:
+        from .trace import write_trace
+
+        tr = Trace(
+            attrs={
+                "source": "mpi-rank",
+                "rank": self.eng.rank,
+                "n_peers": self.eng.size,
+                "chunks_per_peer": self.K,
+                "chunk_bytes": self.C,
+            }
+        )
+        cols = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self.log.items()}
+        if cols["chunk"].size:
+            tr.add_transfers(
+                stage=cols["stage"],
+                t_start=cols["t_start"],
+                t=cols["t"],
+                sender=cols["sender"],
+                receiver=np.full(cols["chunk"].size, self.eng.rank),
+                owner=cols["chunk"] // self.K,
+                chunk=cols["chunk"],
+                phase=cols["phase"],
+                bytes=cols["bytes"],
+                ok=cols["ok"],
+            )
+        write_trace(f"{path}.rank{self.eng.rank}.h5", tr)
+
+
+class _Tracker:
+    """The tracker role: runs SwarmRound, sends each peer its directives, collects reports."""
+
+    def __init__(
+        self,
+        eng: SwarmEngine,
+        cfg: SwarmConfig,
+        rid: int,
+        K: int,
+        all_info: np.ndarray,
+        seed: int,
+        deadline_s: float | None,
+        peer: _PeerState,
+    ):
+        self.eng, self.cfg, self.rid, self.K, self.peer = eng, cfg, rid, K, peer
+        n, C = eng.size, cfg.chunk_bytes
+
+        def budget(rates: np.ndarray) -> np.ndarray:
+            b = np.where(rates > 0, np.floor(rates * cfg.slot_seconds / C), UNPACED_BUDGET)
+            return np.maximum(b, 1).astype(np.int64)
+
+        self.up, self.down = budget(all_info[:, 1]), budget(all_info[:, 2])
+        self.rnd = SwarmRound(cfg.replace(seed=seed), n, K, self.up, self.down, seed=seed)
+        self.deadline = (deadline_s if deadline_s is not None else cfg.deadline_s) or 0.0
+        self.stages: list = []
+        self.delivered: list[np.ndarray] = []
+
+    def _directive(self, st, p: int) -> tuple[np.ndarray, np.ndarray]:
+        si = np.flatnonzero(st.sender == p)
+        si = si[np.lexsort((st.chunk[si], st.receiver[si]))]
+        ri = np.flatnonzero(st.receiver == p)
+        ri = ri[np.lexsort((st.chunk[ri], st.sender[ri]))]
+        msg = np.concatenate(
+            [
+                [tm.MAGIC, self.rid, st.index, KIND_DIRECTIVE, si.size, ri.size],
+                st.receiver[si],
+                st.chunk[si],
+                st.sender[ri],
+                st.chunk[ri],
+                st.kind[ri],
+            ]
+        ).astype(np.int64)
+        return msg, ri
+
+    def run(self) -> np.ndarray:
+        eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
+        n, me = eng.size, eng.rank
+        t0 = time.monotonic()
+        s_max = rnd.deadline()
+        warm_t = 0.0
+        while not rnd.done and rnd.stage < s_max:
+            if self.deadline and time.monotonic() - t0 > self.deadline:
+                break
+            st = rnd.next_stage()
+            if st.phase == BT and rnd.s_bt == st.index and warm_t == 0.0:
+                warm_t = time.monotonic() - t0
+            act = np.flatnonzero(rnd.active[:n])
+            recv_idx: dict[int, np.ndarray] = {}
+            sends = []
+            for p in act:
+                msg, ri = self._directive(st, int(p))
+                recv_idx[int(p)] = ri
+                if p != me:
+                    sends.append(eng.ctrl.Isend([msg, MPI.INT64_T], dest=int(p), tag=tm.TAG_DIRECTIVE))
+                else:
+                    own = msg
+            delivered = np.zeros(st.size, dtype=bool)
+            if rnd.active[me]:
+                rep = self.peer.execute(own)
+                if rep is not None:
+                    delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
+            tm.wait_all(sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
+            silent = []
+            report_deadline = time.monotonic() + self.cfg.stage_timeout_s + max(2.0, 0.5 * self.cfg.stage_timeout_s)
+            for p in act:
+                if p == me:
+                    continue
+                try:
+                    wait_s = max(0.05, report_deadline - time.monotonic())
+                    rep = tm.recv_control(
+                        eng.ctrl, int(p), tm.TAG_REPORT, wait_s, f"round {self.rid} stage {st.index} report"
+                    )
+                except PeerTimeoutError:
+                    silent.append(int(p))
+                    continue
+                tm.check_header(rep, self.rid, KIND_REPORT, int(p))
+                ri = recv_idx[int(p)]
+                if rep[4] != ri.size or rep.size < 5 + ri.size:
+                    raise ProtocolError(f"rank {p} reported {rep[4]} receives for stage {st.index}, expected {ri.size}")
+                delivered[ri] = rep[5 : 5 + ri.size].astype(bool)
+            # transfers from or to a silent peer did not happen
+            if silent:
+                gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
+                delivered &= ~gone
+            rnd.complete(st, delivered)
+            if silent:
+                rnd.leave(silent)
+            self.stages.append(st)
+            self.delivered.append(delivered)
+        if warm_t == 0.0 and rnd.s_bt < 0:
+            warm_t = time.monotonic() - t0
+        A = rnd.reconstructable()
+        act = rnd.active[:n]
+        agreed = A[act].all(axis=0) if act.any() else np.zeros(n, bool)
+        left = ~act
+        end = np.concatenate(
+            [
+                [
+                    tm.MAGIC,
+                    self.rid,
+                    rnd.stage,
+                    KIND_END,
+                    rnd.stage,
+                    max(rnd.s_bt, 0),
+                    int(warm_t * 1e6),
+                    int(rnd.warmup_failed_open),
+                ],
+                agreed.astype(np.int64),
+                left.astype(np.int64),
+            ]
+        ).astype(np.int64)
+        reqs = [eng.ctrl.Isend([end, MPI.INT64_T], dest=p, tag=tm.TAG_DIRECTIVE) for p in range(n) if p != me]
+        # a silent peer may never take its end frame; give live ones the normal timeout
+        done = tm.wait_until(reqs, time.monotonic() + self.cfg.timeout_s)
+        eng._orphans.extend(r for r, d in zip(reqs, done) if not d)
+        self.eng.last_trace = self._trace(A, agreed)
+        return end
+
+    def _trace(self, A: np.ndarray, agreed: np.ndarray) -> Trace:
+        rnd, cfg = self.rnd, self.cfg
+        tr = Trace()
+        tr.attrs.update(
+            source="mpi",
+            n_peers=rnd.n,
+            chunks_per_peer=rnd.K,
+            chunk_bytes=cfg.chunk_bytes,
+            cover_k=rnd.k,
+            kappa=cfg.kappa,
+            seed=rnd.seed,
+            slot_seconds=cfg.slot_seconds,
+            warmup_stages=max(rnd.s_bt, 0),
+            stages=rnd.stage,
+            warmup_failed_open=bool(rnd.warmup_failed_open),
+            config=cfg.to_dict(),
+        )
+        tr.peers = {
+            "up_budget": self.up,
+            "down_budget": self.down,
+            "lag": rnd.lag,
+            "active": rnd.active[: rnd.n],
+            "left_at": rnd.left_at,
+            "complete_stage": rnd.complete_stage,
+        }
+        tr.edges = rnd.overlay.edges
+        tr.overlay_attrs = {"kind": rnd.overlay.kind, "lambda2": float(rnd.overlay.lambda2)}
+        for st, d in zip(self.stages, self.delivered):
+            if st.size:
+                tr.add_transfers(
+                    stage=np.full(st.size, st.index),
+                    sender=st.sender,
+                    receiver=st.receiver,
+                    owner=st.chunk // rnd.K,
+                    chunk=st.chunk,
+                    phase=st.kind,
+                    sender_owned=st.sender_owned,
+                    sender_buffer=st.sender_buffer,
+                    ok=d,
+                )
+            tr.add_stage(
+                stage=[st.index],
+                phase=[st.phase],
+                transfers=[int(d.sum())],
+                capacity=[st.capacity],
+                utilization=[d.sum() / st.capacity if st.capacity else 0.0],
+                maxflow=[st.maxflow],
+            )
+            if st.release_peer.size:
+                tr.add_gate_releases(
+                    stage=np.full(st.release_peer.size, st.index), peer=st.release_peer, chunk=st.release_chunk
+                )
+        tr.reconstructable = A
+        tr.agreed = agreed
+        return tr

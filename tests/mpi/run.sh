@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# MPI test tier: each file in its own mpiexec (a torch default group is per process), world size 4 for all,
+# plus the engine suite at 1, 2, 3 and 7 ranks.  Usage: tests/mpi/run.sh VENV_BIN
+set -uo pipefail
+BIN=${1:-.venv/bin}
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+fail=0
+passed=0
+run() {  # run NP FILE
+  local np=$1 file=$2
+  echo "=== mpiexec -n $np pytest --with-mpi $file"
+  timeout 900 "$BIN/mpiexec" -n "$np" "$BIN/python" -m pytest --with-mpi -q -p no:cacheprovider "$file" \
+    > "/tmp/fltorrent-mpi-$np-$(basename "$file").log" 2>&1
+  local rc=$?
+  # print one rank's summary (all ranks print the same closing line)
+  grep -E "passed|failed|error|skipped" "/tmp/fltorrent-mpi-$np-$(basename "$file").log" | tail -1
+  if [ $rc -ne 0 ]; then
+    echo "FAILED (rc=$rc): $file at $np ranks; log follows"; tail -80 "/tmp/fltorrent-mpi-$np-$(basename "$file").log"
+    fail=$((fail + 1))
+  else
+    passed=$((passed + 1))
+  fi
+}
+for f in tests/mpi/test_*.py; do run 4 "$f"; done
+for np in 1 2 3 7; do run "$np" tests/mpi/test_engine.py; done
+echo "mpi: $passed passed, $fail failed"
+exit $(( fail > 0 ))
