@@ -1,0 +1,1500 @@
+"""torch.distributed backend "fltorrent": a thin ProcessGroup over the swarm engine and MPI point-to-point.
+
+`import fltorrent_hpc` registers it; then `dist.init_process_group("fltorrent")` under mpiexec/srun runs
+existing torch code unchanged.  The group only validates, converts options, hands work to one
+communication thread and returns a Work:
+
+- dissemination-shaped collectives (all_gather*, broadcast, all_reduce, reduce) are swarm rounds of the
+  engine: every rank publishes its tensor bytes, every rank receives all of them, reductions run locally in
+  rank order, so every rank gets bit-identical results;
+- the others (reduce_scatter, all_to_all, gather, scatter, barrier, send/recv) are direct MPI
+  point-to-point exchanges on the group's own duplicated communicators.
+
+Every MPI wait is a Test loop bounded by the group timeout (or the op's `opts.timeout`) and fails with
+PeerTimeoutError naming the op and the peers still outstanding.  Before each collective the ranks agree
+on a fixed-width descriptor (op, dtype, shape, root, reduce op), so a mismatch raises on every rank.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import queue
+import threading
+import time
+import warnings
+import weakref
+import zlib
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import SwarmConfig
+from .errors import FLTorrentError, LaunchError, PeerTimeoutError, ShapeMismatchError
+
+BACKEND_NAME = "fltorrent"
+_REG_LOCK = threading.Lock()
+_ALIGN = 16  # byte alignment of tensors packed into one payload
+
+# Set by tests (or by a user who brings an engine) to replace `fltorrent_hpc.engine.SwarmEngine`.
+_engine_factory: Callable[..., Any] | None = None
+
+_LIVE_GROUPS: weakref.WeakSet = weakref.WeakSet()
+
+
+class UnsupportedError(FLTorrentError, ValueError):
+    """An op, dtype, device or argument the fltorrent backend does not implement."""
+
+
+# --------------------------------------------------------------------------------------------- registration
+
+
+def register_backend() -> None:
+    """Register "fltorrent" with torch.distributed once (devices cpu and cuda, extended API); idempotent."""
+    with _REG_LOCK:
+        if BACKEND_NAME.upper() in dist.Backend._plugins:
+            return
+        dist.Backend.register_backend(BACKEND_NAME, _create_process_group, extended_api=True, devices=["cpu", "cuda"])
+
+
+register = register_backend
+
+
+def _create_process_group(dist_opts: Any, backend_options: Any = None) -> FLTorrentProcessGroup:
+    """Creator called by torch for the default group and for every `new_group` member (non-members never are)."""
+    from mpi4py import MPI
+
+    from .launch import check_world
+
+    if backend_options is not None and not isinstance(backend_options, SwarmConfig):
+        raise UnsupportedError(f"fltorrent pg_options must be a SwarmConfig, got {type(backend_options).__name__}")
+    config = backend_options if backend_options is not None else SwarmConfig.from_env()
+    torch_timeout: timedelta = dist_opts.timeout
+    explicit = torch_timeout != dist.constants.default_pg_timeout
+    timeout_s = torch_timeout.total_seconds() if explicit else config.timeout_s
+    rank, size = int(dist_opts.group_rank), int(dist_opts.group_size)
+    ranks = [int(r) for r in dist_opts.global_ranks_in_group]
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise LaunchError("fltorrent needs MPI_THREAD_MULTIPLE; unset MPI4PY_RC_THREAD_LEVEL or set it to 'multiple'")
+    if not ranks:  # the default group: torch's world must be MPI's world
+        check_world(rank, size)
+        comm = MPI.COMM_WORLD
+        ranks = list(range(size))
+    else:
+        world = MPI.COMM_WORLD
+        if dist.is_initialized() and dist.get_rank() != world.Get_rank():
+            raise LaunchError(
+                f"fltorrent subgroup: torch global rank {dist.get_rank()} != MPI rank {world.Get_rank()}; "
+                "launch with mpiexec/srun so torch rank r == MPI rank r"
+            )
+        _store_presence_barrier(dist_opts.store, rank, size, timeout_s)
+        tag = zlib.crc32(str(dist_opts.group_id).encode()) % 30000
+        comm = world.Create_group(world.Get_group().Incl(ranks), tag)
+        if comm.Get_rank() != rank or comm.Get_size() != size:
+            raise LaunchError(f"fltorrent subgroup {ranks}: MPI placed this rank at {comm.Get_rank()}, torch at {rank}")
+    return FLTorrentProcessGroup(
+        comm,
+        timeout_s=timeout_s,
+        config=config,
+        global_ranks=ranks,
+        name=str(dist_opts.group_id),
+        owns_comm=comm != MPI.COMM_WORLD,
+    )
+
+
+def _store_presence_barrier(store: Any, rank: int, size: int, timeout_s: float) -> None:
+    """Bounded check that every member arrived before the (unbounded) MPI_Comm_create_group."""
+    store.set(f"fltorrent/arrived/{rank}", "1")
+    keys = [f"fltorrent/arrived/{r}" for r in range(size)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except Exception as e:  # torch raises DistStoreError/RuntimeError on timeout
+        missing = [r for r in range(size) if not store.check([keys[r]])]
+        raise PeerTimeoutError(
+            f"fltorrent new_group: group ranks {missing} did not arrive within {timeout_s:.0f}s"
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+_DTYPE_NAMES = (
+    "float32 float64 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex64 complex128 "
+    "uint16 uint32 uint64 float8_e4m3fn float8_e5m2"
+)
+_DTYPES = [getattr(torch, n) for n in _DTYPE_NAMES.split() if isinstance(getattr(torch, n, None), torch.dtype)]
+_DTYPE_CODE = {d: i + 1 for i, d in enumerate(_DTYPES)}
+
+_RED = dist.ReduceOp.RedOpType
+_OP_NAMES = (
+    "allreduce allreduce_coalesced allgather all_gather_single allgather_coalesced all_gather_single_coalesced "
+    "broadcast reduce reduce_scatter reduce_scatter_single reduce_scatter_single_coalesced alltoall "
+    "all_to_all_single gather scatter barrier swarm_round"
+).split()
+_OPCODE = {n: i + 1 for i, n in enumerate(_OP_NAMES)}
+_META_FIELDS = "magic seq op rejected dtype numel ndim dim0 dim1 dim2 dim3 dim4 dim5 shape_crc root redop".split()
+_META_W = len(_META_FIELDS)
+_MAGIC = 0x464C54  # "FLT"
+
+
+def _unset_timeout(td: Any) -> bool:
+    return td is None or td.total_seconds() <= 0
+
+
+def _reduce_op(opts: Any) -> tuple[Any, Any]:
+    """(RedOpType, premul factor) from a ReduceOp, a RedOpType or an options object with .reduceOp."""
+    if isinstance(opts, _RED):
+        return opts, None
+    op = opts if isinstance(opts, dist.ReduceOp) else getattr(opts, "reduceOp", dist.ReduceOp.SUM)
+    if isinstance(op, _RED):
+        return op, None
+    kind = op.op
+    factor = op.factor if kind == _RED.PREMUL_SUM else None
+    return kind, factor
+
+
+def _check_tensor(t: Any, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise UnsupportedError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise UnsupportedError(f"{what}: layout {t.layout} is not supported (dense tensors only)")
+    if t.device.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"{what}: device {t.device} is not supported (cpu and cuda only)")
+    if t.dtype not in _DTYPE_CODE:
+        raise UnsupportedError(f"{what}: dtype {t.dtype} is not supported")
+    return t
+
+
+def _one(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
+    if len(tensors) != 1:
+        raise UnsupportedError(f"{what}: expected exactly one tensor per call, got {len(tensors)}")
+    return _check_tensor(tensors[0], what)
+
+
+def _host_bytes(t: torch.Tensor) -> np.ndarray:
+    """A uint8 numpy view (CPU, contiguous) or copy (CUDA, non-contiguous) of t's bytes."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")  # synchronous D2H on the caller's current stream: the bytes are ready when it returns
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return t.view(torch.uint8).numpy()
+
+
+def _from_bytes(buf: np.ndarray, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A CPU tensor of dtype/shape over the bytes in buf (no copy unless buf is read-only)."""
+    if buf.size == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    if not buf.flags.writeable:
+        buf = buf.copy()
+    return torch.from_numpy(buf).view(dtype).view(tuple(shape))
+
+
+def _write(out: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a CPU result into an output tensor on its own device."""
+    if src is out:
+        return
+    with torch.no_grad():
+        out.copy_(src.view(out.shape) if src.shape != out.shape else src)
+
+
+def _aligned_layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
+    offs, pos = [], 0
+    for n in nbytes:
+        offs.append(pos)
+        pos += -(-n // _ALIGN) * _ALIGN
+    return offs, pos
+
+
+def _pack(tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, list[int]]:
+    """Concatenate tensors' bytes, each at a 16-byte aligned offset, into one uint8 payload.
+
+    A single tensor is not copied: the payload is a view of its bytes (CPU) or its host copy (CUDA).
+    """
+    if len(tensors) == 1:
+        return _host_bytes(tensors[0]), [0]
+    parts = [_host_bytes(t) for t in tensors]
+    offs, total = _aligned_layout([p.size for p in parts])
+    buf = np.zeros(total, dtype=np.uint8)
+    for o, p in zip(offs, parts):
+        buf[o : o + p.size] = p
+    return buf, offs
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], kind: Any, factor: Any, n: int) -> torch.Tensor:
+    """Reduce parts (one per rank, rank order) in their own dtype; the same bits on every rank."""
+    with torch.no_grad():
+        if kind == _RED.PREMUL_SUM:
+            f = factor.item() if isinstance(factor, torch.Tensor) else factor
+            acc.copy_(parts[0] * f)
+            for p in parts[1:]:
+                acc.add_(p * f)
+            return acc
+        acc.copy_(parts[0])
+        for p in parts[1:]:
+            if kind in (_RED.SUM, _RED.AVG):
+                acc.add_(p)
+            elif kind == _RED.PRODUCT:
+                acc.mul_(p)
+            elif kind == _RED.MIN:
+                torch.minimum(acc, p, out=acc)
+            elif kind == _RED.MAX:
+                torch.maximum(acc, p, out=acc)
+            elif kind == _RED.BAND:
+                acc.bitwise_and_(p)
+            elif kind == _RED.BOR:
+                acc.bitwise_or_(p)
+            elif kind == _RED.BXOR:
+                acc.bitwise_xor_(p)
+        if kind == _RED.AVG:
+            acc.div_(n)
+        return acc
+
+
+def _check_reduce(kind: Any, factor: Any, dtype: torch.dtype, what: str) -> None:
+    floating = dtype.is_floating_point or dtype.is_complex
+    if kind in (_RED.AVG, _RED.PREMUL_SUM) and not floating:
+        raise UnsupportedError(f"{what}: ReduceOp.{kind.name} needs a floating dtype, got {dtype}")
+    if kind in (_RED.BAND, _RED.BOR, _RED.BXOR) and floating:
+        raise UnsupportedError(f"{what}: ReduceOp.{kind.name} needs an integer or bool dtype, got {dtype}")
+    if kind in (_RED.MIN, _RED.MAX) and dtype.is_complex:
+        raise UnsupportedError(f"{what}: ReduceOp.{kind.name} is undefined for complex dtype {dtype}")
+    if kind == _RED.PREMUL_SUM:
+        if factor is None or (isinstance(factor, torch.Tensor) and factor.numel() != 1):
+            raise UnsupportedError(f"{what}: PREMUL_SUM needs a scalar factor")
+    if kind not in _SUPPORTED_OPS:
+        raise UnsupportedError(f"{what}: unsupported ReduceOp {kind}")
+
+
+_SUPPORTED_OPS = frozenset(getattr(_RED, n) for n in "SUM AVG PRODUCT MIN MAX BAND BOR BXOR PREMUL_SUM".split())
+
+
+def _devices_of(tensors: Sequence[torch.Tensor]) -> list[torch.device]:
+    devs = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
+    return devs
+
+
+# --------------------------------------------------------------------------------------------- Work
+
+
+class FLTorrentWork(dist._Work):
+    """A Work whose future resolves to the output tensors once the comm thread wrote them (DDP needs this)."""
+
+    def __init__(self, name: str, outputs: list, devices: Sequence[torch.device], limit_s: float) -> None:
+        super().__init__()
+        self._name = name
+        self._outputs = outputs
+        self._fut: torch.futures.Future = torch.futures.Future(devices=list(devices) or None)
+        self._cuda = bool(devices)
+        self._done = threading.Event()
+        self._exc: BaseException | None = None
+        self._limit_s = limit_s  # watchdog for wait(): the comm thread itself enforces the op deadline
+        self._source = -1
+
+    # comm-thread side
+    def _finish(self, exc: BaseException | None = None) -> None:
+        if self._done.is_set():
+            return
+        self._exc = exc
+        try:
+            if exc is None:
+                self._fut.set_result(self._outputs)
+            else:
+                self._fut.set_exception(exc)
+        finally:
+            self._done.set()
+
+    # caller side
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        limit = self._limit_s if _unset_timeout(timeout) else timeout.total_seconds()
+        if not self._done.wait(limit):
+            raise PeerTimeoutError(f"fltorrent {self._name}: not completed within {limit:.1f}s")
+        if self._exc is not None:
+            raise self._exc
+        if self._cuda:
+            self._fut.wait()  # orders the caller's current CUDA stream after the comm thread's copies
+        return True
+
+    def synchronize(self) -> None:
+        self.wait()
+
+    def get_future(self) -> torch.futures.Future:
+        return self._fut
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def is_success(self) -> bool:
+        return self._done.is_set() and self._exc is None
+
+    def exception(self) -> BaseException | None:
+        return self._exc
+
+    def result(self) -> list:
+        self.wait()
+        return self._outputs
+
+    def _source_rank(self) -> int:
+        return self._source
+
+    def source_rank(self) -> int:
+        return self._source
+
+    def __repr__(self) -> str:
+        state = "done" if self._done.is_set() else "pending"
+        return f"FLTorrentWork({self._name}, {state})"
+
+
+class _Job:
+    """One queued unit for the comm thread: `run(deadline)` does the MPI part; errors fail the Work."""
+
+    __slots__ = ("name", "run", "work", "timeout_s")
+
+    def __init__(self, name: str, run: Callable[[float], None], work: FLTorrentWork | None, timeout_s: float):
+        self.name, self.run, self.work, self.timeout_s = name, run, work, timeout_s
+
+
+class _P2P:
+    """An in-flight user send/recv, progressed by the comm thread between jobs."""
+
+    __slots__ = ("req", "work", "deadline", "what", "peer", "keep", "done_cb")
+
+    def __init__(self, req, work, deadline, what, peer, keep, done_cb=None):
+        self.req, self.work, self.deadline, self.what, self.peer = req, work, deadline, what, peer
+        self.keep, self.done_cb = keep, done_cb
+
+
+_STOP = object()
+
+
+# --------------------------------------------------------------------------------------------- the group
+
+
+class FLTorrentProcessGroup(dist.ProcessGroup):
+    """The "fltorrent" ProcessGroup: validate, convert options, queue for the comm thread, return a Work."""
+
+    def __init__(
+        self,
+        comm: Any,
+        *,
+        timeout_s: float,
+        config: SwarmConfig | None = None,
+        global_ranks: Sequence[int] | None = None,
+        name: str = "",
+        owns_comm: bool = False,
+    ) -> None:
+        from mpi4py import MPI
+
+        super().__init__(comm.Get_rank(), comm.Get_size())
+        self._MPI = MPI
+        self._rank, self._size = comm.Get_rank(), comm.Get_size()
+        self._timeout_s = float(timeout_s)
+        self._config = (config or SwarmConfig.from_env()).replace(timeout_s=float(timeout_s))
+        self._global_ranks = list(global_ranks) if global_ranks is not None else list(range(self._size))
+        self._label = name or "fltorrent"
+        self._group_name = self._label
+        self._group_desc = "fltorrent"
+        self._owns_comm = owns_comm  # free `comm` at shutdown (sub-communicators the creator made)
+        self._comm = comm
+        self._coll = comm.Dup()  # agreement + direct (p2p-shaped) collectives, tagged by sequence number
+        self._p2p = comm.Dup()  # user send/recv with user tags
+        self._tag_ub = int(comm.Get_attr(MPI.TAG_UB) or 32767)
+        self._engine = _make_engine(comm, self._config) if self._size > 1 else None
+        self._seq = itertools.count(1)
+        self._submit_lock = threading.Lock()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._inflight: list[_P2P] = []
+        self._graveyard: list = []  # requests abandoned after a timeout, kept alive with their buffers
+        self._broken: BaseException | None = None  # set by a timeout: the ranks may no longer be in step
+        self._state = "running"  # running -> closing -> closed | aborted
+        self.last_round_stats: dict = {}
+        self._thread = threading.Thread(target=self._loop, name=f"fltorrent-comm-{self._label}", daemon=True)
+        self._thread.start()
+        _LIVE_GROUPS.add(self)
+
+    # ----------------------------------------------------------------- identity
+
+    def getBackendName(self) -> str:  # noqa: N802 (torch's name)
+        return BACKEND_NAME
+
+    def name(self) -> str:
+        return BACKEND_NAME
+
+    # The C++ name accessors read the registered backends, which a Python group does not have (DeviceMesh,
+    # functional collectives and DTensor need `group_name`).
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = str(name)
+
+    @property
+    def group_name(self) -> str:
+        return self._group_name
+
+    def _set_group_desc(self, desc: str) -> None:
+        self._group_desc = str(desc)
+
+    @property
+    def group_desc(self) -> str:
+        return self._group_desc
+
+    @property
+    def config(self) -> SwarmConfig:
+        return self._config
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    def __repr__(self) -> str:
+        return f"FLTorrentProcessGroup(rank={self._rank}, size={self._size}, ranks={self._global_ranks})"
+
+    # ----------------------------------------------------------------- comm thread
+
+    def _loop(self) -> None:
+        """Run queued jobs in order; between them, drive in-flight send/recv (yield first, then back off)."""
+        idle = 0
+        while True:
+            try:
+                if not self._inflight:
+                    item = self._q.get()
+                elif idle <= _SPIN:
+                    item = self._q.get_nowait()
+                else:
+                    item = self._q.get(timeout=min(2e-3, 1e-5 * 2 ** min(idle - _SPIN, 8)))
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                break
+            if item is not None:
+                self._run_job(item)
+            if self._progress_p2p() or item is not None:
+                idle = 0
+            elif self._inflight:
+                idle += 1
+                if idle <= _SPIN:
+                    time.sleep(0)
+        self._fail_inflight(FLTorrentError(f"fltorrent group {self._label} was shut down"))
+
+    def _run_job(self, job: _Job) -> None:
+        if self._state == "aborted":
+            if job.work is not None:
+                job.work._finish(FLTorrentError(f"fltorrent {job.name}: the group was aborted"))
+            return
+        try:
+            job.run(time.monotonic() + job.timeout_s)
+            if job.work is not None:
+                job.work._finish()
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the waiting caller
+            if isinstance(e, PeerTimeoutError):
+                self._broken = e  # a peer may still be inside this op: later ops could pair up wrongly
+            if job.work is not None:
+                job.work._finish(e)
+
+    def _progress_p2p(self) -> bool:
+        if not self._inflight:
+            return False
+        MPI = self._MPI
+        now = time.monotonic()
+        progressed, keep = False, []
+        for op in self._inflight:
+            status = MPI.Status()
+            try:
+                done = op.req.Test(status)
+            except MPI.Exception as e:
+                progressed = True
+                op.work._finish(_p2p_error(op, e))
+                continue
+            if done:
+                progressed = True
+                try:
+                    if op.done_cb is not None:
+                        op.done_cb(status)
+                    op.work._finish()
+                except BaseException as e:  # noqa: BLE001
+                    op.work._finish(e)
+            elif now > op.deadline:
+                progressed = True
+                if op.what.startswith("recv"):
+                    _cancel(op.req)
+                else:
+                    self._graveyard.append((op.req, op.keep))
+                op.work._finish(
+                    PeerTimeoutError(f"fltorrent {op.what}: peer rank {op.peer} did not complete it in time")
+                )
+            else:
+                keep.append(op)
+        self._inflight = keep
+        return progressed
+
+    def _fail_inflight(self, exc: BaseException) -> None:
+        for op in self._inflight:
+            if op.what.startswith("recv"):
+                _cancel(op.req)
+            else:
+                self._graveyard.append((op.req, op.keep))
+            op.work._finish(exc)
+        self._inflight = []
+
+    def _wait_reqs(
+        self, reqs: list, peers: list, deadline: float, what: str, recv_mask: Sequence[bool] = (), keep: Any = None
+    ) -> None:
+        """Test loop over MPI requests with a deadline; keeps user p2p moving meanwhile.
+
+        On timeout, pending receives are cancelled (so they cannot match a later message); other requests and
+        their buffers are parked for good, since MPI may still touch them.
+        """
+        MPI = self._MPI
+        pending = [i for i, r in enumerate(reqs) if r != MPI.REQUEST_NULL]
+        idle = 0
+        while pending:
+            idx = MPI.Request.Testsome([reqs[i] for i in pending])
+            if idx:
+                done = {pending[i] for i in idx}
+                pending = [i for i in pending if i not in done]
+                idle = 0
+                continue
+            if time.monotonic() > deadline:
+                waiting = sorted({peers[i] for i in pending}, key=str)
+                for i in pending:
+                    if i < len(recv_mask) and recv_mask[i]:
+                        _cancel(reqs[i])
+                    else:
+                        self._graveyard.append((reqs[i], keep))
+                err = PeerTimeoutError(f"fltorrent {what}: still waiting on rank(s) {waiting} at the deadline")
+                self._broken = err
+                raise err
+            if self._inflight:
+                self._progress_p2p()
+            idle += 1
+            _pause(idle)
+
+    # ----------------------------------------------------------------- submission
+
+    def _check_usable(self, name: str) -> None:
+        if self._state != "running":
+            raise FLTorrentError(f"fltorrent {name}: the group is {self._state}")
+        if self._broken is not None:
+            raise FLTorrentError(
+                f"fltorrent {name}: the group failed earlier ({self._broken}); ranks may be out of step, so "
+                "destroy it and build a new one"
+            )
+
+    def _timeout_of(self, opts: Any) -> float:
+        td = getattr(opts, "timeout", None)
+        return self._timeout_s if _unset_timeout(td) else td.total_seconds()
+
+    def _submit(
+        self,
+        name: str,
+        run: Callable[[float], None],
+        outputs: list,
+        timeout_s: float,
+        devices: Sequence[torch.device] = (),
+    ) -> FLTorrentWork:
+        self._check_usable(name)
+        work = FLTorrentWork(name, outputs, devices, limit_s=2 * timeout_s + 60.0)
+        self._q.put(_Job(name, run, work, timeout_s))
+        return work
+
+    def _collective(
+        self,
+        name: str,
+        build: Callable[[], tuple[np.ndarray, Callable[[float], None], list, Sequence[torch.device]]],
+        opts: Any,
+    ) -> FLTorrentWork:
+        """Run `build` (local validation) now; queue agreement + the op; on a local error tell the peers."""
+        timeout_s = self._timeout_of(opts)
+        with self._submit_lock:
+            seq = next(self._seq)
+            try:
+                meta, run, outputs, devices = build()
+            except Exception as local_error:
+                reject = _meta(seq, name, rejected=True)
+                self._q.put(_Job(name, lambda dl: self._agree(reject, seq, name, dl), None, timeout_s))
+                raise local_error
+            meta[1] = seq
+
+            def job(deadline: float) -> None:
+                self._agree(meta, seq, name, deadline)
+                run(deadline, seq)
+
+            return self._submit(name, job, outputs, timeout_s, devices)
+
+    def _agree(self, meta: np.ndarray, seq: int, name: str, deadline: float) -> None:
+        """Every rank compares every rank's descriptor; any difference raises on every rank."""
+        if self._size == 1:
+            if meta[3]:
+                raise FLTorrentError(f"fltorrent {name} #{seq}: rejected locally")
+            return
+        allm = np.empty((self._size, _META_W), dtype=np.int64)
+        req = self._coll.Iallgather(meta, allm)
+        self._wait_reqs([req], ["all"], deadline, f"{name} #{seq} agreement", keep=(meta, allm))
+        rejected = [r for r in range(self._size) if allm[r, 3]]
+        if rejected:
+            raise FLTorrentError(
+                f"fltorrent {name} #{seq}: rank(s) {rejected} rejected their arguments (see the error on those ranks)"
+            )
+        bad = [r for r in range(self._size) if not np.array_equal(allm[r], allm[0])]
+        if bad:
+            r = bad[0]
+            diffs = [
+                f"{_META_FIELDS[i]}: rank 0 {_decode(i, allm[0, i])} vs rank {r} {_decode(i, allm[r, i])}"
+                for i in range(_META_W)
+                if allm[0, i] != allm[r, i]
+            ]
+            raise ShapeMismatchError(
+                f"fltorrent {name} #{seq}: ranks {bad} disagree with rank 0 ({'; '.join(diffs)}); every rank must "
+                "call the same collective with the same shapes, dtypes, root and op"
+            )
+
+    # ----------------------------------------------------------------- dissemination
+
+    def _disseminate(
+        self,
+        payload: np.ndarray,
+        seq: int,
+        deadline: float,
+        *,
+        weight: float = 1.0,
+        privacy: Any = None,
+        deadline_s: float | None = None,
+        silent: bool = False,
+        partial_ok: bool = False,
+        what: str = "round",
+    ) -> Any:
+        """One swarm round (comm thread only); unless partial_ok, every rank must be reconstructed."""
+        if self._size == 1:
+            res = _LocalRound(payload, weight)
+        else:
+            res = self._engine.disseminate(
+                payload,
+                weight=weight,
+                privacy=privacy,
+                seed=(self._config.seed * 1_000_003 + seq) & 0x7FFFFFFF,
+                deadline_s=deadline_s,
+                consensus=True,
+                silent=silent,
+            )
+        self.last_round_stats = dict(getattr(res, "stats", {}) or {})
+        if not partial_ok:
+            missing = [r for r in range(self._size) if res.updates[r] is None]
+            if missing:
+                raise PeerTimeoutError(
+                    f"fltorrent {what} #{seq}: updates of rank(s) {missing} were not reconstructed by the deadline"
+                )
+        return res
+
+    def swarm_round(
+        self,
+        payload: np.ndarray,
+        *,
+        weight: float = 1.0,
+        privacy: Any = None,
+        deadline_s: float | None = None,
+        silent: bool = False,
+        timeout_s: float | None = None,
+        digest: int = 0,
+        reject: BaseException | None = None,
+        consume: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """One FL round on the comm thread (used by fedavg_): blocks; returns consume(RoundResult) or the result.
+
+        Ranks first agree on the payload size and `digest` (e.g. a layout hash), so a mismatch raises everywhere.
+        `reject`: this rank's own argument error; it is raised here after the peers were told, so they raise too.
+        `consume` runs on the comm thread before the next op, while the engine's update buffers are still valid.
+        """
+        payload = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
+        box: list = []
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+
+        def build():
+            if reject is not None:
+                raise reject
+            meta = _meta(0, "swarm_round", numel=payload.size, crc=int(digest) & 0x7FFFFFFFFFFFFFFF)
+
+            def run(deadline, seq):
+                res = self._disseminate(
+                    payload,
+                    seq,
+                    deadline,
+                    weight=weight,
+                    privacy=privacy,
+                    deadline_s=deadline_s,
+                    silent=silent,
+                    partial_ok=True,
+                    what="swarm_round",
+                )
+                box.append(consume(res) if consume is not None else res)
+
+            return meta, run, [], ()
+
+        self._collective("swarm_round", build, _Opts(timeout_s)).wait()
+        return box[0]
+
+    # ----------------------------------------------------------------- all_reduce / reduce
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> FLTorrentWork:
+        return self._allreduce("allreduce", tensors, opts)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> FLTorrentWork:
+        return self._allreduce("allreduce_coalesced", tensors, opts)
+
+    def _allreduce(self, name: str, tensors: list[torch.Tensor], opts: Any, root: int = -1) -> FLTorrentWork:
+        opts = dist.AllreduceOptions() if opts is None else opts
+
+        def build():
+            ts = list(tensors)
+            if name in ("allreduce", "reduce"):
+                _one(ts, name)
+            if not ts:
+                raise UnsupportedError(f"{name}: no tensors")
+            kind, factor = _reduce_op(opts)
+            for t in ts:
+                _check_tensor(t, name)
+                _check_reduce(kind, factor, t.dtype, name)
+            if root >= self._size or root < -1:
+                raise UnsupportedError(f"{name}: root {root} out of range for a group of {self._size}")
+            payload, offs = _pack(ts)
+            meta = _meta_tensors(name, ts, root=root, redop=int(kind))
+            shapes = [(t.dtype, tuple(t.shape), _nbytes(t)) for t in ts]
+
+            def run(deadline, seq):
+                res = self._disseminate(payload, seq, deadline, what=name)
+                if root >= 0 and self._rank != root:
+                    return
+                for t, off, (dt, shape, nb) in zip(ts, offs, shapes):
+                    parts = [_from_bytes(res.updates[r][off : off + nb], dt, shape) for r in range(self._size)]
+                    acc = torch.empty(shape, dtype=dt)
+                    _write(t, _reduce_into(acc, parts, kind, factor, self._size))
+
+            return meta, run, ts, _devices_of(ts)
+
+        return self._collective(name, build, opts)
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> FLTorrentWork:
+        opts = dist.ReduceOptions() if opts is None else opts
+        return self._allreduce("reduce", tensors, opts, root=int(opts.rootRank))
+
+    # ----------------------------------------------------------------- all_gather family
+
+    def allgather(
+        self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None
+    ) -> FLTorrentWork:
+        def build():
+            inp = _one(input_tensors, "allgather")
+            if len(output_tensors) != 1:
+                raise UnsupportedError(f"allgather: expected one output list, got {len(output_tensors)}")
+            outs = list(output_tensors[0])
+            self._check_outputs("allgather", outs, inp)
+            return self._gather_like("allgather", [inp], [outs])
+
+        return self._collective("allgather", build, opts)
+
+    def allgather_coalesced(
+        self, output_lists: list[list[torch.Tensor]], input_list: list[torch.Tensor], opts: Any = None
+    ) -> FLTorrentWork:
+        """output_lists[r][j] receives rank r's input j (gloo's layout), all in one swarm round."""
+
+        def build():
+            ins = [_check_tensor(t, "allgather_coalesced") for t in input_list]
+            if len(output_lists) != self._size or any(len(o) != len(ins) for o in output_lists):
+                raise UnsupportedError(
+                    f"allgather_coalesced: need {self._size} output lists of {len(ins)} tensors (one list per rank)"
+                )
+            outs = [[output_lists[r][j] for r in range(self._size)] for j in range(len(ins))]
+            for o, i in zip(outs, ins):
+                self._check_outputs("allgather_coalesced", o, i)
+            return self._gather_like("allgather_coalesced", ins, outs)
+
+        return self._collective("allgather_coalesced", build, opts)
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> FLTorrentWork:  # noqa: A002
+        def build():
+            self._check_flat("all_gather_single", output, input, self._size)
+            return self._gather_like("all_gather_single", [input], [self._split_flat(output, input)], flat=[output])
+
+        return self._collective("all_gather_single", build, opts)
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> FLTorrentWork:
+        name = "all_gather_single_coalesced"
+
+        def build():
+            if len(outputs) != len(inputs) or not inputs:
+                raise UnsupportedError(f"{name}: {len(outputs)} outputs for {len(inputs)} inputs")
+            for o, i in zip(outputs, inputs):
+                self._check_flat(name, o, i, self._size)
+            outs = [self._split_flat(o, i) for o, i in zip(outputs, inputs)]
+            return self._gather_like(name, list(inputs), outs, flat=list(outputs))
+
+        return self._collective(name, build, opts)
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def _check_outputs(self, name: str, outs: list[torch.Tensor], inp: torch.Tensor) -> None:
+        if len(outs) != self._size:
+            raise UnsupportedError(f"{name}: output list has {len(outs)} tensors for a group of {self._size}")
+        for o in outs:
+            _check_tensor(o, name)
+            if o.dtype != inp.dtype or o.numel() != inp.numel():
+                raise ShapeMismatchError(
+                    f"{name}: output {tuple(o.shape)}/{o.dtype} does not match input {tuple(inp.shape)}/{inp.dtype}"
+                )
+
+    def _check_flat(self, name: str, out: torch.Tensor, inp: torch.Tensor, n: int) -> None:
+        _check_tensor(out, name)
+        _check_tensor(inp, name)
+        if out.dtype != inp.dtype or out.numel() != n * inp.numel():
+            raise ShapeMismatchError(
+                f"{name}: output {tuple(out.shape)}/{out.dtype} must hold {n} x input {tuple(inp.shape)}/{inp.dtype}"
+            )
+
+    def _split_flat(self, out: torch.Tensor, inp: torch.Tensor) -> list[torch.Tensor]:
+        """Per-rank slices of a flat output (views when it is a contiguous CPU tensor)."""
+        if out.device.type == "cpu" and out.is_contiguous():
+            flat = out.view(-1)
+        else:
+            flat = torch.empty(out.numel(), dtype=out.dtype)
+        n = inp.numel()
+        return [flat[r * n : (r + 1) * n] for r in range(self._size)]
+
+    def _gather_like(
+        self, name: str, ins: list[torch.Tensor], outs: list[list[torch.Tensor]], flat: list[torch.Tensor] | None = None
+    ):
+        payload, offs = _pack(ins)
+        meta = _meta_tensors(name, ins)
+        shapes = [(t.dtype, _nbytes(t)) for t in ins]
+        result = flat if flat is not None else (outs[0] if len(outs) == 1 else [o for lst in outs for o in lst])
+
+        def run(deadline, seq):
+            res = self._disseminate(payload, seq, deadline, what=name)
+            for k, (dt, nb) in enumerate(shapes):
+                for r in range(self._size):
+                    o = outs[k][r]
+                    _write(o, _from_bytes(res.updates[r][offs[k] : offs[k] + nb], dt, o.shape))
+                if flat is not None:
+                    base = outs[k][0]
+                    if flat[k].device.type != "cpu" or not flat[k].is_contiguous():
+                        _write(flat[k], base._base if base._base is not None else torch.cat(outs[k]))
+
+        return meta, run, result, _devices_of([*ins, *(flat or [])])
+
+    # ----------------------------------------------------------------- broadcast
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> FLTorrentWork:
+        if isinstance(opts, int):
+            root, opts = opts, dist.BroadcastOptions()
+        else:
+            opts = dist.BroadcastOptions() if opts is None else opts
+            root = int(opts.rootRank)
+
+        def build():
+            t = _one(tensors, "broadcast")
+            if not 0 <= root < self._size:
+                raise UnsupportedError(f"broadcast: root {root} out of range for a group of {self._size}")
+            payload = _host_bytes(t)
+            meta = _meta_tensors("broadcast", [t], root=root)
+
+            def run(deadline, seq):
+                res = self._disseminate(payload, seq, deadline, what="broadcast")
+                if self._rank != root:
+                    _write(t, _from_bytes(res.updates[root], t.dtype, t.shape))
+
+            return meta, run, [t], _devices_of([t])
+
+        return self._collective("broadcast", build, opts)
+
+    # ----------------------------------------------------------------- direct (point-to-point) collectives
+
+    def _exchange(
+        self, sends: dict[int, np.ndarray], recvs: dict[int, np.ndarray], tag: int, deadline: float, what: str
+    ) -> None:
+        """Post every Irecv, then every Isend, on the collective communicator; bounded wait on all."""
+        reqs, peers = [], []
+        for peer, buf in recvs.items():
+            reqs.append(self._coll.Irecv([buf, self._MPI.BYTE], source=peer, tag=tag))
+            peers.append(peer)
+        for peer, buf in sends.items():
+            reqs.append(self._coll.Isend([buf, self._MPI.BYTE], dest=peer, tag=tag))
+            peers.append(peer)
+        self._wait_reqs(reqs, peers, deadline, what, [True] * len(recvs), (sends, recvs))
+
+    def _tag(self, seq: int) -> int:
+        return seq % min(self._tag_ub, 32767)
+
+    def reduce_scatter(
+        self, output_tensors: list[torch.Tensor], input_tensors: list[list[torch.Tensor]], opts: Any = None
+    ) -> FLTorrentWork:
+        opts = dist.ReduceScatterOptions() if opts is None else opts
+
+        def build():
+            out = _one(output_tensors, "reduce_scatter")
+            if len(input_tensors) != 1 or len(input_tensors[0]) != self._size:
+                raise UnsupportedError(f"reduce_scatter: need one input list of {self._size} tensors")
+            ins = list(input_tensors[0])
+            self._check_outputs("reduce_scatter", ins, out)
+            return self._reduce_scatter("reduce_scatter", out, [_host_bytes(t) for t in ins], opts)
+
+        return self._collective("reduce_scatter", build, opts)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> FLTorrentWork:  # noqa: A002
+        opts = dist.ReduceScatterOptions() if opts is None else opts
+
+        def build():
+            self._check_flat("reduce_scatter_single", input, output, self._size)
+            b = _host_bytes(input)
+            nb = _nbytes(output)
+            return self._reduce_scatter(
+                "reduce_scatter_single", output, [b[r * nb : (r + 1) * nb] for r in range(self._size)], opts
+            )
+
+        return self._collective("reduce_scatter_single", build, opts)
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> FLTorrentWork:
+        """Loop of reduce_scatter_single, completed by one Work."""
+        opts = dist.ReduceScatterOptions() if opts is None else opts
+        if len(outputs) != len(inputs) or not inputs:
+            raise UnsupportedError(f"reduce_scatter_single_coalesced: {len(outputs)} outputs for {len(inputs)} inputs")
+        works = [self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs)]
+        return self._chain("reduce_scatter_single_coalesced", works, list(outputs), opts)
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    def _chain(self, name: str, works: list[FLTorrentWork], outputs: list, opts: Any) -> FLTorrentWork:
+        """A Work completing after `works` (queued behind them on the same comm thread)."""
+
+        def run(deadline):
+            for w in works:
+                if w.exception() is not None:
+                    raise w.exception()
+
+        return self._submit(name, run, outputs, self._timeout_of(opts), _devices_of(outputs))
+
+    def _reduce_scatter(self, name: str, out: torch.Tensor, pieces: list[np.ndarray], opts: Any):
+        kind, factor = _reduce_op(opts)
+        _check_reduce(kind, factor, out.dtype, name)
+        meta = _meta_tensors(name, [out], redop=int(kind))
+        nb = _nbytes(out)
+
+        def run(deadline, seq):
+            recv = np.empty((self._size, nb), dtype=np.uint8)
+            recv[self._rank] = pieces[self._rank]
+            others = [r for r in range(self._size) if r != self._rank]
+            if nb:
+                self._exchange(
+                    {r: pieces[r] for r in others},
+                    {r: recv[r] for r in others},
+                    self._tag(seq),
+                    deadline,
+                    f"{name} #{seq}",
+                )
+            parts = [_from_bytes(recv[r], out.dtype, out.shape) for r in range(self._size)]
+            _write(out, _reduce_into(torch.empty(out.shape, dtype=out.dtype), parts, kind, factor, self._size))
+
+        return meta, run, [out], _devices_of([out])
+
+    def alltoall(
+        self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor], opts: Any = None
+    ) -> FLTorrentWork:
+        def build():
+            if len(output_tensors) != self._size or len(input_tensors) != self._size:
+                raise UnsupportedError(f"alltoall: need {self._size} input and output tensors")
+            ins = [_check_tensor(t, "alltoall") for t in input_tensors]
+            outs = [_check_tensor(t, "alltoall") for t in output_tensors]
+            dt = ins[0].dtype
+            if any(t.dtype != dt for t in [*ins, *outs]):
+                raise ShapeMismatchError("alltoall: all tensors must share one dtype")
+            send = [_host_bytes(t) for t in ins]
+            sizes = np.array([t.numel() for t in ins] + [t.numel() for t in outs], dtype=np.int64)
+            return self._alltoall("alltoall", send, outs, None, sizes, dt)
+
+        return self._collective("alltoall", build, opts)
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,  # noqa: A002
+        output_split_sizes: Sequence[int] | None = None,
+        input_split_sizes: Sequence[int] | None = None,
+        opts: Any = None,
+    ) -> FLTorrentWork:
+        def build():
+            _check_tensor(output, "all_to_all_single")
+            _check_tensor(input, "all_to_all_single")
+            if output.dtype != input.dtype:
+                raise ShapeMismatchError("all_to_all_single: input and output dtypes differ")
+            n = self._size
+            ins = _splits(input, input_split_sizes, n, "input")
+            outs = _splits(output, output_split_sizes, n, "output")
+            if input.dim() == 0 or output.dim() == 0:
+                raise UnsupportedError("all_to_all_single: tensors need at least one dimension")
+            if input.shape[1:] != output.shape[1:]:
+                raise ShapeMismatchError("all_to_all_single: input and output differ beyond dim 0")
+            row = int(np.prod(input.shape[1:], dtype=np.int64))
+            flat_in = _host_bytes(input)
+            esz = input.element_size() * row
+            offs = np.concatenate([[0], np.cumsum(ins)])
+            send = [flat_in[offs[r] * esz : offs[r + 1] * esz] for r in range(n)]
+            if output.device.type == "cpu" and output.is_contiguous():
+                ov = output
+            else:
+                ov = torch.empty(output.shape, dtype=output.dtype)
+            oo = np.concatenate([[0], np.cumsum(outs)])
+            views = [ov[oo[r] : oo[r + 1]] for r in range(n)]
+            sizes = np.array([int(s) * row for s in ins] + [int(s) * row for s in outs], dtype=np.int64)
+            return self._alltoall("all_to_all_single", send, views, (output, ov), sizes, input.dtype)
+
+        return self._collective("all_to_all_single", build, opts)
+
+    alltoall_base = all_to_all_single
+
+    def _alltoall(self, name, send, outs, final, sizes, dtype):
+        meta = _meta(0, name, dtype=_DTYPE_CODE[dtype], numel=self._size)
+        n = self._size
+
+        def run(deadline, seq):
+            # every rank checks the whole split matrix: what r sends to s must be what s expects from r
+            allsz = np.empty((n, 2 * n), dtype=np.int64)
+            if n > 1:
+                req = self._coll.Iallgather(sizes, allsz)
+                self._wait_reqs([req], ["all"], deadline, f"{name} #{seq} split agreement", keep=(sizes, allsz))
+            else:
+                allsz[0] = sizes
+            bad = [(r, s) for r in range(n) for s in range(n) if allsz[r, s] != allsz[s, n + r]]
+            if bad:
+                r, s = bad[0]
+                raise ShapeMismatchError(
+                    f"fltorrent {name} #{seq}: rank {r} sends {allsz[r, s]} elements to rank {s}, which expects "
+                    f"{allsz[s, n + r]}"
+                )
+            recv = {r: np.empty(_nbytes(outs[r]), dtype=np.uint8) for r in range(n) if r != self._rank}
+            sendd = {r: send[r] for r in range(n) if r != self._rank and send[r].size}
+            recv = {r: b for r, b in recv.items() if b.size}
+            self._exchange(sendd, recv, self._tag(seq), deadline, f"{name} #{seq}")
+            for r in range(n):
+                o = outs[r]
+                src = send[r] if r == self._rank else recv.get(r, np.zeros(0, dtype=np.uint8))
+                _write(o, _from_bytes(src, o.dtype, o.shape))
+            if final is not None and final[0] is not final[1]:
+                _write(final[0], final[1])
+
+        result = [final[0]] if final is not None else list(outs)
+        return meta, run, result, _devices_of(result)
+
+    def gather(
+        self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None
+    ) -> FLTorrentWork:
+        opts = dist.GatherOptions() if opts is None else opts
+        root = int(opts.rootRank)
+
+        def build():
+            inp = _one(input_tensors, "gather")
+            if not 0 <= root < self._size:
+                raise UnsupportedError(f"gather: root {root} out of range")
+            outs: list[torch.Tensor] = []
+            if self._rank == root:
+                if len(output_tensors) != 1:
+                    raise UnsupportedError("gather: the root needs exactly one output list")
+                outs = list(output_tensors[0])
+                self._check_outputs("gather", outs, inp)
+            elif output_tensors and any(len(o) for o in output_tensors):
+                raise UnsupportedError("gather: only the root passes output tensors")
+            mine = _host_bytes(inp)
+            meta = _meta_tensors("gather", [inp], root=root)
+
+            def run(deadline, seq):
+                if self._rank != root:
+                    if mine.size:
+                        self._exchange({root: mine}, {}, self._tag(seq), deadline, f"gather #{seq}")
+                    return
+                recv = {r: np.empty(mine.size, dtype=np.uint8) for r in range(self._size) if r != root}
+                if mine.size:
+                    self._exchange({}, recv, self._tag(seq), deadline, f"gather #{seq}")
+                for r, o in enumerate(outs):
+                    _write(o, _from_bytes(mine if r == root else recv[r], o.dtype, o.shape))
+
+            return meta, run, outs, _devices_of([inp, *outs])
+
+        return self._collective("gather", build, opts)
+
+    def scatter(
+        self, output_tensors: list[torch.Tensor], input_tensors: list[list[torch.Tensor]], opts: Any = None
+    ) -> FLTorrentWork:
+        opts = dist.ScatterOptions() if opts is None else opts
+        root = int(opts.rootRank)
+
+        def build():
+            out = _one(output_tensors, "scatter")
+            if not 0 <= root < self._size:
+                raise UnsupportedError(f"scatter: root {root} out of range")
+            pieces: list[np.ndarray] = []
+            if self._rank == root:
+                if len(input_tensors) != 1:
+                    raise UnsupportedError("scatter: the root needs exactly one input list")
+                ins = list(input_tensors[0])
+                self._check_outputs("scatter", ins, out)
+                pieces = [_host_bytes(t) for t in ins]
+            elif input_tensors and any(len(i) for i in input_tensors):
+                raise UnsupportedError("scatter: only the root passes input tensors")
+            meta = _meta_tensors("scatter", [out], root=root)
+            nb = _nbytes(out)
+
+            def run(deadline, seq):
+                if self._rank == root:
+                    sends = {r: pieces[r] for r in range(self._size) if r != root}
+                    if nb:
+                        self._exchange(sends, {}, self._tag(seq), deadline, f"scatter #{seq}")
+                    _write(out, _from_bytes(pieces[root], out.dtype, out.shape))
+                else:
+                    buf = np.empty(nb, dtype=np.uint8)
+                    if nb:
+                        self._exchange({}, {root: buf}, self._tag(seq), deadline, f"scatter #{seq}")
+                    _write(out, _from_bytes(buf, out.dtype, out.shape))
+
+            return meta, run, [out], _devices_of([out])
+
+        return self._collective("scatter", build, opts)
+
+    def barrier(self, opts: Any = None) -> FLTorrentWork:
+        def build():
+            meta = _meta(0, "barrier")
+
+            def run(deadline, seq):
+                if self._size > 1:
+                    self._wait_reqs([self._coll.Ibarrier()], ["all"], deadline, f"barrier #{seq}")
+
+            return meta, run, [], ()
+
+        return self._collective("barrier", build, opts)
+
+    def monitored_barrier(self, timeout: timedelta | None = None, wait_all_ranks: bool = False) -> None:
+        """Rank 0 collects a token from every rank, then releases them; names the ranks that never came."""
+        limit = self._timeout_s if _unset_timeout(timeout) else timeout.total_seconds()
+        tag = self._tag_ub  # a tag user collectives never use (they stay < 32767)
+        tag = min(tag, 32767)
+
+        def run(deadline):
+            if self._size == 1:
+                return
+            tok = {r: np.zeros(1, dtype=np.uint8) for r in range(self._size)}
+            if self._rank == 0:
+                reqs = [self._p2p.Irecv(tok[r], source=r, tag=tag) for r in range(1, self._size)]
+                try:
+                    self._wait_reqs(reqs, list(range(1, self._size)), deadline, "monitored_barrier")
+                except PeerTimeoutError:
+                    missing = [r for r, q in zip(range(1, self._size), reqs) if q != self._MPI.REQUEST_NULL]
+                    shown = missing if wait_all_ranks else missing[:1]
+                    raise PeerTimeoutError(
+                        f"fltorrent monitored_barrier: rank(s) {shown} failed to pass the barrier within {limit:.1f}s"
+                    ) from None
+                rel = [self._p2p.Isend(tok[0], dest=r, tag=tag) for r in range(1, self._size)]
+                self._wait_reqs(rel, list(range(1, self._size)), deadline, "monitored_barrier release")
+            else:
+                self._wait_reqs([self._p2p.Isend(tok[self._rank], dest=0, tag=tag)], [0], deadline, "monitored_barrier")
+                self._wait_reqs(
+                    [self._p2p.Irecv(tok[0], source=0, tag=tag)],
+                    [0],
+                    deadline,
+                    "monitored_barrier release (rank 0 reported a missing rank or died)",
+                )
+
+        self._submit("monitored_barrier", run, [], limit).wait()
+
+    # ----------------------------------------------------------------- point-to-point
+
+    def _check_tag(self, tag: int, what: str) -> int:
+        if not 0 <= int(tag) < min(self._tag_ub, 32767):
+            raise UnsupportedError(f"{what}: tag {tag} must be in [0, 32767)")
+        return int(tag)
+
+    def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int = 0) -> FLTorrentWork:  # noqa: N803
+        t = _one(tensors, "send")
+        dst = int(dstRank)
+        if not 0 <= dst < self._size:
+            raise UnsupportedError(f"send: destination {dst} out of range for a group of {self._size}")
+        tag = self._check_tag(tag, "send")
+        buf = _host_bytes(t)
+        work = FLTorrentWork(f"send to {dst}", [t], (), limit_s=2 * self._timeout_s + 60)
+
+        def post(deadline):
+            req = self._p2p.Isend([buf, self._MPI.BYTE], dest=dst, tag=tag)
+            self._inflight.append(_P2P(req, work, deadline, f"send of {buf.size} B (tag {tag})", dst, buf))
+
+        return self._post(work, post)
+
+    def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int = 0) -> FLTorrentWork:  # noqa: N803
+        src = int(srcRank)
+        if not 0 <= src < self._size:
+            raise UnsupportedError(f"recv: source {src} out of range for a group of {self._size}")
+        return self._recv(tensors, src, tag)
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> FLTorrentWork:
+        return self._recv(tensors, -1, tag)
+
+    def _recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> FLTorrentWork:
+        t = _one(tensors, "recv")
+        tag = self._check_tag(tag, "recv")
+        direct = t.device.type == "cpu" and t.is_contiguous()
+        buf = _host_bytes(t) if direct else np.empty(_nbytes(t), dtype=np.uint8)
+        work = FLTorrentWork(
+            f"recv from {src if src >= 0 else 'any'}", [t], _devices_of([t]), limit_s=2 * self._timeout_s + 60
+        )
+
+        def done(status):
+            work._source = status.Get_source()
+            n = status.Get_count(self._MPI.BYTE)
+            if n != buf.size:
+                raise ShapeMismatchError(f"recv: got {n} bytes from rank {work._source}, expected {buf.size}")
+            if not direct:
+                _write(t, _from_bytes(buf, t.dtype, t.shape))
+
+        def post(deadline):
+            source = self._MPI.ANY_SOURCE if src < 0 else src
+            req = self._p2p.Irecv([buf, self._MPI.BYTE], source=source, tag=tag)
+            what = f"recv of {buf.size} B (tag {tag})"
+            self._inflight.append(_P2P(req, work, deadline, what, src if src >= 0 else "any", buf, done))
+
+        return self._post(work, post)
+
+    def _post(self, work: FLTorrentWork, post: Callable[[float], None]) -> FLTorrentWork:
+        """Queue the posting of a p2p op; completion is driven by the comm thread, never at post time."""
+        self._check_usable(work._name)
+
+        def run(deadline):
+            post(deadline)
+
+        self._q.put(_Job(work._name, run, None, self._timeout_s))
+        return work
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def shutdown(self) -> None:
+        """Finish queued work (bounded), stop the comm thread, free communicators and the engine; idempotent."""
+        if self._state in ("closed", "closing"):
+            return
+        if self._state == "running":
+            self._state = "closing"
+            self._q.put(_STOP)
+            self._thread.join(self._timeout_s + 5)
+        self._release()
+        self._state = "closed" if self._state != "aborted" else "aborted"
+
+    def abort(self) -> None:
+        """Fail all queued and in-flight work now and stop the comm thread; idempotent, never blocks long."""
+        if self._state in ("aborted", "closed"):
+            return
+        self._state = "aborted"
+        self._q.put(_STOP)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._fail_inflight(FLTorrentError(f"fltorrent group {self._label} was aborted"))
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job) and item.work is not None:
+                item.work._finish(FLTorrentError(f"fltorrent {item.name}: the group was aborted"))
+
+    def _release(self) -> None:
+        if self._thread.is_alive():
+            return  # still inside MPI; freeing its communicators under it would crash
+        for attr in ("_coll", "_p2p"):
+            c = getattr(self, attr, None)
+            if c is not None:
+                try:
+                    c.Free()
+                except Exception:  # noqa: BLE001 - MPI may already be finalized
+                    pass
+                setattr(self, attr, None)
+        if self._engine is not None:
+            try:
+                self._engine.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._engine = None
+        if self._owns_comm and self._comm is not None:
+            try:
+                self._comm.Free()
+            except Exception:  # noqa: BLE001
+                pass
+            self._comm = None
+
+
+# --------------------------------------------------------------------------------------------- internals
+
+
+class _Opts:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout = timedelta(seconds=timeout_s)
+
+
+class _LocalRound:
+    """RoundResult of a group of one (no engine needed)."""
+
+    def __init__(self, payload: np.ndarray, weight: float) -> None:
+        self.updates = [payload]
+        self.weights = np.array([weight], dtype=np.float64)
+        self.participants = np.array([0], dtype=np.int64)
+        self.stats = {"bytes_sent": 0, "bytes_recv": 0, "warmup_s": 0.0, "swarm_s": 0.0, "round_s": 0.0}
+
+
+def _make_engine(comm: Any, config: SwarmConfig) -> Any:
+    if _engine_factory is not None:
+        return _engine_factory(comm, config)
+    from .engine import SwarmEngine  # lazy: backend.py imports before the engine exists
+
+    return SwarmEngine(comm, config)
+
+
+def _meta(
+    seq: int,
+    name: str,
+    *,
+    rejected: bool = False,
+    dtype: int = 0,
+    numel: int = 0,
+    shape: Sequence[int] = (),
+    root: int = -1,
+    redop: int = -1,
+    crc: int = 0,
+) -> np.ndarray:
+    m = np.full(_META_W, -1, dtype=np.int64)
+    m[0], m[1], m[2], m[3] = _MAGIC, seq, _OPCODE[name], int(rejected)
+    m[4], m[5], m[6] = dtype, numel, len(shape)
+    for i, d in enumerate(list(shape)[:6]):
+        m[7 + i] = d
+    m[13], m[14], m[15] = crc, root, redop
+    return m
+
+
+def _meta_tensors(name: str, ts: Sequence[torch.Tensor], *, root: int = -1, redop: int = -1) -> np.ndarray:
+    if len(ts) == 1:
+        t = ts[0]
+        shape = tuple(t.shape)
+        return _meta(
+            0,
+            name,
+            dtype=_DTYPE_CODE[t.dtype],
+            numel=t.numel(),
+            shape=shape,
+            root=root,
+            redop=redop,
+            crc=zlib.crc32(repr(shape).encode()),
+        )
+    desc = repr([(str(t.dtype), tuple(t.shape)) for t in ts]).encode()
+    return _meta(
+        0,
+        name,
+        dtype=zlib.crc32(desc),
+        numel=sum(t.numel() for t in ts),
+        shape=(len(ts),),
+        root=root,
+        redop=redop,
+        crc=zlib.crc32(desc[::-1]),
+    )
+
+
+def _decode(field: int, v: int) -> str:
+    if field == 2:
+        return _OP_NAMES[v - 1] if 1 <= v <= len(_OP_NAMES) else str(v)
+    if field == 4:
+        return str(_DTYPES[v - 1]) if 1 <= v <= len(_DTYPES) else str(v)
+    if field == 15 and v >= 0:
+        return _RED(v).name
+    return str(v)
+
+
+def _splits(t: torch.Tensor, splits: Sequence[int] | None, n: int, what: str) -> list[int]:
+    rows = t.shape[0] if t.dim() else 0
+    if splits is None or len(splits) == 0:
+        if rows % n:
+            raise ShapeMismatchError(f"all_to_all_single: {what} dim 0 ({rows}) is not divisible by {n}")
+        return [rows // n] * n
+    s = [int(x) for x in splits]
+    if len(s) != n or any(x < 0 for x in s) or sum(s) != rows:
+        raise ShapeMismatchError(f"all_to_all_single: {what} splits {s} do not cover dim 0 ({rows}) for {n} ranks")
+    return s
+
+
+_SPIN = int(os.environ.get("FLTORRENT_POLL_SPIN", "200"))  # Test calls with only a yield between them
+
+
+def _pause(idle: int) -> None:
+    """Between two MPI Tests: yield the core first (ranks may share cores), then back off to 1 ms."""
+    if idle <= _SPIN:
+        time.sleep(0)
+    else:
+        time.sleep(min(1e-3, 1e-5 * 2 ** min(idle - _SPIN, 7)))
+
+
+def _cancel(req: Any) -> None:
+    """Cancel a pending receive (best effort, on the failure path only)."""
+    try:
+        req.Cancel()
+        req.Wait()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _p2p_error(op: _P2P, e: Exception) -> Exception:
+    msg = str(e)
+    if "TRUNCATE" in msg.upper() or "truncat" in msg:
+        return ShapeMismatchError(f"fltorrent {op.what} from rank {op.peer}: message longer than the buffer")
+    return FLTorrentError(f"fltorrent {op.what} with rank {op.peer}: {msg}")
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """Stop comm threads before mpi4py finalizes MPI (atexit runs this first: registered later)."""
+    for pg in list(_LIVE_GROUPS):
+        try:
+            pg.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------------------------- benchmark hook
+
+
+def bench_backend_allgather(nbytes: int, iters: int = 20, *, warmup: int = 1, group: Any = None) -> float:
+    """Seconds per `dist.all_gather_into_tensor` through the fltorrent backend (max over ranks, mean of iters).
+
+    nbytes is the per-rank input size (MPI_Allgather's sendcount in bytes; nccl-tests' size = nbytes * world).
+    Collective; initialises the default group with "fltorrent" when torch.distributed is not initialised.
+    """
+    if not dist.is_initialized():
+        register_backend()
+        dist.init_process_group(BACKEND_NAME)
+    pg = group if group is not None else dist.group.WORLD
+    if dist.get_backend(pg) != BACKEND_NAME:
+        pg = dist.new_group(backend=BACKEND_NAME)
+    n = dist.get_world_size(pg)
+    inp = torch.full((int(nbytes),), dist.get_rank(pg) % 251, dtype=torch.uint8)
+    out = torch.empty(n * int(nbytes), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # 2.13 prefers the name all_gather_single
+        for _ in range(warmup):
+            dist.all_gather_into_tensor(out, inp, group=pg)
+        dist.barrier(group=pg)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            dist.all_gather_into_tensor(out, inp, group=pg)
+    dt = torch.tensor([(time.perf_counter() - t0) / max(iters, 1)], dtype=torch.float64)
+    dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=pg)
+    return float(dt.item())

@@ -1,0 +1,221 @@
+"""`fedavg_`: one federated round in place: pack -> swarm -> verify -> weighted FedAvg -> write back.
+
+    report = fltorrent_hpc.fedavg_(model, weight=n_local_samples)
+
+Every rank packs its tensors by the layout table (layout.py), publishes the bytes with its FedAvg weight,
+and the engine swarms them; with consensus every rank ends with the same reconstructable set A.  Each rank
+then runs the project's FedAvg kernels (kernels.py) on the tensors' own device:
+
+    acc = sum over i in A, in rank order, of fl32(fl32(w_i) * x_i)        (fp32 accumulator)
+    x   = dtype(fl32(acc / fl32(sum_{i in A} w_i)))
+
+Same bytes, same order, same ops: bit-identical on all ranks, CPU or GPU.  A peer that stays silent (or
+misses the deadline) is simply not in A; the others are averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import FLTorrentError, IntegrityError
+from .layout import Layout
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # kernels.ACC_DTYPES: accumulated in fp32
+_STANDALONE: dict[str, Any] = {}
+
+
+@dataclass
+class FedAvgReport:
+    """What one round did: who was averaged, with which weights, bytes moved and where the time went."""
+
+    participants: list[int]
+    weights: list[float]
+    nbytes: int
+    bytes_sent: int
+    bytes_recv: int
+    warmup_s: float
+    swarm_s: float
+    round_s: float
+    applied: bool = True  # False only on a rank that went silent and could not rebuild the agreed set
+    stats: dict = field(default_factory=dict, repr=False)
+
+
+def fedavg_(
+    model_or_tensors: torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[torch.Tensor],
+    weight: float = 1.0,
+    group: Any = None,
+    deadline: float | None = None,
+    privacy: str | frozenset | None = "full",
+    *,
+    buffers: bool = True,
+    silent: bool = False,
+    timeout: float | None = None,
+) -> FedAvgReport:
+    """Replace every tensor by the weighted FedAvg over the agreed set of peers; collective over `group`.
+
+    model_or_tensors: a Module (parameters, plus fp32/fp16/bf16 buffers when `buffers`), a name->tensor
+        mapping, or an iterable of tensors, all on one device; dtypes fp32, fp16, bf16 (cast fp64 to fp32).
+    weight: this peer's FedAvg weight (e.g. its sample count), >= 0 and finite.
+    group: an "fltorrent" process group; None = the default group, or, when torch.distributed is not
+        initialised, a private group over MPI COMM_WORLD.
+    deadline: wall-clock seconds for the swarm; peers not reconstructed by then are left out of A.
+    privacy: "full", "none", "spray,lags", ... (PAPER.md privacy mechanisms).
+    silent: fault injection for tests: this rank stops serving mid-round; the others average without it.
+        The silent rank itself usually cannot rebuild their set: it then keeps its tensors and gets a report
+        with applied=False.
+    timeout: bound on every wait of the round (default: the group's timeout).
+    """
+    pg = _resolve_group(group)
+    try:  # a bad argument on one rank must not leave the others waiting: swarm_round tells them
+        named = _named_tensors(model_or_tensors, buffers)
+        w = float(weight)
+        if not np.isfinite(w) or w < 0:
+            raise FLTorrentError(f"fedavg_: weight must be finite and >= 0, got {weight}")
+        layout = Layout.from_tensors(named)
+        tensors = [t for _, t in named]
+        device = layout.check_tensors(tensors)
+        payload = _pack(tensors, layout)
+    except Exception as e:
+        pg.swarm_round(np.zeros(0, dtype=np.uint8), reject=e, timeout_s=timeout)
+        raise
+
+    def average(res: Any) -> FedAvgReport:  # on the comm thread, while the engine's buffers are valid
+        parts = [int(r) for r in np.asarray(res.participants).tolist()]
+        weights = np.asarray(res.weights, dtype=np.float64)
+        st = dict(res.stats or {})
+        report = FedAvgReport(
+            participants=parts,
+            weights=[float(x) for x in weights],
+            nbytes=layout.total_bytes,
+            bytes_sent=int(st.get("bytes_sent", 0)),
+            bytes_recv=int(st.get("bytes_recv", 0)),
+            warmup_s=float(st.get("warmup_s", 0.0)),
+            swarm_s=float(st.get("swarm_s", 0.0)),
+            round_s=float(st.get("round_s", 0.0)),
+            stats=st,
+        )
+        if (silent or st.get("silent")) and not parts:
+            report.applied = False  # it stopped serving mid-round, so it lacks the others' updates
+            return report
+        for r in parts:
+            u = res.updates[r]
+            if u is None or u.size != layout.total_bytes:
+                raise IntegrityError(
+                    f"fedavg_: participant {r}'s update is {None if u is None else u.size} bytes, "
+                    f"expected {layout.total_bytes}"
+                )
+        total = float(sum(weights[r] for r in parts))
+        if not parts or total <= 0:
+            raise FLTorrentError(
+                f"fedavg_: nothing to average (participants {parts}, total weight {total}); every rank raises this"
+            )
+        _average_into(tensors, layout, device, [(res.updates[r], float(weights[r])) for r in parts], total)
+        return report
+
+    return pg.swarm_round(
+        payload,
+        weight=w,
+        privacy=privacy,
+        deadline_s=deadline,
+        silent=silent,
+        timeout_s=timeout,
+        digest=layout.fingerprint,
+        consume=average,
+    )
+
+
+def _named_tensors(obj: Any, buffers: bool) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.nn.Module):
+        named = [(n, p) for n, p in obj.named_parameters()]
+        if buffers:
+            named += [(n, b) for n, b in obj.named_buffers() if b.dtype in _FLOATS]
+    elif isinstance(obj, Mapping):
+        named = [(str(k), v) for k, v in obj.items()]
+    elif isinstance(obj, torch.Tensor):
+        named = [("0", obj)]
+    else:
+        named = [(str(i), t) for i, t in enumerate(obj)]
+    for n, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise FLTorrentError(f"fedavg_: {n!r} is {type(t).__name__}, not a tensor")
+        if t.dtype not in _FLOATS:
+            raise FLTorrentError(
+                f"fedavg_: {n!r} has dtype {t.dtype}; FedAvg accumulates fp32, fp16 or bf16 in fp32 "
+                "(cast fp64 to fp32, leave integer buffers out)"
+            )
+        if t.layout != torch.strided or t.device.type not in ("cpu", "cuda"):
+            raise FLTorrentError(f"fedavg_: {n!r} must be a dense cpu or cuda tensor")
+    return named
+
+
+def _resolve_group(group: Any) -> Any:
+    import torch.distributed as dist
+
+    from .backend import FLTorrentProcessGroup
+
+    if group is None:
+        if dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        else:
+            group = _standalone_group()
+    if not isinstance(group, FLTorrentProcessGroup):
+        raise FLTorrentError(
+            f"fedavg_ needs an 'fltorrent' process group, got {type(group).__name__}; "
+            "use dist.init_process_group('fltorrent') or dist.new_group(backend='fltorrent')"
+        )
+    return group
+
+
+def _standalone_group() -> Any:
+    """A private group over MPI COMM_WORLD for scripts that never initialise torch.distributed (collective)."""
+    if "pg" not in _STANDALONE:
+        from mpi4py import MPI
+
+        from .backend import FLTorrentProcessGroup
+        from .config import SwarmConfig
+
+        cfg = SwarmConfig.from_env()
+        _STANDALONE["pg"] = FLTorrentProcessGroup(MPI.COMM_WORLD, timeout_s=cfg.timeout_s, config=cfg, name="fedavg")
+    return _STANDALONE["pg"]
+
+
+def _pack(tensors: list[torch.Tensor], layout: Layout) -> np.ndarray:
+    """Host uint8 payload in the layout's canonical form, packed on the tensors' device by kernels.py."""
+    from .kernels import pack_segments
+
+    if layout.total_bytes == 0:
+        return np.zeros(0, dtype=np.uint8)
+    flat = pack_segments([t.detach() for t in tensors], layout)
+    return flat.cpu().numpy()  # D2H for CUDA tensors (synchronous: ready when it returns)
+
+
+def _average_into(
+    tensors: list[torch.Tensor],
+    layout: Layout,
+    device: torch.device,
+    updates: list[tuple[np.ndarray, float]],
+    total: float,
+) -> None:
+    """The FedAvg of the module docstring: accumulate whole updates in rank order, then finalize in place."""
+    from .kernels import accumulate_, finalize_fedavg_
+
+    if layout.total_bytes == 0:
+        return
+    acc = torch.zeros(layout.numel, dtype=torch.float32, device=device)
+    C = layout.total_bytes  # one chunk per update: a multiple of 16, so no element straddles
+    for u, w in updates:
+        src = torch.from_numpy(_writable(u)).to(device)
+        accumulate_(acc, [0], src, w, layout, C)
+    with torch.no_grad():
+        finalize_fedavg_(acc, total, tensors, layout)
+    if device.type == "cuda":  # this runs on the comm thread: finish before the caller's stream uses the tensors
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.writeable else a.copy()
