@@ -149,6 +149,7 @@ class SwarmConfig:
     deadline_s: float = 0.0  # wall-clock deadline of a real round; 0 = none (only timeout_s)
     timeout_s: float = 300.0  # bound on every distributed wait
     stage_timeout_s: float = 30.0  # a peer silent this long within a stage is excluded from the round
+    integrity: str = "hash"  # "hash": check every chunk against its descriptor hash; "none": trust the fabric
     consensus: bool = True  # agree on A = intersection of A_v so every rank holds the same result
     # real transport
     tracker_rank: int = 0
@@ -176,6 +177,7 @@ class SwarmConfig:
             (self.slot_seconds > 0, "slot_seconds must be > 0"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
             (self.stage_timeout_s > 0, "stage_timeout_s must be > 0"),
+            (self.integrity in ("hash", "none"), "integrity must be 'hash' or 'none'"),
             (self.deadline_stages >= 0 and self.warmup_deadline_stages >= 0, "deadlines must be >= 0"),
         ]
         for ok, msg in checks:

@@ -135,6 +135,7 @@ class SwarmRound:
         self.warmup_failed_open = False
         self.warmup_deadline = config.warmup_deadline_stages or 0
         self.releases = 0
+        self.round_start = 0  # first stage after the pre-round spray; lags count from here
         self._refresh_windows()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -146,6 +147,7 @@ class SwarmRound:
         n, K = self.n, self.K
         sigma = int(np.floor(self.cfg.spray_ratio * K + 1e-9))
         non_nbr = n - 1 - self.deg
+        self.spray_to_neighbours = 0
         if sigma == 0 or K == 0 or n < 2:
             return self._empty_plan()
         owners = np.repeat(np.arange(n), sigma)
@@ -154,14 +156,17 @@ class SwarmRound:
         keys = rng.uniform(self.seed, rng.SPRAY, np.arange(n)[:, None], np.arange(K)[None, :])
         pick = np.argsort(keys, axis=1)[:, :sigma]
         chunk = owners * K + pick.reshape(-1)
-        # recipient: uniform over non-neighbours (index into the sorted complement of N(u) u {u})
-        ok = non_nbr[owners] > 0
-        idx = rng.below(np.maximum(non_nbr[owners], 1), self.seed, rng.SPRAY, owners, slot, 1)
+        # recipient: uniform over non-neighbours (index into the sorted complement of N(u) u {u}); an owner
+        # adjacent to everyone (small swarms) sprays to random other peers instead, and is counted
+        self.spray_to_neighbours = int(np.count_nonzero(non_nbr == 0))
+        pool = np.where(non_nbr > 0, non_nbr, n - 1)[owners]
+        idx = rng.below(np.maximum(pool, 1), self.seed, rng.SPRAY, owners, slot, 1)
         recv = np.full(owners.size, -1, dtype=np.int64)
-        for u in np.unique(owners[ok]):
+        for u in np.unique(owners):
             excl = np.zeros(n, dtype=bool)
-            excl[self.nbr[u][self.nbr[u] < n]] = True
             excl[u] = True
+            if non_nbr[u] > 0:
+                excl[self.nbr[u][self.nbr[u] < n]] = True
             comp = np.flatnonzero(~excl)
             sel = owners == u
             recv[sel] = comp[idx[sel]]
@@ -261,6 +266,8 @@ class SwarmRound:
             plan = self.spray["sender"] * self.N + self.spray["chunk"]
             keep = ~np.isin(plan, sent)
             self.spray = {k: v[keep] for k, v in self.spray.items()}
+            if self.spray["sender"].size == 0:
+                self.round_start = self.stage + 1
         self.stage += 1
         if self.phase == WARMUP:
             self._refresh_windows()
@@ -315,7 +322,8 @@ class SwarmRound:
 
     def gated_release(self) -> tuple[np.ndarray, np.ndarray]:
         """Gated start (DESIGN.md): every gated, sending-capable owner releases one owner chunk."""
-        can = self.active[: self.n] & ~self.gate_open & (self.lag <= self.stage) & (self.win < 0).all(axis=1)
+        can = self.active[: self.n] & ~self.gate_open & (self.lag + self.round_start <= self.stage)
+        can &= (self.win < 0).all(axis=1)
         peers, chunks = [], []
         for u in np.flatnonzero(can):
             got = self._fill_window(int(u), 1)

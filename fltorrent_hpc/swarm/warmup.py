@@ -36,7 +36,7 @@ class StageBudget:
         self.tau_left = np.full(n + 1, rnd.cfg.tau, dtype=np.int64)
         self.served = np.zeros((n + 1, rnd.nbr.shape[1]), dtype=bool)  # [sender, receiver slot] this stage
         self.can_send = np.zeros(n + 1, dtype=bool)
-        self.can_send[:n] = act & (rnd.lag <= rnd.stage)
+        self.can_send[:n] = act & (rnd.lag + rnd.round_start <= rnd.stage)
         self.sent = np.zeros(0, dtype=np.int64)  # sender*N + chunk
         self.pending = np.zeros(0, dtype=np.int64)  # receiver*N + chunk
         self.n, self.N = n, rnd.N
@@ -93,23 +93,19 @@ def _candidates(rnd: SwarmRound, b: StageBudget, p: int, fill: bool) -> tuple[np
     t = cumcount(rows)
     j = rng.below(rnd.deg[rows], rnd.seed, rng.WARMUP, rnd.stage, p, rows, t)
     w = rnd.nbr[rows, j].astype(np.int64)
-    own = 0 if rnd.gating else K
-    total = rnd.rlen[w] + own
+    # origin-oblivious: a neighbour's eligible buffer is its relayed chunks plus its eligible own chunks (the
+    # window under gating, all K without), and a draw lands on an own chunk with probability O/B
+    win = -np.sort(-rnd.win, axis=1)  # filled window slots first
+    own = (win >= 0).sum(axis=1) if rnd.gating else np.full(n, K)
+    total = rnd.rlen[w] + own[w]
     pos = rng.below(np.maximum(total, 1), rnd.seed, rng.WARMUP, rnd.stage, p, rows, t, 1)
     from_list = pos < rnd.rlen[w]
-    c = np.where(from_list, rnd.rlist[w, np.minimum(pos, rnd.rlist.shape[1] - 1)], w * K + (pos - rnd.rlen[w]))
+    k_own = pos - rnd.rlen[w]
+    own_chunk = win[w, np.clip(k_own, 0, win.shape[1] - 1)] if rnd.gating else w * K + k_own
+    c = np.where(from_list, rnd.rlist[w, np.minimum(pos, rnd.rlist.shape[1] - 1)], own_chunk)
     valid = total > 0
     v = rows[valid]
     c = c[valid]
-    if rnd.gating:  # owners' released window chunks are always offered
-        nb = rnd.nbr[recv]
-        wins = rnd.win[np.minimum(nb, n - 1)]  # [R, D, kappa]
-        wins = np.where((nb < n)[..., None], wins, -1)
-        vv = np.broadcast_to(recv[:, None, None], wins.shape).reshape(-1)
-        ww = wins.reshape(-1)
-        keep = ww >= 0
-        v = np.concatenate([v, vv[keep]])
-        c = np.concatenate([c, ww[keep]])
     ok = (c >= 0) & ~rnd.have[v, np.maximum(c, 0)]
     v, c = v[ok], c[ok]
     code = v * N + c
@@ -229,8 +225,21 @@ def warmup_stage(rnd: SwarmRound) -> Stage:
     """Spray items first (they ride in the owners' budgets), then the scheduler fills what is left."""
     b = StageBudget(rnd)
     col = _Collector()
-    _spray(rnd, b, col)
-    n_spray = len(col)
+    if rnd.spray["sender"].size:  # pre-round spray: the round proper (and the lag clock) starts after it
+        _spray(rnd, b, col)
+        s, r, c, kind, owned, buf = col.arrays()
+        return Stage(
+            index=rnd.stage,
+            phase=WARMUP,
+            sender=s,
+            receiver=r,
+            chunk=c,
+            kind=kind,
+            sender_owned=owned,
+            sender_buffer=buf,
+            capacity=rnd.capacity(),
+        )
+    n_spray = 0
     snap = b.copy() if rnd.compute_maxflow else None
     _schedule(rnd, b, col)
     rel_p = rel_c = np.zeros(0, np.int64)
