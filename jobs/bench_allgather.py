@@ -15,6 +15,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         pay = pattern(ME, size)
         out = np.empty((N, size), dtype=np.uint8)
         cases = {
-            "mpi_allgather": lambda: mpi_allgather(COMM, pay, out, 600),
-            "ring": lambda: ring_allgather(COMM, pay, out, 600),
+            "mpi_allgather": partial(mpi_allgather, COMM, pay, out, 600),
+            "ring": partial(ring_allgather, COMM, pay, out, 600),
         }
         for name, eng in engines.items():
-            cases[name] = lambda e=eng: e.disseminate(pay, out=out)
+            cases[name] = partial(eng.disseminate, pay, out=out)
         res = {}
         for name, fn in cases.items():
             out[:] = 0
@@ -135,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         eng = SwarmEngine(COMM, base.replace(privacy="full", uplink=up, slot_seconds=0.25))
         eng_none = SwarmEngine(COMM, base.replace(privacy="none", uplink=up, slot_seconds=0.25))
         cases = {
-            "ring_paced": lambda: ring_allgather(COMM, pay, out, 600, uplink=up),
-            "swarm_none_paced": lambda: eng_none.disseminate(pay, out=out),
-            "swarm_full_paced": lambda: eng.disseminate(pay, out=out),
+            "ring_paced": partial(ring_allgather, COMM, pay, out, 600, uplink=up),
+            "swarm_none_paced": partial(eng_none.disseminate, pay, out=out),
+            "swarm_full_paced": partial(eng.disseminate, pay, out=out),
         }
         res = {}
         for name, fn in cases.items():
