@@ -105,6 +105,17 @@ def test_paced_multi_stage_round_matches_simulator(tmp_path_factory):
         ok &= sorted(map(tuple, np.array(sim).tolist())) == sorted(map(tuple, np.array(real).tolist()))
         ok &= tr.attrs["stages"] > 1
         ok &= read_trace(path).attrs["source"] == "mpi"
+        # the privacy evaluation reads a real round's merged trace with the same command as a simulated one
+        import json
+
+        from fltorrent_hpc.cli import main as fltorrent_main
+        from fltorrent_hpc.trace import write_trace
+
+        merged = path + ".merged.h5"
+        write_trace(merged, tr)
+        ok &= fltorrent_main(["attack", merged, "--json", merged + ".json"]) == 0
+        js = json.loads(open(merged + ".json").read())
+        ok &= {"sequence", "count", "cluster"} <= set(js["asr_max"]) and "eq1_violations" in js
     eng.close()
     assert agree(ok)
 
