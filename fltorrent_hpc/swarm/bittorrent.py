@@ -78,7 +78,7 @@ def _bt_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, choked: n
     c = c.astype(np.int64)
     ok = c >= 0
     v, c = v[ok], c[ok]
-    ok = ~rnd.have[v, c]
+    ok = ~rnd.holds(v, c)
     v, c = v[ok], c[ok]
     code = v * N + c
     ok = first_occurrence(code)
@@ -86,7 +86,7 @@ def _bt_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, choked: n
         ok &= ~member(code, b.pending)
     v, c = v[ok], c[ok]
     w = rnd.nbr[v].astype(np.int64)
-    hold = rnd.have[w, c[:, None]]
+    hold = rnd.holds(w, c[:, None])
     feas = hold & b.can_send[w] & (b.up_left[w] > 0) & ~choked[v]
     anyf = feas.any(axis=1)
     got = np.bincount(v[anyf], minlength=n)[rs]

@@ -106,7 +106,7 @@ def _candidates(rnd: SwarmRound, b: StageBudget, p: int, fill: bool) -> tuple[np
     valid = total > 0
     v = rows[valid]
     c = c[valid]
-    ok = (c >= 0) & ~rnd.have[v, np.maximum(c, 0)]
+    ok = (c >= 0) & ~rnd.holds(v, np.maximum(c, 0))
     v, c = v[ok], c[ok]
     code = v * N + c
     ok = first_occurrence(code)
