@@ -67,16 +67,20 @@ def parse_rate(text: str | int | float) -> float:
     s = text.strip()
     m = re.fullmatch(_NUM + r"\s*([a-zA-Z]+)/s", s)
     if m:
-        return float(parse_bytes(m.group(1) + m.group(2)))
+        v = float(parse_bytes(m.group(1) + m.group(2)))
+        if v <= 0:
+            raise ConfigError(f"rate must be > 0, got {text!r}")
+        return v
     m = re.fullmatch(_NUM + r"\s*([a-zA-Z]*)", s)
     if not m:
         raise ConfigError(f"cannot parse rate {text!r}; use e.g. 10Gbps, 25.3Mbps or 100MB/s")
     unit = m.group(2).lower()
-    if unit == "":
-        return float(m.group(1))
-    if unit not in _RATE_UNITS:
+    if unit and unit not in _RATE_UNITS:
         raise ConfigError(f"cannot parse rate {text!r}; units: bps, Kbps, Mbps, Gbps or <size>/s")
-    return float(m.group(1)) * _RATE_UNITS[unit] / 8.0
+    v = float(m.group(1)) * (_RATE_UNITS[unit] / 8.0 if unit else 1.0)
+    if v <= 0:
+        raise ConfigError(f"rate must be > 0, got {text!r}")
+    return v
 
 
 def parse_range(text: str | tuple | list, parse=parse_rate) -> tuple[float, float]:
@@ -207,7 +211,10 @@ class SwarmConfig:
                 elif f.name == "privacy":
                     changes[f.name] = parse_privacy(raw)
                 elif isinstance(cur, bool):
-                    changes[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    word = raw.strip().lower()
+                    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                        raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+                    changes[f.name] = word in ("1", "true", "yes", "on")
                 elif isinstance(cur, int):
                     changes[f.name] = int(raw)
                 elif isinstance(cur, float):

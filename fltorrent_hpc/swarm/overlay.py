@@ -100,7 +100,12 @@ class Overlay:
         return float(max(abs(largest[0]), abs(smallest)))
 
     def repair(self, departed: np.ndarray, seed: int, degree: int | None = None) -> Overlay:
-        """Drop departed peers' edges and re-wire survivors back up to `degree` (default: target degree)."""
+        """Drop departed peers' edges and re-wire survivors back up to `degree` (default: target degree).
+
+        Survivors keep every edge they had (no churn among them); deficient survivors are paired first, and a
+        survivor whose deficient partners are all adjacent already joins the least-loaded survivor, so
+        degrees end in [d, d+1] (exact d-regularity could require dropping survivors' edges).
+        """
         d = degree or self.target_degree
         gone = np.zeros(self.n, dtype=bool)
         gone[np.asarray(departed, dtype=np.int64)] = True
@@ -116,12 +121,14 @@ class Overlay:
             if not low:
                 break
             u = low[int(gen.integers(len(low)))]
-            cands = [v for v in low if v != u and not g.has_edge(u, v)]
-            if not cands:  # fall back to any survivor not yet adjacent
-                cands = [v for v in alive.tolist() if v != u and not g.has_edge(u, v)]
-            if not cands:
-                break
-            g.add_edge(u, cands[int(gen.integers(len(cands)))])
+            partners = [v for v in low if v != u and not g.has_edge(u, v)]
+            if not partners:  # every deficient peer is already adjacent: use the least-loaded other survivor
+                others = [v for v in alive.tolist() if v != u and not g.has_edge(u, v)]
+                if not others:
+                    break
+                least = min(g.degree(v) for v in others)
+                partners = [v for v in others if g.degree(v) == least]
+            g.add_edge(u, partners[int(gen.integers(len(partners)))])
         out = Overlay(self.n, np.array(list(g.edges()), dtype=np.int32).reshape(-1, 2), self.kind, self.target_degree)
         if self.kind == "expander":
             out.lambda2 = out.second_eigenvalue(alive)

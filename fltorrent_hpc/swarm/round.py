@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import SwarmConfig
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
 from . import rng
 from .overlay import Overlay, build_overlay
 
@@ -84,7 +84,7 @@ class SwarmRound:
         self.up = np.asarray(up_budget, dtype=np.int64).reshape(n)
         self.down = np.asarray(down_budget, dtype=np.int64).reshape(n)
         if np.any(self.up < 1) or np.any(self.down < 1):
-            raise ValueError(
+            raise ConfigError(
                 "every peer needs an upload and download budget of >= 1 chunk per slot; "
                 "use a longer slot or a smaller chunk"
             )
@@ -124,7 +124,6 @@ class SwarmRound:
         self.gate_open = np.zeros(n, dtype=bool)
         keys = rng.uniform(self.seed, rng.RELEASE, np.arange(n)[:, None], np.arange(K)[None, :])
         self.release_order = (np.argsort(keys, axis=1) + (np.arange(n) * K)[:, None]).astype(np.int64)
-        self.release_ptr = np.zeros(n, dtype=np.int64)
         # warm-up relay lists: non-owner chunks each peer received (append-only), for candidate sampling
         cap = int(min(self.N, self.k + 4 * int(self.down.max()) + 64))
         self.rlist = np.full((n, max(cap, 1)), -1, dtype=np.int64)
@@ -312,23 +311,18 @@ class SwarmRound:
             self._fill_window(int(u), self.kappa)
 
     def _fill_window(self, u: int, limit: int) -> list[int]:
-        """Put up to `limit` unreplicated own chunks of u into its window; returns the chunks added."""
-        added: list[int] = []
+        """Put up to `limit` unreplicated own chunks of u into its window, in u's seeded release order.
+
+        Searched afresh each time: a chunk whose only copy left with a departed peer is unreplicated again.
+        """
         slots = np.flatnonzero(self.win[u] < 0)[:limit]
+        if slots.size == 0:
+            return []
         order = self.release_order[u]
-        p = int(self.release_ptr[u])
-        for sl in slots:
-            while p < self.K and (self.holders[order[p]] >= 2 or self.in_window[order[p]]):
-                p += 1
-            if p >= self.K:
-                break
-            ch = int(order[p])
-            self.win[u, sl] = ch
-            self.in_window[ch] = True
-            added.append(ch)
-            p += 1
-        self.release_ptr[u] = p
-        return added
+        free = order[(self.holders[order] < 2) & ~self.in_window[order]][: slots.size]
+        self.win[u, slots[: free.size]] = free
+        self.in_window[free] = True
+        return [int(x) for x in free]
 
     def gated_release(self) -> tuple[np.ndarray, np.ndarray]:
         """Gated start (DESIGN.md): every gated, sending-capable owner releases one owner chunk."""
@@ -358,6 +352,13 @@ class SwarmRound:
             self.win[u] = -1
         if repair:
             self.overlay = self.overlay.repair(np.flatnonzero(~self.active[: self.n]), self.seed + self.stage)
+            # a pending spray item whose recipient became a neighbour would no longer hide the first hop
+            sp = self.spray
+            if sp["sender"].size:
+                keep = ~self.overlay.has_edge(sp["sender"], sp["receiver"])
+                self.spray = {k: v[keep] for k, v in sp.items()}
+                if self.spray["sender"].size == 0:
+                    self.round_start = self.stage
             old_nbr = self.nbr
             self.nbr = self.overlay.nbr
             self.deg = self.overlay.degree

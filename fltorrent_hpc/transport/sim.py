@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..config import SwarmConfig, privacy_label
+from ..errors import ConfigError
 from ..swarm import SwarmRound, rng
 from ..swarm.round import BT, WARMUP
 from ..trace import Trace
@@ -73,7 +74,7 @@ def simulate(
     up_rate, down_rate = draw_links(peers, uplink, downlink, config.seed)
     ub, db = budgets(up_rate, C, config.slot_seconds), budgets(down_rate, C, config.slot_seconds)
     if np.any(ub < 1) or np.any(db < 1):
-        raise ValueError(
+        raise ConfigError(
             f"a link of {min(up_rate.min(), down_rate.min()):.0f} B/s moves less than one {C}-byte chunk per "
             f"{config.slot_seconds}s slot; raise --slot-seconds or lower --chunk-bytes"
         )
