@@ -562,6 +562,8 @@ class _Tracker:
                     phase=st.kind,
                     sender_owned=st.sender_owned,
                     sender_buffer=st.sender_buffer,
+                    bytes=np.minimum((st.chunk % rnd.K + 1) * cfg.chunk_bytes, self.peer.nbytes)
+                    - (st.chunk % rnd.K) * cfg.chunk_bytes,
                     ok=d,
                 )
             tr.add_stage(
