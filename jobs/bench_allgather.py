@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--emulate-sizes", default="64MiB", help="sizes for the paced heterogeneous-link section")
     ap.add_argument("--emulate-base", default="400Mbps", help="slowest uplink; others up to 4x")
     ap.add_argument("--emulate-iters", type=int, default=3)
+    ap.add_argument("--emulate-slot", type=float, default=0.25, help="slot seconds of the paced swarm")
+    ap.add_argument("--emulate-chunk-bytes", default="1MiB", help="finer chunks balance uneven links")
     ap.add_argument("--backend", action="store_true", help="add dist.all_gather_into_tensor via the backend")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
@@ -133,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in [parse_bytes(s) for s in a.emulate_sizes.split(",") if s]:
         pay = pattern(ME, size)
         out = np.empty((N, size), dtype=np.uint8)
-        eng = SwarmEngine(COMM, base.replace(privacy="full", uplink=up, slot_seconds=0.25))
-        eng_none = SwarmEngine(COMM, base.replace(privacy="none", uplink=up, slot_seconds=0.25))
+        paced = base.replace(uplink=up, slot_seconds=a.emulate_slot, chunk_bytes=parse_bytes(a.emulate_chunk_bytes))
+        eng = SwarmEngine(COMM, paced.replace(privacy="full"))
+        eng_none = SwarmEngine(COMM, paced.replace(privacy="none"))
         cases = {
             "ring_paced": partial(ring_allgather, COMM, pay, out, 600, uplink=up),
             "swarm_none_paced": partial(eng_none.disseminate, pay, out=out),

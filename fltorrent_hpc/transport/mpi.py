@@ -104,22 +104,23 @@ def check_header(msg: np.ndarray, round_id: int, kind: int, src: int) -> None:
 
 
 class Pacer:
-    """Token bucket at `rate` bytes/s (0 = unpaced): emulates a link on one machine at a scaled-down rate."""
+    """Token bucket at `rate` bytes/s (0 = unpaced): emulates a link on one machine at a scaled-down rate.
 
-    def __init__(self, rate: float, burst: float = 0.0):
+    Store-and-forward: a message is handed to MPI when its last byte would have left the emulated link, so
+    it cannot arrive before start + nbytes/rate, and the next message queues behind it.
+    """
+
+    def __init__(self, rate: float):
         self.rate = float(rate)
-        self.burst = float(burst)
-        self.t = time.monotonic()
+        self.free = time.monotonic()  # when the emulated link is next idle
 
     def delay(self, nbytes: int) -> float:
-        """Seconds to wait before `nbytes` may start; books them."""
+        """Seconds to wait before posting a message of `nbytes`; books the link for it."""
         if self.rate <= 0:
             return 0.0
         now = time.monotonic()
-        self.t = max(self.t, now - self.burst / self.rate)
-        wait = max(0.0, self.t - now)
-        self.t += nbytes / self.rate
-        return wait
+        self.free = max(self.free, now) + nbytes / self.rate
+        return self.free - now
 
 
 def post_paced(
