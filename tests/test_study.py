@@ -1,0 +1,191 @@
+"""Every named study end to end on its miniature grid, resume, the parallel path, plugins, and the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import h5py
+import pytest
+
+from fltorrent_hpc import study as S
+from fltorrent_hpc.report import report_main, write_report
+from fltorrent_hpc.trace import read_trace
+
+PAPER_STUDIES = ("table3", "ablation", "cover", "schedulers", "llm", "beyond")
+
+
+@pytest.fixture(scope="module")
+def minis(tmp_path_factory) -> tuple[Path, dict[str, S.RunStats]]:
+    out = tmp_path_factory.mktemp("studies")
+    stats = {name: S.run_study(name, out, jobs=1, mini=True, quiet=True) for name in PAPER_STUDIES}
+    return out, stats
+
+
+@pytest.mark.parametrize("name", PAPER_STUDIES)
+def test_mini_study_end_to_end(minis, name: str) -> None:
+    out, stats = minis
+    st = stats[name]
+    grid = S.studies()[name].grid(S.GridArgs(mini=True))
+    assert not st.failed, st.failed
+    assert sorted(st.ran) == sorted(p.name for p in grid)
+    doc = json.loads((out / f"{name}-mini.json").read_text())
+    assert doc["study"] == name and doc["mini"] is True and len(doc["points"]) == len(grid)
+    assert doc["derived"]["claims"], "every paper study states its acceptance checks"
+    assert doc["runs"][-1]["ran"] == len(grid)
+    meta, recs = S.load_records(out / f"{name}-mini.h5")
+    assert meta["schema"] == S.SCHEMA and meta["mini"]
+    for r in recs:
+        assert r.summary["stages"] > 0 and r.summary["complete_fraction"] >= 0 and r.summary["sim_code"]
+        u = r.arrays["stage_utilization"]
+        assert u.size == r.summary["stages"] and 0.0 <= float(u.min()) and float(u.max()) <= 1.0 + 1e-9
+        assert r.arrays["stage_phase"].size == u.size
+
+
+def test_study_specific_figures(minis) -> None:
+    out, stats = minis
+    sched = stats["schedulers"].derived
+    assert 0.0 < sched["gff_maxflow_ratio"] <= 1.0 + 1e-9 and sched["maxflow_makespan_ratio"] > 0
+    _, recs = S.load_records(out / "schedulers-mini.h5")
+    gff = next(r for r in recs if r.tags["scheduler"] == "gff")
+    assert "stage_maxflow" in gff.arrays and all(r.summary["warmup_share"] == 1.0 for r in recs)
+    llm = stats["llm"].derived["by_model"]
+    assert set(llm) == set(S.LLM_MODELS) and all("overhead" in v for v in llm.values())
+    abl = stats["ablation"].derived["by_privacy"]
+    assert set(abl) == set(S.ABLATION_CONFIGS) and abl["none"]["warmup_s"] == 0
+    beyond = stats["beyond"].derived
+    assert beyond["scale"] and beyond["overlay"] and beyond["churn"]
+    for row in beyond["churn"].values():
+        assert row["peers_left"] == round(row["leave"] * row["n"]) and 0 < row["leave_stage"]
+    exp = [r for r in beyond["overlay"].values() if r["overlay"] == "expander"]
+    assert exp and all(r["overlay_lambda2"] <= r["ramanujan_bound"] for r in exp)
+    t3 = stats["table3"].derived
+    assert set(t3["by_n"]) == {10, 20, 30} and t3["round_fit"]["slope"] > 0
+
+
+def test_resume_skips_finished_points_and_reruns_unfinished(minis) -> None:
+    out, _ = minis
+    path = out / "table3-mini.h5"
+    again = S.run_study("table3", out, mini=True, quiet=True)
+    assert again.ran == [] and len(again.skipped) == 3
+    with h5py.File(path, "a") as f:  # as if the parent died after creating the group, before marking it done
+        f["points/n20_s0"].attrs["done"] = False
+    third = S.run_study("table3", out, mini=True, quiet=True)
+    assert third.ran == ["n20_s0"] and sorted(third.skipped) == ["n10_s0", "n30_s0"]
+    assert len(S.load_records(path)[1]) == 3
+    assert not path.with_name(path.name + ".tmp").exists()
+
+
+def test_changed_parameters_are_refused(minis, monkeypatch) -> None:
+    out, _ = minis
+    orig = S.STUDIES["cover"]
+
+    def grid(a: S.GridArgs) -> list[S.Point]:
+        return [S.Point(p.name, p.group, p.seed, {**p.params, "degree": 6}, p.tags) for p in orig.grid(a)]
+
+    monkeypatch.setitem(S.STUDIES, "cover", S.Study("cover", orig.title, orig.paper, grid, orig.derive))
+    with pytest.raises(ValueError, match="other parameters"):
+        S.run_study("cover", out, mini=True, quiet=True)
+
+
+def test_parallel_workers_and_seeds(tmp_path) -> None:
+    st = S.run_study(
+        "schedulers",
+        tmp_path,
+        jobs=2,
+        seeds=(0, 1),
+        mini=True,
+        quiet=True,
+        only=["flooding"],
+        traces=tmp_path / "traces",
+    )
+    assert not st.failed and sorted(st.ran) == ["flooding_s0", "flooding_s1"]
+    tr = read_trace(tmp_path / "traces" / "schedulers-mini" / "flooding_s1.h5")  # --traces: full per-point trace
+    assert len(tr.transfers["stage"]) > 0 and tr.attrs["seed"] == 1
+    _, recs = S.load_records(tmp_path / "schedulers-mini.h5")
+    assert {r.seed for r in recs} == {0, 1}
+    # each point ran in its own process: peak RSS is per point, not cumulative
+    assert all(r.summary["peak_rss_bytes"] > 0 for r in recs)
+
+
+def _rows_point(x: int, seed: int) -> list[dict]:
+    return [{"x": x, "seed": seed, "y": x * x}]
+
+
+def test_plugin_registry_and_row_runner(tmp_path, monkeypatch) -> None:
+    mod = types.ModuleType("fake_privacy_sweeps")
+
+    def register_studies(register) -> None:
+        def grid(a: S.GridArgs) -> list[S.Point]:
+            return [
+                S.Point(f"x{x}_s{s}", f"x{x}", s, {"x": x, "seed": s}, {"x": x}, runner=f"{__name__}:_rows_point")
+                for x in (1, 2)
+                for s in a.seeds
+            ]
+
+        register(S.Study("fake", "a plugin study", "none", grid))
+
+    mod.register_studies = register_studies
+    monkeypatch.setitem(sys.modules, "fake_privacy_sweeps", mod)
+    monkeypatch.setattr(S, "PLUGINS", ("fake_privacy_sweeps", "no_such_module_xyz"))
+    monkeypatch.setattr(S, "_plugins_loaded", False)
+    monkeypatch.setattr(S, "STUDIES", dict(S.STUDIES))
+    assert "fake" in S.studies()
+    st = S.run_study("fake", tmp_path, quiet=True)
+    assert sorted(st.ran) == ["x1_s0", "x2_s0"]
+    _, recs = S.load_records(tmp_path / "fake.h5")
+    assert sorted(r.rows[0]["y"] for r in recs) == [1, 4]
+    md, _ = write_report([tmp_path / "fake.h5"], tmp_path / "fig")
+    assert "## fake" in md.read_text() and "| x | seed | y |" in md.read_text()
+
+
+def test_report_renders_every_study(minis, tmp_path) -> None:
+    out, _ = minis
+    files = [str(out / f"{n}-mini.h5") for n in PAPER_STUDIES]
+    md = tmp_path / "docs" / "RESULTS.md"
+    assert report_main([*files, "--out", str(tmp_path / "docs" / "figures"), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert text.count("fltorrent report") >= 2  # says how it was made, and how to regenerate it
+    for n in PAPER_STUDIES:
+        assert f"## {n}:" in text
+    for png in (
+        "table3_round_time",
+        "table3_warmup_share",
+        "table3_utilization",
+        "ablation_overhead",
+        "cover_warmup",
+        "schedulers_utilization",
+        "llm_round_time",
+        "beyond_round_time",
+        "beyond_churn",
+    ):
+        p = tmp_path / "docs" / "figures" / f"{png}.png"
+        assert p.stat().st_size > 5000, png
+        assert f"(figures/{png}.png)" in text  # links are relative to the markdown file
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+
+
+def test_cli_resume_and_list(minis, capsys) -> None:
+    out, _ = minis
+    assert S.study_main(["table3", "--mini", "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    assert S.study_main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(n in listing for n in PAPER_STUDIES)
+    assert S.study_main(["nonexistent"]) == 2
+    assert report_main([str(out / "missing.h5"), "--out", str(out)]) == 2
+
+
+def test_helpers() -> None:
+    assert S.parse_seeds("3") == (0, 1, 2) and S.parse_seeds("0,5") == (0, 5)
+    fit = S.linear_fit([100, 200, 300], [1000, 2000, 3000])
+    assert fit["slope"] == pytest.approx(10) and fit["r2"] == pytest.approx(1)
+    p = {"peers": 100, **S.paper_setup(False), "seed": 0}
+    assert 1500 < S.ideal_round_stages(p) < 3000 and S.mid_round_stage(p) == int(S.ideal_round_stages(p) / 2)
+    pts = S.studies()["table3"].grid(S.GridArgs())
+    assert [p.params["peers"] for p in pts] == [100, 200, 300, 400, 500]
+    assert all(p.params["privacy"] == "full" and p.params["scheduler"] == "gff" for p in pts)
+    llm = S.studies()["llm"].grid(S.GridArgs())
+    assert len(llm) == 8 and {p.params["peers"] for p in llm} == {64}
