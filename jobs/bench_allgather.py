@@ -62,6 +62,34 @@ def line(size: int, name: str, t: float, nwrong: int) -> str:
     )
 
 
+def run_cases(cases: dict, out: np.ndarray, size: int, iters: int, warmup: int, emulated: bool, rows: list) -> dict:
+    """Time each case, count wrong bytes over all ranks, append a row each and print it; returns op -> time."""
+    res = {}
+    for name, fn in cases.items():
+        out[:] = 0
+        t, ts = timed(fn, iters, warmup)
+        nw = np.array([wrong(out, size)], dtype=np.int64)
+        tot = np.empty(1, dtype=np.int64)
+        COMM.Allreduce(nw, tot, op=MPI.SUM)
+        res[name] = t
+        algbw = N * size / t / 1e9
+        rows.append(
+            {
+                "size": size,
+                "op": name,
+                "time_s": t,
+                "times_s": ts,
+                "algbw_GBps": algbw,
+                "busbw_GBps": algbw * (N - 1) / N,
+                "wrong": int(tot[0]),
+                "emulated": emulated,
+            }
+        )
+        if ME == 0:
+            print(line(size, name, t, int(tot[0])), flush=True)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1MiB,4MiB,16MiB,64MiB,256MiB", help="bytes per rank")
@@ -100,28 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, eng in engines.items():
             cases[name] = partial(eng.disseminate, pay, out=out)
-        res = {}
-        for name, fn in cases.items():
-            out[:] = 0
-            t, ts = timed(fn, a.iters, a.warmup)
-            nw = np.array([wrong(out, size)], dtype=np.int64)
-            tot = np.empty(1, dtype=np.int64)
-            COMM.Allreduce(nw, tot, op=MPI.SUM)
-            res[name] = t
-            rows.append(
-                {
-                    "size": size,
-                    "op": name,
-                    "time_s": t,
-                    "times_s": ts,
-                    "algbw_GBps": N * size / t / 1e9,
-                    "busbw_GBps": N * size / t / 1e9 * (N - 1) / N,
-                    "wrong": int(tot[0]),
-                    "emulated": False,
-                }
-            )
-            if ME == 0:
-                print(line(size, name, t, int(tot[0])), flush=True)
+        res = run_cases(cases, out, size, a.iters, a.warmup, False, rows)
         ratios[str(size)] = {
             "swarm_none_vs_mpi": res["swarm_none"] / res["mpi_allgather"],
             "swarm_full_vs_none": res["swarm_full"] / res["swarm_none"],
@@ -143,28 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "swarm_none_paced": partial(eng_none.disseminate, pay, out=out),
             "swarm_full_paced": partial(eng.disseminate, pay, out=out),
         }
-        res = {}
-        for name, fn in cases.items():
-            out[:] = 0
-            t, ts = timed(fn, a.emulate_iters, 0)
-            nw = np.array([wrong(out, size)], dtype=np.int64)
-            tot = np.empty(1, dtype=np.int64)
-            COMM.Allreduce(nw, tot, op=MPI.SUM)
-            res[name] = t
-            rows.append(
-                {
-                    "size": size,
-                    "op": name,
-                    "time_s": t,
-                    "times_s": ts,
-                    "algbw_GBps": N * size / t / 1e9,
-                    "busbw_GBps": N * size / t / 1e9 * (N - 1) / N,
-                    "wrong": int(tot[0]),
-                    "emulated": True,
-                }
-            )
-            if ME == 0:
-                print(line(size, name, t, int(tot[0])), flush=True)
+        res = run_cases(cases, out, size, a.emulate_iters, 0, True, rows)
         ratios.setdefault(str(size), {}).update(
             {
                 "swarm_vs_ring_emulated": res["swarm_full_paced"] / res["ring_paced"],
