@@ -55,7 +55,7 @@ SCHEDULER_LABELS = {
     "random-ff": "RandomFastestFirst",
     "random-fifo": "RandomFIFO",
     "flooding": "Flooding",
-    "maxflow": "stage max-flow bound",
+    "maxflow": "max-flow schedule (stage-wise bound)",
 }
 GFF_OF_MAXFLOW = 0.92  # abstract/conclusion: GFF attains about 92% of the max-flow-style bound (metric unstated)
 

@@ -385,6 +385,17 @@ def render_schedulers(ld: Loaded, ctx: Ctx) -> list[str]:
                 ls="--" if s == "maxflow" else "-",
                 label=paper.SCHEDULER_LABELS.get(s, s),
             )
+        if "stage_maxflow" in r.arrays and "stage_capacity" in r.arrays:
+            mf, cap = r.arrays["stage_maxflow"], r.arrays["stage_capacity"]
+            at = np.flatnonzero(mf >= 0)  # stages where the bound was computed (not the spray stages)
+            ax.plot(
+                at,
+                100 * mf[at] / np.maximum(cap[at], 1),
+                ":",
+                color="k",
+                lw=1,
+                label=f"per-stage max-flow on {paper.SCHEDULER_LABELS.get(s, s)}'s state",
+            )
     ax.set(
         xlabel="warm-up stage (s)",
         ylabel="uplink utilisation (%)",
@@ -413,6 +424,7 @@ def render_llm(ld: Loaded, ctx: Ctx) -> list[str]:
                 m,
                 size,
                 ms(none or full, "chunks_per_update"),
+                ms(none or full, "ideal_round_s"),
                 ms(none, "round_s"),
                 f(pn),
                 ms(full, "round_s"),
@@ -427,6 +439,7 @@ def render_llm(ld: Loaded, ctx: Ctx) -> list[str]:
             "model",
             "update",
             "chunks/peer",
+            "uplink bound (s)",
             "BT-only (s)",
             "paper",
             "full (s)",
