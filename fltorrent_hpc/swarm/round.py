@@ -15,6 +15,7 @@ import numpy as np
 from ..config import SwarmConfig
 from ..errors import ConfigError, ProtocolError
 from . import rng
+from .bt_kernel import apply_delivered, pack_rows, reverse_slots, set_pending
 from .overlay import Overlay, build_overlay
 
 SPRAY, WARMUP, BT = 0, 1, 2
@@ -105,6 +106,10 @@ class SwarmRound:
         self.have_t = np.zeros((self.N, n + 1), dtype=bool)
         self.have_t[np.arange(self.N), own] = True
         self._have_flat = self.have_t.reshape(-1)  # view; np.take on it is ~4x faster than 2-D fancy indexing
+        # bit-packed copies of the same bits for the compiled BitTorrent passes (swarm/bt_kernel.py)
+        self.hbits = pack_rows(self.have)
+        self.tbits = pack_rows(self.have_t)
+        self.pbits = np.zeros_like(self.hbits)  # scheduled this stage, not yet delivered (cleared on complete)
         self.held = np.full(n, K, dtype=np.int64)
         self.holders = np.ones(self.N, dtype=np.int32)  # active holders per chunk
         self.active = np.ones(n + 1, dtype=bool)
@@ -132,6 +137,9 @@ class SwarmRound:
         self.bt = None
         self.recip = np.zeros(self.nbr.shape, dtype=np.int64)  # chunks v received from its j-th neighbour
         self.acc_est = np.full(n, 0.2)
+        self.warm_mark = np.zeros(max(self.N, 1), dtype=np.int64)  # candidate de-duplication stamps
+        self.warm_stamp = 0
+        self._slots: tuple | None = None
         # phase and clocks
         self.stage = 0
         self.phase = WARMUP if self.privacy else BT
@@ -189,6 +197,13 @@ class SwarmRound:
         if self.gating and self.phase == WARMUP:
             return (self.win >= 0).sum(axis=1)
         return np.full(self.n, self.K, dtype=np.int64)
+
+    def slot_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(nbr as int64, rev) with rev[v, j] the position of v in its j-th neighbour's row; rebuilt on repair."""
+        if self._slots is None or self._slots[0] is not self.nbr:
+            nbr64 = self.nbr.astype(np.int64)
+            self._slots = (self.nbr, nbr64, reverse_slots(nbr64, self.n))
+        return self._slots[1], self._slots[2]
 
     def holds(self, w: np.ndarray, c: np.ndarray) -> np.ndarray:
         """have[w, c] for broadcast index arrays, by a flat gather on the chunk-major copy."""
@@ -250,23 +265,29 @@ class SwarmRound:
         if stage.index != self.stage:
             raise ProtocolError(f"completion for stage {stage.index} while the round is at stage {self.stage}")
         m = np.ones(stage.size, dtype=bool) if delivered is None else np.asarray(delivered, dtype=bool)
+        set_pending(self.pbits, stage.receiver.astype(np.int64), stage.chunk.astype(np.int64), False)
         r, c, s, kind = stage.receiver[m], stage.chunk[m], stage.sender[m], stage.kind[m]
         if r.size:
-            if np.any(self.have[r, c]):
+            bad = apply_delivered(
+                self.have,
+                self.have_t,
+                self.hbits,
+                self.tbits,
+                self.held,
+                self.holders,
+                self.recip,
+                self.nbr,
+                s.astype(np.int64),
+                r.astype(np.int64),
+                c.astype(np.int64),
+                kind != SPRAY,
+            )
+            if bad == 1:
                 raise ProtocolError(f"stage {stage.index}: duplicate delivery of a chunk a peer already held")
-            codes = r * self.N + c
-            if np.unique(codes).size != codes.size:
+            if bad == 2:
                 raise ProtocolError(f"stage {stage.index}: the same chunk delivered twice to one peer")
-            self.have[r, c] = True
-            self.have_t[c, r] = True
-            self.held += np.bincount(r, minlength=self.n)
-            self.holders += np.bincount(c, minlength=self.N).astype(np.int32)
             if self.phase == WARMUP:
                 self._append_rlist(r, c)
-            nb = kind != SPRAY
-            if np.any(nb):
-                slot = np.argmax(self.nbr[r[nb]] == s[nb][:, None], axis=1)
-                np.add.at(self.recip, (r[nb], slot), 1)
             done_now = (self.complete_stage < 0) & (self.held >= self.N)
             self.complete_stage[done_now] = stage.index
         if stage.kind.size and np.any(stage.kind == SPRAY):

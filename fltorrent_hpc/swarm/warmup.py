@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import rng
-from .assign import accept, choose_holder, cumcount, first_occurrence, member, slot_of, take_per_group
+from .assign import accept, cumcount, first_occurrence, member, take_per_group
+from .bt_kernel import book, key_base, set_pending, warm_pass
 from .round import BT, SPRAY, WARMUP, Stage, SwarmRound, _Collector
 
 GFF_PASSES = 3
@@ -39,11 +40,17 @@ class StageBudget:
         self.can_send[:n] = act & (rnd.lag + rnd.round_start <= rnd.stage)
         self.sent = np.zeros(0, dtype=np.int64)  # sender*N + chunk
         self.pending = np.zeros(0, dtype=np.int64)  # receiver*N + chunk
+        # the same as per-peer lists for the compiled passes: chunks each peer sends / is sent this stage
+        self.sent_c = np.empty((n + 1, int(min(rnd.up.max(), rnd.N)) + 1), dtype=np.int64)
+        self.sent_len = np.zeros(n + 1, dtype=np.int64)
+        self.pbits = rnd.pbits  # chunks scheduled to each peer this stage (shared; cleared by rnd.complete)
         self.n, self.N = n, rnd.N
 
     def copy(self) -> StageBudget:
         out = object.__new__(StageBudget)
-        out.__dict__.update({k: (v.copy() if hasattr(v, "copy") else v) for k, v in self.__dict__.items()})
+        out.__dict__.update(
+            {k: (v.copy() if hasattr(v, "copy") and k != "pbits" else v) for k, v in self.__dict__.items()}
+        )
         return out
 
     def commit(self, s: np.ndarray, r: np.ndarray, c: np.ndarray, slot: np.ndarray | None = None) -> None:
@@ -56,6 +63,13 @@ class StageBudget:
             pairs = np.unique(s[fresh] * self.served.shape[1] + slot[fresh])
             self.tau_left[:n] -= np.bincount(pairs // self.served.shape[1], minlength=n + 1)[:n]
             self.served[s, slot] = True
+        self.sent = np.concatenate([self.sent, s * self.N + c])
+        self.pending = np.concatenate([self.pending, r * self.N + c])
+        book(self.sent_c, self.sent_len, s, c)
+        set_pending(self.pbits, r, c, True)
+
+    def book_compiled(self, s: np.ndarray, r: np.ndarray, c: np.ndarray) -> None:
+        """Record transfers a compiled pass already charged to the budgets and per-peer lists."""
         self.sent = np.concatenate([self.sent, s * self.N + c])
         self.pending = np.concatenate([self.pending, r * self.N + c])
 
@@ -78,86 +92,61 @@ def _spray(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
     b.commit(s, r, c)
 
 
-def _candidates(rnd: SwarmRound, b: StageBudget, p: int, fill: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Requests (v, c): chunks v lacks that a neighbour may serve, sampled from neighbours' relay lists.
-
-    Only peers still below k ask, except in the `fill` pass, where everyone may use what capacity is left.
-    """
-    n, K, N = rnd.n, rnd.K, rnd.N
-    recv = np.flatnonzero((b.down_left[:n] > 0) & (fill | (rnd.received < rnd.k)) & (rnd.deg > 0))
-    if recv.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    want = b.down_left[recv]
-    draws = np.clip(np.ceil(1.5 * want / rnd.acc_est[recv]), 8, 1024).astype(np.int64)
-    rows = np.repeat(recv, draws)
-    t = cumcount(rows)
-    j = rng.below(rnd.deg[rows], rnd.seed, rng.WARMUP, rnd.stage, p, rows, t)
-    w = rnd.nbr[rows, j].astype(np.int64)
-    # origin-oblivious: a neighbour's eligible buffer is its relayed chunks plus its eligible own chunks (the
-    # window under gating, all K without), and a draw lands on an own chunk with probability O/B
-    win = -np.sort(-rnd.win, axis=1)  # filled window slots first
-    own = (win >= 0).sum(axis=1) if rnd.gating else np.full(n, K)
-    total = rnd.rlen[w] + own[w]
-    pos = rng.below(np.maximum(total, 1), rnd.seed, rng.WARMUP, rnd.stage, p, rows, t, 1)
-    from_list = pos < rnd.rlen[w]
-    k_own = pos - rnd.rlen[w]
-    own_chunk = win[w, np.clip(k_own, 0, win.shape[1] - 1)] if rnd.gating else w * K + k_own
-    c = np.where(from_list, rnd.rlist[w, np.minimum(pos, rnd.rlist.shape[1] - 1)], own_chunk)
-    valid = total > 0
-    v = rows[valid]
-    c = c[valid]
-    ok = (c >= 0) & ~rnd.holds(v, np.maximum(c, 0))
-    v, c = v[ok], c[ok]
-    code = v * N + c
-    ok = first_occurrence(code)
-    if b.pending.size:
-        ok &= ~member(code, b.pending)
-    v, c = v[ok], c[ok]
-    # acceptance estimate sizes the next draw
-    got = np.bincount(v, minlength=n)[recv]
-    rnd.acc_est[recv] = np.clip(0.5 * rnd.acc_est[recv] + 0.5 * got / draws, 0.01, 1.0)
-    return v, c
+SCHED_CODES = {"gff": 0, "random-ff": 1, "random-fifo": 2}
 
 
 def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, fill: bool = False) -> int:
-    n, K, N = rnd.n, rnd.K, rnd.N
-    sched = rnd.cfg.scheduler
-    v, c = _candidates(rnd, b, p, fill)
-    if v.size == 0:
+    """One tracker pass (bt_kernel.warm_pass).  Only peers still below k ask, except in the `fill` pass,
+    where everyone may use the capacity that is left."""
+    n, K = rnd.n, rnd.K
+    recv = np.flatnonzero((b.down_left[:n] > 0) & (fill | (rnd.received < rnd.k)) & (rnd.deg > 0))
+    if recv.size == 0:
         return 0
-    w = rnd.nbr[v].astype(np.int64)
-    feas = rnd.eligible(w, c[:, None]) & b.can_send[w] & (b.up_left[w] > 0)
-    if b.sent.size:
-        feas &= ~member(w * N + c[:, None], b.sent)
-    anyf = feas.any(axis=1)
-    v, c, w, feas = v[anyf], c[anyf], w[anyf], feas[anyf]
-    if v.size == 0:
+    # draws sized by each receiver's recent share of usable draws
+    draws = np.clip(np.ceil(1.5 * b.down_left[recv] / rnd.acc_est[recv]), 8, 1024).astype(np.int64)
+    win = -np.sort(-rnd.win, axis=1)  # filled window slots first
+    own = (win >= 0).sum(axis=1) if rnd.gating else np.full(n, K, dtype=np.int64)
+    nbr64, rev = rnd.slot_tables()
+    s, r, c, slot, got, used, rnd.warm_stamp = warm_pass(
+        np.uint64(key_base(rnd.seed, rng.WARMUP, rnd.stage, p)),
+        SCHED_CODES[rnd.cfg.scheduler],
+        n,
+        rnd.N,
+        K,
+        rnd.k,
+        nbr64,
+        rnd.deg,
+        rev,
+        recv,
+        draws,
+        rnd.hbits,
+        rnd.tbits,
+        rnd.rlist,
+        rnd.rlen,
+        win,
+        own.astype(np.int64),
+        bool(rnd.gating and rnd.phase == WARMUP),
+        rnd.in_window,
+        b.can_send,
+        b.up_left,
+        b.down_left,
+        rnd.down,
+        b.tau_left,
+        b.served,
+        rnd.received,
+        rnd.pbits,
+        b.sent_c,
+        b.sent_len,
+        rnd.warm_mark,
+        rnd.warm_stamp,
+    )
+    tried = used > 0
+    rnd.acc_est[recv[tried]] = np.clip(0.5 * rnd.acc_est[recv[tried]] + 0.5 * got[tried] / used[tried], 0.01, 1.0)
+    if s.size == 0:
         return 0
-    key = (rnd.seed, rng.WARMUP, rnd.stage, p)
-    # each receiver asks for at most its residual download budget
-    pick = take_per_group(v, rng.uniform(*key, 2, v * N + c), b.down_left)
-    v, c, w, feas = v[pick], c[pick], w[pick], feas[pick]
-    nonowner = w != (c // max(K, 1))[:, None]
-    tie = rng.uniform(*key, 3, v[:, None] * (n + 1) + w)
-    if sched == "gff":
-        score = nonowner * 1e9 + b.up_left[w] * 1e3 + tie
-    else:
-        score = nonowner * 1e9 + tie
-    snd, _ = choose_holder(w, feas, score)
-    below_k = rnd.received[v] < rnd.k
-    jitter = rng.uniform(*key, 4, v * N + c)
-    if sched == "random-fifo":
-        prio = below_k * 1e9 + jitter
-    elif sched == "random-ff":
-        prio = below_k * 1e9 + b.down_left[v] * 1e3 + jitter
-    else:  # gff: the requester that would reach k last goes first (minimises the warm-up makespan)
-        prio = below_k * 1e9 + np.maximum(rnd.k - rnd.received[v], 0) / rnd.down[v] * 1e3 + jitter
-    slot = slot_of(rnd.nbr, snd, v)
-    ok = accept(snd, v, c, slot, prio, b, N)
-    s, r, c, slot = snd[ok], v[ok], c[ok], slot[ok]
     owned = rnd.owned_eligible
     col.add(s, r, c, np.full(s.size, WARMUP), owned[s], rnd.received[s] + owned[s])
-    b.commit(s, r, c, slot)
+    b.book_compiled(s, r, c)
     return int(s.size)
 
 

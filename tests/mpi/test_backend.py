@@ -44,8 +44,6 @@ R = dist.ReduceOp
 # ------------------------------------------------------------------------------------------ harness
 
 
-
-
 def _init() -> None:
     if not dist.is_initialized():
         dist.init_process_group("fltorrent", pg_options=CFG, timeout=timedelta(seconds=60))

@@ -34,8 +34,6 @@ warnings.filterwarnings("ignore", category=UserWarning)
 CFG = SwarmConfig(chunk_bytes=256, privacy="none", timeout_s=60.0)
 
 
-
-
 def _init() -> None:
     if not dist.is_initialized():
         dist.init_process_group("fltorrent", pg_options=CFG, timeout=timedelta(seconds=60))

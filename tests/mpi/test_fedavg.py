@@ -38,8 +38,6 @@ CFG = _cfg(chunk_bytes=256, privacy="none", timeout_s=60.0, stage_timeout_s=5.0)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-
-
 def _init() -> None:
     if not dist.is_initialized():
         dist.init_process_group("fltorrent", pg_options=CFG, timeout=timedelta(seconds=60))
