@@ -64,6 +64,7 @@ def bt_stage(rnd: SwarmRound) -> Stage:
             rev,
             recv,
             want,
+            missing[recv],
             endgame,
             rnd.hbits,
             rnd.tbits,

@@ -166,6 +166,7 @@ def bt_pass(
     rev,
     recv,
     want,
+    miss,
     endgame,
     hbits,
     tbits,
@@ -225,6 +226,8 @@ def bt_pass(
         # endgame: every missing chunk; otherwise oversample the request count, the rarest are requested
         limit = N if eg else int(np.ceil(oversample * want[i]))
         draws = W if eg else min(W, max_draws * limit + 16)
+        if miss[i] < W:  # missing chunks are sparse among v's words: visit them all rather than come up short
+            draws = W
         per_word = 1 + (2 * limit) // W  # candidates tried per word: spread over the chunk space
         vb = _mix(base ^ np.uint64(v))
         # visit v's have-words in a seeded permutation (o + t * stride mod W, stride coprime to W) and take
