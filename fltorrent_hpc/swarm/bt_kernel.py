@@ -17,7 +17,7 @@ neighbours' rows, as in a real decentralised swarm.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import get_thread_id, njit, prange
 
 _SEED0 = np.uint64(0x243F6A8885A308D3)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -158,6 +158,150 @@ def reverse_slots(nbr, n):
 
 
 @njit(cache=True)
+def _bt_requests(
+    i,
+    o0,
+    base,
+    N,
+    n,
+    nbr,
+    recv,
+    want,
+    miss,
+    endgame,
+    hbits,
+    tbits,
+    can_send,
+    up_left,
+    choked,
+    pbits,
+    oversample,
+    max_draws,
+    q_s,
+    q_r,
+    q_c,
+    q_j,
+    q_g,
+):
+    """Receiver recv[i]'s requests of one pass, written at q_*[o0:]; returns (count, draws, feasible)."""
+    D = nbr.shape[1]
+    W = hbits.shape[1]
+    tail = N & 63
+    last_mask = (np.uint64(1) << np.uint64(tail)) - np.uint64(1) if tail else ~np.uint64(0)
+    cand_c = np.empty(64, dtype=np.int64)
+    cand_k = np.empty(64, dtype=np.float64)
+    fj = np.empty(D, dtype=np.int64)  # v's neighbour slots that may serve now
+    nq = 0
+    st0 = 0
+    st1 = 0
+    v = recv[i]
+    eg = endgame[i]
+    nf = 0
+    for j in range(D):
+        w = nbr[v, j]
+        if w >= n:
+            break
+        if can_send[w] and up_left[w] > 0 and not choked[v, j]:
+            fj[nf] = j
+            nf += 1
+    if nf == 0:
+        return 0, 0, 0
+    # endgame: every missing chunk; otherwise oversample the request count, the rarest are requested
+    limit = N if eg else int(np.ceil(oversample * want[i]))
+    draws = W if eg else min(W, max_draws * limit + 16)
+    if miss[i] < W:  # missing chunks are sparse among v's words: visit them all rather than come up short
+        draws = W
+    per_word = 1 + (2 * limit) // W  # candidates tried per word: spread over the chunk space
+    vb = _mix(base ^ np.uint64(v))
+    # visit v's have-words in a seeded permutation (o + t * stride mod W, stride coprime to W) and take
+    # one random missing chunk of each (every one in endgame): no draw is wasted on a chunk v holds
+    x0 = _mix(vb ^ np.uint64(0x9E37))
+    o = np.int64(x0 % np.uint64(W))
+    stride = np.int64((x0 >> np.uint64(32)) % np.uint64(W)) | 1
+    while _gcd(stride, W) != 1:
+        stride += 1
+    pos = o
+    found = 0
+    for _t in range(draws):
+        if found >= limit:
+            break
+        wd = pos
+        pos += stride
+        while pos >= W:
+            pos -= W
+        m = ~hbits[v, wd]
+        if wd == W - 1:
+            m &= last_mask
+        if m == 0:
+            continue
+        # missing bits in cyclic order from a random one (from bit 0 in endgame, which takes them all)
+        r = 0 if eg else np.int64(_mix(vb ^ np.uint64(wd) ^ np.uint64(0xB17)) & np.uint64(63))
+        rot = ((m >> np.uint64(r)) | (m << np.uint64(64 - r))) if r else m
+        tried = 0
+        while rot != 0 and found < limit and (eg or tried < per_word):
+            low = rot & (~rot + np.uint64(1))
+            rot &= ~low
+            c = wd * 64 + ((_log2(low) + r) & 63)
+            tried += 1
+            st0 += 1
+            if _bit(pbits, v, c):  # already scheduled to v this stage
+                continue
+            cb = tbits[c]
+            feas = 0
+            for z in range(nf):
+                w = nbr[v, fj[z]]
+                feas += np.int64((cb[w >> 6] >> np.uint64(w & 63)) & np.uint64(1))
+            if feas == 0:
+                continue
+            rar = 0
+            for j in range(D):
+                w = nbr[v, j]
+                if w >= n:
+                    break
+                rar += np.int64((cb[w >> 6] >> np.uint64(w & 63)) & np.uint64(1))
+            st1 += 1
+            if found == cand_c.size:
+                cand_c = np.concatenate((cand_c, np.empty(found, dtype=np.int64)))
+                cand_k = np.concatenate((cand_k, np.empty(found, dtype=np.float64)))
+            cand_c[found] = c
+            cand_k[found] = rar + 0.5 * _unif(_mix(vb ^ np.uint64(c) ^ np.uint64(0x5A5A5A5A)))
+            found += 1
+    take = min(found, want[i])
+    if take == 0:
+        return 0, st0, st1
+    order = np.argsort(cand_k[:found])
+    for a in range(take):
+        c = cand_c[order[a]]
+        xb = _h(vb, c, 3)
+        if eg:
+            for j in range(D):
+                w = nbr[v, j]
+                if w >= n:
+                    break
+                if _bit(tbits, c, w) and can_send[w] and up_left[w] > 0 and not choked[v, j]:
+                    q_s[nq + o0] = w
+                    q_r[nq + o0] = v
+                    q_c[nq + o0] = c
+                    q_j[nq + o0] = j
+                    q_g[nq + o0] = o0 + a
+                    nq += 1
+        else:
+            o = np.int64(xb % np.uint64(D))
+            for jj in range(D):
+                j = (o + jj) % D
+                w = nbr[v, j]
+                if w < n and _bit(tbits, c, w) and can_send[w] and up_left[w] > 0 and not choked[v, j]:
+                    q_s[nq + o0] = w
+                    q_r[nq + o0] = v
+                    q_c[nq + o0] = c
+                    q_j[nq + o0] = j
+                    q_g[nq + o0] = -1
+                    nq += 1
+                    break
+    return nq, st0, st1
+
+
+@njit(cache=True, parallel=True)
 def bt_pass(
     base,
     N,
@@ -193,129 +337,59 @@ def bt_pass(
     packed like hbits) and `choked` are updated in place; `stats` counts draws, feasible candidates and requests.
     """
     D = nbr.shape[1]
-    # ---- request bound and scratch
-    cap = 0
-    for i in range(recv.size):
-        cap += want[i] * (D if endgame[i] else 1)
+    # ---- receivers, in parallel: each writes its requests into its own segment
+    R = recv.size
+    off = np.zeros(R + 1, dtype=np.int64)
+    for i in range(R):
+        off[i + 1] = off[i] + want[i] * (D if endgame[i] else 1)
+    cap = off[R]
     q_s = np.empty(cap, dtype=np.int64)
     q_r = np.empty(cap, dtype=np.int64)
     q_c = np.empty(cap, dtype=np.int64)
     q_j = np.empty(cap, dtype=np.int64)
     q_g = np.empty(cap, dtype=np.int64)  # endgame group (receiver, chunk) id, -1 for normal requests
+    cnt_r = np.zeros(R, dtype=np.int64)
+    st0 = np.zeros(R, dtype=np.int64)
+    st1 = np.zeros(R, dtype=np.int64)
+    for i in prange(R):
+        cnt_r[i], st0[i], st1[i] = _bt_requests(
+            i,
+            off[i],
+            base,
+            N,
+            n,
+            nbr,
+            recv,
+            want,
+            miss,
+            endgame,
+            hbits,
+            tbits,
+            can_send,
+            up_left,
+            choked,
+            pbits,
+            oversample,
+            max_draws,
+            q_s,
+            q_r,
+            q_c,
+            q_j,
+            q_g,
+        )
+    # compact the segments (in receiver order, so the result does not depend on thread timing)
     nq = 0
-    ngroups = 0
-    W = hbits.shape[1]
-    tail = N & 63
-    last_mask = (np.uint64(1) << np.uint64(tail)) - np.uint64(1) if tail else ~np.uint64(0)
-    cand_c = np.empty(64, dtype=np.int64)
-    cand_k = np.empty(64, dtype=np.float64)
-    fj = np.empty(D, dtype=np.int64)  # v's neighbour slots that may serve now
-    for i in range(recv.size):
-        v = recv[i]
-        eg = endgame[i]
-        nf = 0
-        for j in range(D):
-            w = nbr[v, j]
-            if w >= n:
-                break
-            if can_send[w] and up_left[w] > 0 and not choked[v, j]:
-                fj[nf] = j
-                nf += 1
-        if nf == 0:
-            continue
-        # endgame: every missing chunk; otherwise oversample the request count, the rarest are requested
-        limit = N if eg else int(np.ceil(oversample * want[i]))
-        draws = W if eg else min(W, max_draws * limit + 16)
-        if miss[i] < W:  # missing chunks are sparse among v's words: visit them all rather than come up short
-            draws = W
-        per_word = 1 + (2 * limit) // W  # candidates tried per word: spread over the chunk space
-        vb = _mix(base ^ np.uint64(v))
-        # visit v's have-words in a seeded permutation (o + t * stride mod W, stride coprime to W) and take
-        # one random missing chunk of each (every one in endgame): no draw is wasted on a chunk v holds
-        x0 = _mix(vb ^ np.uint64(0x9E37))
-        o = np.int64(x0 % np.uint64(W))
-        stride = np.int64((x0 >> np.uint64(32)) % np.uint64(W)) | 1
-        while _gcd(stride, W) != 1:
-            stride += 1
-        pos = o
-        found = 0
-        for _t in range(draws):
-            if found >= limit:
-                break
-            wd = pos
-            pos += stride
-            while pos >= W:
-                pos -= W
-            m = ~hbits[v, wd]
-            if wd == W - 1:
-                m &= last_mask
-            if m == 0:
-                continue
-            # missing bits in cyclic order from a random one (from bit 0 in endgame, which takes them all)
-            r = 0 if eg else np.int64(_mix(vb ^ np.uint64(wd) ^ np.uint64(0xB17)) & np.uint64(63))
-            rot = ((m >> np.uint64(r)) | (m << np.uint64(64 - r))) if r else m
-            tried = 0
-            while rot != 0 and found < limit and (eg or tried < per_word):
-                low = rot & (~rot + np.uint64(1))
-                rot &= ~low
-                c = wd * 64 + ((_log2(low) + r) & 63)
-                tried += 1
-                stats[0] += 1
-                if _bit(pbits, v, c):  # already scheduled to v this stage
-                    continue
-                cb = tbits[c]
-                feas = 0
-                for z in range(nf):
-                    w = nbr[v, fj[z]]
-                    feas += np.int64((cb[w >> 6] >> np.uint64(w & 63)) & np.uint64(1))
-                if feas == 0:
-                    continue
-                rar = 0
-                for j in range(D):
-                    w = nbr[v, j]
-                    if w >= n:
-                        break
-                    rar += np.int64((cb[w >> 6] >> np.uint64(w & 63)) & np.uint64(1))
-                stats[1] += 1
-                if found == cand_c.size:
-                    cand_c = np.concatenate((cand_c, np.empty(found, dtype=np.int64)))
-                    cand_k = np.concatenate((cand_k, np.empty(found, dtype=np.float64)))
-                cand_c[found] = c
-                cand_k[found] = rar + 0.5 * _unif(_mix(vb ^ np.uint64(c) ^ np.uint64(0x5A5A5A5A)))
-                found += 1
-        take = min(found, want[i])
-        if take == 0:
-            continue
-        order = np.argsort(cand_k[:found])
-        for a in range(take):
-            c = cand_c[order[a]]
-            xb = _h(vb, c, 3)
-            if eg:
-                for j in range(D):
-                    w = nbr[v, j]
-                    if w >= n:
-                        break
-                    if _bit(tbits, c, w) and can_send[w] and up_left[w] > 0 and not choked[v, j]:
-                        q_s[nq] = w
-                        q_r[nq] = v
-                        q_c[nq] = c
-                        q_j[nq] = j
-                        q_g[nq] = ngroups
-                        nq += 1
-                ngroups += 1
-            else:
-                o = np.int64(xb % np.uint64(D))
-                for jj in range(D):
-                    j = (o + jj) % D
-                    w = nbr[v, j]
-                    if w < n and _bit(tbits, c, w) and can_send[w] and up_left[w] > 0 and not choked[v, j]:
-                        q_s[nq] = w
-                        q_r[nq] = v
-                        q_c[nq] = c
-                        q_j[nq] = j
-                        q_g[nq] = -1
-                        nq += 1
-                        break
+    for i in range(R):
+        for e in range(off[i], off[i] + cnt_r[i]):
+            q_s[nq] = q_s[e]
+            q_r[nq] = q_r[e]
+            q_c[nq] = q_c[e]
+            q_j[nq] = q_j[e]
+            q_g[nq] = q_g[e]
+            nq += 1
+    stats[0] += st0.sum()
+    stats[1] += st1.sum()
+    ngroups = cap
     stats[2] += nq
     # ---- senders: bucket requests by sender, grant in priority order
     cnt = np.zeros(n + 1, dtype=np.int64)
@@ -413,9 +487,145 @@ def bt_pass(
 
 
 @njit(cache=True)
+def _warm_requests(
+    i,
+    o0,
+    stamp,
+    mark,
+    base,
+    policy,
+    n,
+    N,
+    K,
+    k,
+    nbr,
+    deg,
+    recv,
+    draws,
+    hbits,
+    tbits,
+    rlist,
+    rlen,
+    win,
+    own,
+    gated,
+    in_window,
+    can_send,
+    up_left,
+    down_left,
+    down,
+    received,
+    pbits,
+    sent,
+    sent_len,
+    q_s,
+    q_r,
+    q_c,
+    q_j,
+    q_p,
+):
+    """Receiver recv[i]'s requests of one warm-up pass, written at q_*[o0:]; returns (count, got, used)."""
+    D = nbr.shape[1]
+    Kd = max(K, 1)
+    cand_c = np.empty(64, dtype=np.int64)
+    cand_k = np.empty(64, dtype=np.float64)
+    fj = np.empty(D, dtype=np.int64)
+    nq = 0
+    gi = 0
+    ui = 0
+    v = recv[i]
+    vb = _mix(base ^ np.uint64(v))
+    found = 0
+    # draw from the neighbours that may still send this stage
+    nf = 0
+    room = 0  # what v's neighbours can still upload: v cannot usefully ask for more
+    for j in range(D):
+        w = nbr[v, j]
+        if w >= n:
+            break
+        if can_send[w] and up_left[w] > 0:
+            fj[nf] = w
+            nf += 1
+            room += up_left[w]
+    if nf == 0:
+        return 0, 0, 0
+    want = min(down_left[v], room)
+    nd = min(draws[i], max(8, (draws[i] * want) // max(down_left[v], 1) + 1))
+    enough = want + want // 2 + 1  # feasible candidates to choose the requests from
+    for t in range(nd):
+        if found >= enough:
+            break
+        ui += 1
+        x = _mix(vb ^ np.uint64(t))
+        w = fj[np.int64(x % np.uint64(nf))]
+        total = rlen[w] + own[w]
+        if total <= 0:
+            continue
+        pos = np.int64(_mix(x ^ np.uint64(1)) % np.uint64(total))
+        if pos < rlen[w]:
+            c = rlist[w, pos]
+        elif gated:
+            c = win[w, pos - rlen[w]]
+        else:
+            c = w * K + pos - rlen[w]
+        if c < 0 or mark[c] == stamp or _bit(hbits, v, c) or _bit(pbits, v, c):
+            continue
+        mark[c] = stamp
+        gi += 1
+        # the neighbour it was drawn from holds it; test that one first
+        if not _warm_can(w, c, c // Kd, tbits, gated, in_window, can_send, up_left, sent, sent_len):
+            if not _warm_any_sender(v, c, n, Kd, nbr, tbits, gated, in_window, can_send, up_left, sent, sent_len):
+                continue
+        if found == cand_c.size:
+            cand_c = np.concatenate((cand_c, np.empty(found, dtype=np.int64)))
+            cand_k = np.concatenate((cand_k, np.empty(found, dtype=np.float64)))
+        cand_c[found] = c
+        cand_k[found] = _unif(_h(base, v * N + c, 2))
+        found += 1
+    take = min(found, want)
+    if take == 0:
+        return 0, gi, ui
+    order = np.argsort(cand_k[:found])
+    below = 1e9 if received[v] < k else 0.0
+    for a in range(take):
+        c = cand_c[order[a]]
+        owner = c // Kd
+        best = -1.0
+        bj = -1
+        for j in range(D):
+            w = nbr[v, j]
+            if w >= n:
+                break
+            if not _warm_can(w, c, owner, tbits, gated, in_window, can_send, up_left, sent, sent_len):
+                continue
+            sc = _unif(_h(base, v * (n + 1) + w, 3))
+            if w != owner:
+                sc += 1e9
+            if policy == 0:
+                sc += up_left[w] * 1e3
+            if sc > best:
+                best = sc
+                bj = j
+        jit = _unif(_h(base, v * N + c, 4))
+        if policy == 2:
+            pr = below + jit
+        elif policy == 1:
+            pr = below + down_left[v] * 1e3 + jit
+        else:
+            pr = below + max(k - received[v], 0) / down[v] * 1e3 + jit
+        q_s[nq + o0] = nbr[v, bj]
+        q_r[nq + o0] = v
+        q_c[nq + o0] = c
+        q_j[nq + o0] = bj
+        q_p[nq + o0] = -pr
+        nq += 1
+    return nq, gi, ui
+
+
+@njit(cache=True, parallel=True)
 def warm_pass(
     base,
-    sched,
+    policy,
     n,
     N,
     K,
@@ -453,116 +663,74 @@ def warm_pass(
     or all K).  Missing, unscheduled candidates that some neighbour may serve now (eligible under gating,
     lag over, upload left, not already sending that chunk this stage) are kept, at most the receiver's
     residual download, in seeded random order.  Each is assigned the best feasible sender: non-owner
-    first, then (sched 0, GFF) most residual upload, then chance.  Senders accept in priority order, peers
-    below k first, then (GFF) the requester with the longest time to k, (sched 1) the fastest requester,
-    (sched 2) arrival by chance; within upload budget, tau new receivers and one send per chunk.
+    first, then (policy 0, GFF) most residual upload, then chance.  Senders accept in priority order, peers
+    below k first, then (GFF) the requester with the longest time to k, (policy 1) the fastest requester,
+    (policy 2) arrival by chance; within upload budget, tau new receivers and one send per chunk.
     Accepted transfers are committed to the budgets.  Returns (sender, receiver, chunk, slot, got, used,
     stamp): recv[i] found got[i] usable candidates in used[i] draws (their ratio sizes the next draw).
     """
-    D = nbr.shape[1]
-    cap = 0
-    for i in range(recv.size):
-        cap += min(down_left[recv[i]], draws[i])
+    # ---- receivers, in parallel: each writes its requests into its own segment; candidate de-duplication
+    # stamps live in one row of `mark` per thread, stamp0 + i + 1 for receiver i
+    R = recv.size
+    off = np.zeros(R + 1, dtype=np.int64)
+    for i in range(R):
+        off[i + 1] = off[i] + min(down_left[recv[i]], draws[i])
+    cap = off[R]
     q_s = np.empty(cap, dtype=np.int64)
     q_r = np.empty(cap, dtype=np.int64)
     q_c = np.empty(cap, dtype=np.int64)
     q_j = np.empty(cap, dtype=np.int64)
     q_p = np.empty(cap, dtype=np.float64)
+    cnt_r = np.zeros(R, dtype=np.int64)
+    got = np.zeros(R, dtype=np.int64)
+    used = np.zeros(R, dtype=np.int64)
+    for i in prange(R):
+        cnt_r[i], got[i], used[i] = _warm_requests(
+            i,
+            off[i],
+            stamp0 + i + 1,
+            mark[get_thread_id() % mark.shape[0]],
+            base,
+            policy,
+            n,
+            N,
+            K,
+            k,
+            nbr,
+            deg,
+            recv,
+            draws,
+            hbits,
+            tbits,
+            rlist,
+            rlen,
+            win,
+            own,
+            gated,
+            in_window,
+            can_send,
+            up_left,
+            down_left,
+            down,
+            received,
+            pbits,
+            sent,
+            sent_len,
+            q_s,
+            q_r,
+            q_c,
+            q_j,
+            q_p,
+        )
+    stamp = stamp0 + R
     nq = 0
-    got = np.zeros(recv.size, dtype=np.int64)
-    used = np.zeros(recv.size, dtype=np.int64)
-    cand_c = np.empty(64, dtype=np.int64)
-    cand_k = np.empty(64, dtype=np.float64)
-    stamp = stamp0
-    Kd = max(K, 1)
-    fj = np.empty(D, dtype=np.int64)
-    for i in range(recv.size):
-        v = recv[i]
-        stamp += 1
-        vb = _mix(base ^ np.uint64(v))
-        found = 0
-        # draw from the neighbours that may still send this stage
-        nf = 0
-        room = 0  # what v's neighbours can still upload: v cannot usefully ask for more
-        for j in range(D):
-            w = nbr[v, j]
-            if w >= n:
-                break
-            if can_send[w] and up_left[w] > 0:
-                fj[nf] = w
-                nf += 1
-                room += up_left[w]
-        if nf == 0:
-            continue
-        want = min(down_left[v], room)
-        nd = min(draws[i], max(8, (draws[i] * want) // max(down_left[v], 1) + 1))
-        enough = want + want // 2 + 1  # feasible candidates to choose the requests from
-        for t in range(nd):
-            if found >= enough:
-                break
-            used[i] += 1
-            x = _mix(vb ^ np.uint64(t))
-            w = fj[np.int64(x % np.uint64(nf))]
-            total = rlen[w] + own[w]
-            if total <= 0:
-                continue
-            pos = np.int64(_mix(x ^ np.uint64(1)) % np.uint64(total))
-            if pos < rlen[w]:
-                c = rlist[w, pos]
-            elif gated:
-                c = win[w, pos - rlen[w]]
-            else:
-                c = w * K + pos - rlen[w]
-            if c < 0 or mark[c] == stamp or _bit(hbits, v, c) or _bit(pbits, v, c):
-                continue
-            mark[c] = stamp
-            got[i] += 1
-            # the neighbour it was drawn from holds it; test that one first
-            if not _warm_can(w, c, c // Kd, tbits, gated, in_window, can_send, up_left, sent, sent_len):
-                if not _warm_any_sender(v, c, n, Kd, nbr, tbits, gated, in_window, can_send, up_left, sent, sent_len):
-                    continue
-            if found == cand_c.size:
-                cand_c = np.concatenate((cand_c, np.empty(found, dtype=np.int64)))
-                cand_k = np.concatenate((cand_k, np.empty(found, dtype=np.float64)))
-            cand_c[found] = c
-            cand_k[found] = _unif(_h(base, v * N + c, 2))
-            found += 1
-        take = min(found, want)
-        if take == 0:
-            continue
-        order = np.argsort(cand_k[:found])
-        below = 1e9 if received[v] < k else 0.0
-        for a in range(take):
-            c = cand_c[order[a]]
-            owner = c // Kd
-            best = -1.0
-            bj = -1
-            for j in range(D):
-                w = nbr[v, j]
-                if w >= n:
-                    break
-                if not _warm_can(w, c, owner, tbits, gated, in_window, can_send, up_left, sent, sent_len):
-                    continue
-                sc = _unif(_h(base, v * (n + 1) + w, 3))
-                if w != owner:
-                    sc += 1e9
-                if sched == 0:
-                    sc += up_left[w] * 1e3
-                if sc > best:
-                    best = sc
-                    bj = j
-            jit = _unif(_h(base, v * N + c, 4))
-            if sched == 2:
-                pr = below + jit
-            elif sched == 1:
-                pr = below + down_left[v] * 1e3 + jit
-            else:
-                pr = below + max(k - received[v], 0) / down[v] * 1e3 + jit
-            q_s[nq] = nbr[v, bj]
-            q_r[nq] = v
-            q_c[nq] = c
-            q_j[nq] = bj
-            q_p[nq] = -pr
+    for i in range(R):
+        for e in range(off[i], off[i] + cnt_r[i]):
+            q_s[nq] = q_s[e]
+            q_r[nq] = q_r[e]
+            q_c[nq] = q_c[e]
+            q_j[nq] = q_j[e]
+            q_p[nq] = q_p[e]
             nq += 1
     # senders: bucket by sender, accept in priority order, commit at once (no request is cancelled later)
     cnt = np.zeros(n + 2, dtype=np.int64)

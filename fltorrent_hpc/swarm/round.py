@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from ..config import SwarmConfig
@@ -137,7 +138,8 @@ class SwarmRound:
         self.bt = None
         self.recip = np.zeros(self.nbr.shape, dtype=np.int64)  # chunks v received from its j-th neighbour
         self.acc_est = np.full(n, 0.2)
-        self.warm_mark = np.zeros(max(self.N, 1), dtype=np.int64)  # candidate de-duplication stamps
+        # candidate de-duplication stamps of the warm-up passes, one row per compiled worker thread
+        self.warm_mark = np.zeros((numba.config.NUMBA_NUM_THREADS, max(self.N, 1)), dtype=np.int64)
         self.warm_stamp = 0
         self._slots: tuple | None = None
         # phase and clocks
