@@ -301,6 +301,43 @@ def _bt_requests(
     return nq, st0, st1
 
 
+@njit(cache=True)
+def _bt_grant(s, a, b, idx, sb, N, q_r, q_c, q_j, rev, recip, served, up_left, tau_left, prio, granted):
+    """Sender s grants its requests idx[a:b] in priority order within its upload budget and tau."""
+    if a == b:
+        return
+    for e in range(a, b):
+        q = idx[e]
+        sl = rev[q_r[q], q_j[q]]
+        pr = float(recip[s, sl]) + _unif(_h(sb, s * N + q_c[q], 4))
+        if served[s, sl]:
+            pr += 1e12
+        prio[e] = -pr
+    order = np.argsort(prio[a:b])
+    up = up_left[s]
+    tau = tau_left[s]
+    newpairs = np.empty(max(tau, 1), dtype=np.int64)
+    nnew = 0
+    for o in range(b - a):
+        q = idx[a + order[o]]
+        if up <= 0:
+            break
+        sl = rev[q_r[q], q_j[q]]
+        ok = served[s, sl]
+        if not ok:
+            for z in range(nnew):
+                if newpairs[z] == sl:
+                    ok = True
+                    break
+        if not ok and nnew < tau:
+            newpairs[nnew] = sl
+            nnew += 1
+            ok = True
+        if ok:
+            granted[q] = True
+            up -= 1
+
+
 @njit(cache=True, parallel=True)
 def bt_pass(
     base,
@@ -407,40 +444,11 @@ def bt_pass(
     prio = np.empty(nq, dtype=np.float64)
     sb = _mix(base ^ np.uint64(0xC0FFEE))
     granted = np.zeros(nq, dtype=np.bool_)
-    newpairs = np.empty(max(1, tau_left.max()), dtype=np.int64)
-    for s in range(n + 1):
-        a, b = start[s], start[s + 1]
-        if a == b:
-            continue
-        for e in range(a, b):
-            q = idx[e]
-            sl = rev[q_r[q], q_j[q]]
-            pr = float(recip[s, sl]) + _unif(_h(sb, s * N + q_c[q], 4))
-            if served[s, sl]:
-                pr += 1e12
-            prio[e] = -pr
-        order = np.argsort(prio[a:b])
-        up = up_left[s]
-        tau = tau_left[s]
-        nnew = 0
-        for o in range(b - a):
-            q = idx[a + order[o]]
-            if up <= 0:
-                break
-            sl = rev[q_r[q], q_j[q]]
-            ok = served[s, sl]
-            if not ok:
-                for z in range(nnew):
-                    if newpairs[z] == sl:
-                        ok = True
-                        break
-            if not ok and nnew < tau:
-                newpairs[nnew] = sl
-                nnew += 1
-                ok = True
-            if ok:
-                granted[q] = True
-                up -= 1
+    # each sender grants from its own budget and requests only, so senders run in parallel too
+    for s in prange(n + 1):
+        _bt_grant(
+            s, start[s], start[s + 1], idx, sb, N, q_r, q_c, q_j, rev, recip, served, up_left, tau_left, prio, granted
+        )
     # ---- endgame: one grant per (receiver, chunk) survives, chosen by chance
     keep = np.zeros(nq, dtype=np.bool_)
     if ngroups:
