@@ -1,7 +1,7 @@
 """Scaling studies of the paper's dissemination results (and past them), then the report.
 
     python jobs/scaling_study.py table3 --jobs 2            # one study -> results/table3.h5 + .json
-    python jobs/scaling_study.py paper --jobs 2             # table3, ablation, cover, schedulers, llm, then report
+    python jobs/scaling_study.py paper --jobs 2             # table3, ablation, cover, schedulers, llm, privacy, report
     python jobs/scaling_study.py all --jobs 2               # the paper studies and `beyond`, then report
     python jobs/scaling_study.py report results/*.h5 --out docs/figures --markdown docs/RESULTS.md
     python jobs/scaling_study.py --list
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fltorrent_hpc.study import report_main, study_main
 
-PAPER = ("table3", "ablation", "cover", "schedulers", "llm")
+PAPER = ("table3", "ablation", "cover", "schedulers", "llm", "privacy")
 GROUPS = {"paper": PAPER, "all": (*PAPER, "beyond")}
 
 
