@@ -20,6 +20,7 @@ the others and, with consensus, every rank averages the same agreed reconstructa
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,9 +84,24 @@ class SwarmEngine:
         self.tracker = self.cfg.tracker_rank
         self.data = comm.Dup()
         self.ctrl = comm.Dup()
+        self._share_cores(comm)
         self.round_id = 0
         self._orphans: list = []  # sends to peers that went silent: kept alive with their buffers
         self.last_trace: Trace | None = None
+
+    @staticmethod
+    def _share_cores(comm) -> None:
+        """Compiled swarm passes (tracker side) get this rank's share of the node's cores, not all of them.
+
+        Ranks sharing a node would otherwise oversubscribe it, and every parallel region of the tracker's
+        passes would wait on a descheduled thread.
+        """
+        import numba
+
+        local = comm.Split_type(tm.mpi().COMM_TYPE_SHARED)
+        per_rank = max(1, (os.cpu_count() or 1) // local.Get_size())
+        local.Free()
+        numba.set_num_threads(min(per_rank, numba.config.NUMBA_NUM_THREADS))
 
     def close(self) -> None:
         for c in (self.data, self.ctrl):

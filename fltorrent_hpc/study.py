@@ -581,6 +581,9 @@ def _run_pool(todo: list[Point], jobs: int, trace_dir: str | None, finished) -> 
     # one BLAS/OpenMP thread per worker: the cores are already shared out between workers
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+    # the compiled swarm passes run their receivers in parallel: give each worker its share of the cores, since
+    # oversubscribed threads stall every parallel region (tens of thousands per round) on a descheduled thread
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(jobs, 1))))
     # a fresh process per point: a big point's memory goes back to the OS and each peak RSS is its own
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
         pending: dict[Future, Point] = {ex.submit(run_point, p, trace_dir): p for p in todo}
