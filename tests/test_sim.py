@@ -165,3 +165,24 @@ def test_paper_shaped_round():
     wu = simulate(base, 30, PAPER_UPDATE, up, down, maxflow=True, warmup_only=True, trace=False).summary
     assert wu["warmup_stages"] == full["warmup_stages"]  # the bound's bookkeeping does not change the schedule
     assert 0.9 <= wu["gff_maxflow_ratio"] <= 1.0
+
+
+def test_same_trace_for_any_thread_count():
+    """The compiled passes run receivers and senders in parallel; the decisions must not depend on it."""
+    import numba
+
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        a, sa, _ = _trace_columns(5)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        b, sb, _ = _trace_columns(5)
+    finally:
+        numba.set_num_threads(threads)
+    assert a["sender"].size > 0
+    for k in TRANSFER_COLUMNS:
+        assert a[k].tobytes() == b[k].tobytes(), (
+            f"column {k} differs between 1 and {numba.config.NUMBA_NUM_THREADS} threads"
+        )
+    for k in sa:
+        assert sa[k].tobytes() == sb[k].tobytes()

@@ -5,9 +5,10 @@ Each peer decides from its own knowledge only: receiver v reads its own row, its
 residual budget and its reciprocity counters.  Every random draw is keyed by (seed, stage, pass, peer),
 so a real rank that evaluates only its own rows reproduces the simulator's decisions exactly.
 
-Candidate chunks are sampled, not enumerated: while a peer misses more than N/8 chunks it draws chunk ids
-uniformly and keeps the missing ones; below that it keeps a compact missing list, rebuilt whenever half
-of it is stale.  Rarity is the number of v's neighbours holding a chunk; v asks for the rarest first, each
+Candidate chunks are sampled, not enumerated: a receiver visits its own have-words in a seeded permutation
+and tries a few missing chunks of each (every word once its missing chunks are sparse), so no draw lands on
+a chunk it holds; the passes are compiled (bt_kernel.py).
+Rarity is the number of v's neighbours holding a chunk; v asks for the rarest first, each
 from a random holder that has not choked it.  In endgame (at most `endgame_chunks` missing) v asks every
 holder and keeps the first grant; the other grants are cancelled before any byte moves.
 """
@@ -34,7 +35,7 @@ def _init_bt(rnd: SwarmRound) -> None:
         nb < rnd.n, rnd.up[np.minimum(nb, rnd.n - 1)] / np.maximum(rnd.deg[np.minimum(nb, rnd.n - 1)], 1), 0
     )
     rnd.bt_want = np.ceil(REQUEST_FACTOR * share.sum(axis=1)).astype(np.int64) + PIPELINE_MIN
-    rnd.bt_stats = np.zeros(6, dtype=np.int64)  # candidate draws, feasible candidates, requests
+    rnd.bt_stats = np.zeros(3, dtype=np.int64)  # candidate draws, feasible candidates, requests
 
 
 def bt_stage(rnd: SwarmRound) -> Stage:
@@ -83,7 +84,6 @@ def bt_stage(rnd: SwarmRound) -> Stage:
         if s.size == 0:
             break
         col.add(s, r, c, np.full(s.size, BT), np.full(s.size, rnd.K), rnd.held[s])
-        b.book_compiled(s, r, c)
     s, r, c, kind, owned, buf = col.arrays()
     return Stage(
         index=rnd.stage,

@@ -68,11 +68,6 @@ class StageBudget:
         book(self.sent_c, self.sent_len, s, c)
         set_pending(self.pbits, r, c, True)
 
-    def book_compiled(self, s: np.ndarray, r: np.ndarray, c: np.ndarray) -> None:
-        """Record transfers a compiled pass already charged to the budgets and per-peer lists."""
-        self.sent = np.concatenate([self.sent, s * self.N + c])
-        self.pending = np.concatenate([self.pending, r * self.N + c])
-
 
 def _spray(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
     plan = rnd.spray
@@ -115,7 +110,6 @@ def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, 
         K,
         rnd.k,
         nbr64,
-        rnd.deg,
         rev,
         recv,
         draws,
@@ -146,7 +140,6 @@ def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, 
         return 0
     owned = rnd.owned_eligible
     col.add(s, r, c, np.full(s.size, WARMUP), owned[s], rnd.received[s] + owned[s])
-    b.book_compiled(s, r, c)
     return int(s.size)
 
 
