@@ -521,6 +521,8 @@ def _warm_requests(
     up_left,
     down_left,
     down,
+    askers,
+    share,
     received,
     pbits,
     sent,
@@ -545,7 +547,9 @@ def _warm_requests(
     found = 0
     # draw from the neighbours that may still send this stage
     nf = 0
-    room = 0  # what v's neighbours can still upload: v cannot usefully ask for more
+    # what v's neighbours can still upload to it: their upload split over the receivers asking them this
+    # pass (`askers`), times `share` to cover neighbours whose other receivers ask for less
+    fair = 0.0
     for j in range(D):
         w = nbr[v, j]
         if w >= n:
@@ -553,10 +557,10 @@ def _warm_requests(
         if can_send[w] and up_left[w] > 0:
             fj[nf] = w
             nf += 1
-            room += up_left[w]
+            fair += up_left[w] / max(askers[w], 1)
     if nf == 0:
         return 0, 0, 0
-    want = min(down_left[v], room)
+    want = min(down_left[v], np.int64(np.ceil(share * fair)))
     nd = min(draws[i], max(8, (draws[i] * want) // max(down_left[v], 1) + 1))
     enough = want + want // 2 + 1  # feasible candidates to choose the requests from
     for t in range(nd):
@@ -653,6 +657,8 @@ def warm_pass(
     up_left,
     down_left,
     down,
+    askers,
+    share,
     tau_left,
     served,
     received,
@@ -717,6 +723,8 @@ def warm_pass(
             up_left,
             down_left,
             down,
+            askers,
+            share,
             received,
             pbits,
             sent,

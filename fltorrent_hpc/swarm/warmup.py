@@ -22,6 +22,8 @@ from .bt_kernel import book, key_base, set_pending, warm_pass
 from .round import BT, SPRAY, WARMUP, Stage, SwarmRound, _Collector
 
 GFF_PASSES = 3
+# a receiver asks for at most ASK_SHARE x its fair share of its neighbours' remaining upload per pass
+ASK_SHARE = 3.0
 
 
 class StageBudget:
@@ -102,6 +104,7 @@ def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, 
     win = -np.sort(-rnd.win, axis=1)  # filled window slots first
     own = (win >= 0).sum(axis=1) if rnd.gating else np.full(n, K, dtype=np.int64)
     nbr64, rev = rnd.slot_tables()
+    askers = np.bincount(nbr64[recv].ravel(), minlength=n + 1)
     s, r, c, slot, got, used, rnd.warm_stamp = warm_pass(
         np.uint64(key_base(rnd.seed, rng.WARMUP, rnd.stage, p)),
         SCHED_CODES[rnd.cfg.scheduler],
@@ -125,6 +128,8 @@ def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, 
         b.up_left,
         b.down_left,
         rnd.down,
+        askers,
+        ASK_SHARE,
         b.tau_left,
         b.served,
         rnd.received,
