@@ -81,8 +81,8 @@ def bt_stage(rnd: SwarmRound) -> Stage:
             MAX_DRAWS,
             rnd.bt_stats,
         )
-        if s.size == 0:
-            break
+        # no early stop on a pass without grants: whether anyone got a grant is global knowledge, which a
+        # peer running its own passes (engine, decentralised BitTorrent) does not have
         col.add(s, r, c, np.full(s.size, BT), np.full(s.size, rnd.K), rnd.held[s])
     s, r, c, kind, owned, buf = col.arrays()
     return Stage(
