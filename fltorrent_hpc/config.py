@@ -19,6 +19,7 @@ from .errors import ConfigError
 PRIVACY_MECHANISMS = ("spray", "lags", "gating")
 SCHEDULERS = ("gff", "random-ff", "random-fifo", "flooding", "maxflow")  # maxflow: offline bound
 OVERLAYS = ("random", "expander")
+BT_DECISIONS = ("peers", "tracker")
 COVER_SCOPES = ("swarm", "update")
 
 _BYTE_UNITS = {
@@ -146,6 +147,9 @@ class SwarmConfig:
     tau: int = 4  # concurrent receivers per sender per stage
     bt_passes: int = 2  # request/grant passes per BitTorrent stage
     endgame_chunks: int = 8  # a receiver missing at most this many chunks enters endgame
+    # real rounds: "peers" = each rank makes its own BitTorrent decisions over neighbour exchanges;
+    # "tracker" = the tracker evaluates them on the peers' behalf and relays directives (same decisions)
+    bt_decisions: str = "peers"
     slot_seconds: float = 1.0  # Delta
     # deadlines
     deadline_stages: int = 0  # s_max for the simulator; 0 = derived from capacities (4x the ideal)
@@ -177,7 +181,8 @@ class SwarmConfig:
             (self.kappa >= 1, "kappa must be >= 1"),
             (self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}"),
             (self.tau >= 1, "tau must be >= 1"),
-            (self.bt_passes >= 1, "bt_passes must be >= 1"),
+            (1 <= self.bt_passes <= 7, "bt_passes must be in 1..7"),
+            (self.bt_decisions in BT_DECISIONS, f"bt_decisions must be one of {BT_DECISIONS}"),
             (self.slot_seconds > 0, "slot_seconds must be > 0"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
             (self.stage_timeout_s > 0, "stage_timeout_s must be > 0"),

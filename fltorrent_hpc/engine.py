@@ -28,14 +28,21 @@ from typing import Any
 import numpy as np
 
 from .checksum import chunk_hashes
-from .config import PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
+from .config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
 from .errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
-from .swarm.round import BT, SwarmRound
+from .swarm.bt_peer import pack_bits, unpack_bits
+from .swarm.round import BT, SPRAY, Stage, SwarmRound
 from .trace import Trace
 from .transport import mpi as tm
 
-KIND_DIRECTIVE, KIND_REPORT, KIND_END = 1, 2, 3
+KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
 UNPACED_BUDGET = 1 << 30
+
+
+def chunk_budgets(rates: np.ndarray, chunk_bytes: int, slot_seconds: float) -> np.ndarray:
+    """Per-stage chunk budgets from link rates (bytes/s); an unpaced link (rate 0) gets UNPACED_BUDGET."""
+    b = np.where(rates > 0, np.floor(rates * slot_seconds / chunk_bytes), UNPACED_BUDGET)
+    return np.maximum(b, 1).astype(np.int64)
 
 
 @dataclass
@@ -84,6 +91,7 @@ class SwarmEngine:
         self.tracker = self.cfg.tracker_rank
         self.data = comm.Dup()
         self.ctrl = comm.Dup()
+        self.nbrc = comm.Dup()  # neighbour frames of decentralised BitTorrent stages (engine_bt.py)
         self._share_cores(comm)
         self.round_id = 0
         self._orphans: list = []  # sends to peers that went silent: kept alive with their buffers
@@ -104,10 +112,10 @@ class SwarmEngine:
         numba.set_num_threads(min(per_rank, numba.config.NUMBA_NUM_THREADS))
 
     def close(self) -> None:
-        for c in (self.data, self.ctrl):
+        for c in (self.data, self.ctrl, self.nbrc):
             if c is not None:
                 c.Free()
-        self.data = self.ctrl = None
+        self.data = self.ctrl = self.nbrc = None
 
     # ------------------------------------------------------------------ collectives on the control comm
     def _allgather(self, arr: np.ndarray, what: str) -> np.ndarray:
@@ -180,6 +188,8 @@ class SwarmEngine:
                     cfg.tau,
                     int(consensus),
                     int(cfg.integrity == "hash"),
+                    BT_DECISIONS.index(cfg.bt_decisions),
+                    cfg.bt_passes,
                 ],
                 dtype=np.int64,
             )
@@ -220,9 +230,10 @@ class SwarmEngine:
                     "excluded": [],
                     "silent": False,
                     "warmup_failed_open": False,
+                    "peer_decided_stages": 0,
                 },
             )
-        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, fault)
+        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, fault, all_info, rseed)
         if me == self.tracker:
             end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer).run()
         else:
@@ -234,13 +245,27 @@ class _PeerState:
     """One rank's side of a round: executes directives, verifies chunks, reports."""
 
     def __init__(
-        self, eng: SwarmEngine, cfg: SwarmConfig, rid: int, K: int, C: int, nbytes: int, bufs, all_hash, fault: Fault
+        self,
+        eng: SwarmEngine,
+        cfg: SwarmConfig,
+        rid: int,
+        K: int,
+        C: int,
+        nbytes: int,
+        bufs,
+        all_hash,
+        fault: Fault,
+        all_info: np.ndarray,
+        seed: int,
     ):
         self.eng, self.cfg, self.rid, self.K, self.C, self.nbytes = eng, cfg, rid, K, C, nbytes
         self.bufs, self.hashes, self.fault = bufs, all_hash, fault
+        self.all_info, self.seed = all_info, seed
         n = eng.size
         self.have = np.zeros((n, K), dtype=bool)
         self.have[eng.rank] = True
+        self.got_from = np.zeros(n, dtype=np.int64)  # verified non-spray chunks from each peer (reciprocity)
+        self.runner = None  # engine_bt.PeerStageRunner, from the first decentralised BitTorrent stage
         self.sent_bytes = self.recv_bytes = 0
         self.refetched = 0
         self.bad_senders: set[int] = set()
@@ -265,10 +290,38 @@ class _PeerState:
             if msg.size >= 4 and msg[3] == KIND_END:
                 tm.check_header(msg, self.rid, KIND_END, eng.tracker)
                 return msg
-            tm.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker)
-            rep = self.execute(msg)
+            if msg.size >= 4 and msg[3] == KIND_BT_STAGE:
+                tm.check_header(msg, self.rid, KIND_BT_STAGE, eng.tracker)
+                rep = self.bt_stage(msg)
+            else:
+                tm.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker)
+                rep = self.execute(msg)
             if rep is not None:
                 eng.ctrl.Send([rep, tm.mpi().INT64_T], dest=eng.tracker, tag=tm.TAG_REPORT)
+
+    def bt_stage(self, msg: np.ndarray) -> np.ndarray | None:
+        """A decentralised BitTorrent stage (engine_bt.py); returns the report frame."""
+        from .engine_bt import PeerStageRunner
+
+        n = self.eng.size
+        stage, words = int(msg[2]), (n + 63) // 64
+        if msg.size != 5 + 2 * words or msg[4] != n:
+            raise ProtocolError(f"round {self.rid} stage {stage}: BitTorrent stage frame has {msg.size} words")
+        active, can_send = (
+            unpack_bits(msg[5 : 5 + words].view(np.uint64), n),
+            unpack_bits(msg[5 + words :].view(np.uint64), n),
+        )
+        if self.fault.silent_from_stage >= 0 and stage >= self.fault.silent_from_stage:
+            self.silent = True
+            return None
+        if self.runner is None:
+            cfg, C = self.cfg, self.cfg.chunk_bytes
+            up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
+            down = chunk_budgets(self.all_info[:, 2], C, cfg.slot_seconds)
+            self.runner = PeerStageRunner(self, cfg, self.rid, self.seed, up, down, self.got_from)
+        body = self.runner.stage(stage, active, can_send)
+        head = [tm.MAGIC, self.rid, stage, KIND_REPORT]
+        return np.concatenate([head, body, np.array(sorted(self.bad_senders), dtype=np.int64)]).astype(np.int64)
 
     def execute(self, msg: np.ndarray) -> np.ndarray | None:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
@@ -288,6 +341,27 @@ class _PeerState:
         if self.fault.silent_from_stage >= 0 and stage >= self.fault.silent_from_stage:
             self.silent = True
             return None
+        ok = self.move(stage, s_to, s_chunk, r_from, r_chunk, r_kind)
+        return np.concatenate(
+            [
+                [tm.MAGIC, self.rid, stage, KIND_REPORT, nr],
+                ok.astype(np.int64),
+                np.array(sorted(self.bad_senders), dtype=np.int64),
+            ]
+        )
+
+    def move(
+        self,
+        stage: int,
+        s_to: np.ndarray,
+        s_chunk: np.ndarray,
+        r_from: np.ndarray,
+        r_chunk: np.ndarray,
+        r_kind: np.ndarray,
+    ) -> np.ndarray:
+        """Move one stage's bytes: post receives, paced sends, wait, verify.  Lists sorted by (peer, chunk);
+        returns which receives arrived intact."""
+        eng, K, nr = self.eng, self.K, r_from.size
         now = time.monotonic() - self.t0
         tag = data_tag(self.rid, stage)
         rruns = _runs(r_from, r_chunk, K)
@@ -329,8 +403,10 @@ class _PeerState:
                     self.bad_senders.add(src)
                     self.refetched += int((~good).sum())
             pos += count
-        # directive receive lists are sorted by (sender, chunk), the order runs were built in
+        # receive lists are sorted by (sender, chunk), the order runs were built in
         self.have[r_chunk[ok] // K, r_chunk[ok] % K] = True
+        counted = ok & (r_kind != SPRAY)
+        np.add.at(self.got_from, r_from[counted], 1)
         lg = self.log
         lg["stage"].append(np.full(nr, stage))
         lg["t_start"].append(np.full(nr, now))
@@ -340,13 +416,7 @@ class _PeerState:
         lg["phase"].append(r_kind)
         lg["bytes"].append(np.minimum((r_chunk % K + 1) * self.C, self.nbytes) - (r_chunk % K) * self.C)
         lg["ok"].append(ok)
-        return np.concatenate(
-            [
-                [tm.MAGIC, self.rid, stage, KIND_REPORT, nr],
-                ok.astype(np.int64),
-                np.array(sorted(self.bad_senders), dtype=np.int64),
-            ]
-        )
+        return ok
 
     def finish(self, end: np.ndarray, weights: np.ndarray, consensus: bool, t0: float, trace_path: str) -> RoundResult:
         eng, n = self.eng, self.eng.size
@@ -372,6 +442,7 @@ class _PeerState:
             "excluded": np.flatnonzero(left).tolist(),
             "silent": self.silent,
             "warmup_failed_open": bool(failed_open),
+            "peer_decided_stages": self.runner.stages if self.runner is not None else 0,
         }
         if trace_path:
             self._write_trace(trace_path)
@@ -429,11 +500,8 @@ class _Tracker:
         self.eng, self.cfg, self.rid, self.K, self.peer = eng, cfg, rid, K, peer
         n, C = eng.size, cfg.chunk_bytes
 
-        def budget(rates: np.ndarray) -> np.ndarray:
-            b = np.where(rates > 0, np.floor(rates * cfg.slot_seconds / C), UNPACED_BUDGET)
-            return np.maximum(b, 1).astype(np.int64)
-
-        self.up, self.down = budget(all_info[:, 1]), budget(all_info[:, 2])
+        self.up = chunk_budgets(all_info[:, 1], C, cfg.slot_seconds)
+        self.down = chunk_budgets(all_info[:, 2], C, cfg.slot_seconds)
         self.rnd = SwarmRound(cfg.replace(seed=seed), n, K, self.up, self.down, seed=seed)
         self.deadline = (deadline_s if deadline_s is not None else cfg.deadline_s) or 0.0
         self.stages: list = []
@@ -457,55 +525,22 @@ class _Tracker:
         return msg, ri
 
     def run(self) -> np.ndarray:
-        eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
-        n, me = eng.size, eng.rank
+        rnd = self.rnd
         t0 = time.monotonic()
         s_max = rnd.deadline()
         warm_t = 0.0
         while not rnd.done and rnd.stage < s_max:
             if self.deadline and time.monotonic() - t0 > self.deadline:
                 break
-            st = rnd.next_stage()
-            if st.phase == BT and rnd.s_bt == st.index and warm_t == 0.0:
-                warm_t = time.monotonic() - t0
-            act = np.flatnonzero(rnd.active[:n])
-            recv_idx: dict[int, np.ndarray] = {}
-            sends = []
-            for p in act:
-                msg, ri = self._directive(st, int(p))
-                recv_idx[int(p)] = ri
-                if p != me:
-                    sends.append(eng.ctrl.Isend([msg, MPI.INT64_T], dest=int(p), tag=tm.TAG_DIRECTIVE))
-                else:
-                    own = msg
-            delivered = np.zeros(st.size, dtype=bool)
-            if rnd.active[me]:
-                rep = self.peer.execute(own)
-                if rep is not None:
-                    delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
-            tm.wait_all(sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
-            silent = []
-            report_deadline = time.monotonic() + self.cfg.stage_timeout_s + max(2.0, 0.5 * self.cfg.stage_timeout_s)
-            for p in act:
-                if p == me:
-                    continue
-                try:
-                    wait_s = max(0.05, report_deadline - time.monotonic())
-                    rep = tm.recv_control(
-                        eng.ctrl, int(p), tm.TAG_REPORT, wait_s, f"round {self.rid} stage {st.index} report"
-                    )
-                except PeerTimeoutError:
-                    silent.append(int(p))
-                    continue
-                tm.check_header(rep, self.rid, KIND_REPORT, int(p))
-                ri = recv_idx[int(p)]
-                if rep[4] != ri.size or rep.size < 5 + ri.size:
-                    raise ProtocolError(f"rank {p} reported {rep[4]} receives for stage {st.index}, expected {ri.size}")
-                delivered[ri] = rep[5 : 5 + ri.size].astype(bool)
-            # transfers from or to a silent peer did not happen
-            if silent:
-                gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
-                delivered &= ~gone
+            if self.cfg.bt_decisions == "peers" and rnd.begin_stage() == BT:
+                if rnd.s_bt == rnd.stage and warm_t == 0.0:
+                    warm_t = time.monotonic() - t0
+                st, delivered, silent = self._peer_stage()
+            else:
+                st = rnd.next_stage()
+                if st.phase == BT and rnd.s_bt == st.index and warm_t == 0.0:
+                    warm_t = time.monotonic() - t0
+                delivered, silent = self._directed_stage(st)
             rnd.complete(st, delivered)
             if silent:
                 rnd.leave(silent)
@@ -513,6 +548,119 @@ class _Tracker:
             self.delivered.append(delivered)
         if warm_t == 0.0 and rnd.s_bt < 0:
             warm_t = time.monotonic() - t0
+        return self._end(warm_t)
+
+    def _directed_stage(self, st: Stage) -> tuple[np.ndarray, list[int]]:
+        """A tracker-decided stage: one directive per peer, then every peer's delivered mask."""
+        eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
+        n, me = eng.size, eng.rank
+        act = np.flatnonzero(rnd.active[:n])
+        recv_idx: dict[int, np.ndarray] = {}
+        sends = []
+        for p in act:
+            msg, ri = self._directive(st, int(p))
+            recv_idx[int(p)] = ri
+            if p != me:
+                sends.append(eng.ctrl.Isend([msg, MPI.INT64_T], dest=int(p), tag=tm.TAG_DIRECTIVE))
+            else:
+                own = msg
+        delivered = np.zeros(st.size, dtype=bool)
+        if rnd.active[me]:
+            rep = self.peer.execute(own)
+            if rep is not None:
+                delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
+        tm.wait_all(sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
+        silent = []
+        report_deadline = time.monotonic() + self.cfg.stage_timeout_s + max(2.0, 0.5 * self.cfg.stage_timeout_s)
+        for p in act:
+            if p == me:
+                continue
+            try:
+                wait_s = max(0.05, report_deadline - time.monotonic())
+                rep = tm.recv_control(
+                    eng.ctrl, int(p), tm.TAG_REPORT, wait_s, f"round {self.rid} stage {st.index} report"
+                )
+            except PeerTimeoutError:
+                silent.append(int(p))
+                continue
+            tm.check_header(rep, self.rid, KIND_REPORT, int(p))
+            ri = recv_idx[int(p)]
+            if rep[4] != ri.size or rep.size < 5 + ri.size:
+                raise ProtocolError(f"rank {p} reported {rep[4]} receives for stage {st.index}, expected {ri.size}")
+            delivered[ri] = rep[5 : 5 + ri.size].astype(bool)
+        # transfers from or to a silent peer did not happen
+        if silent:
+            gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
+            delivered &= ~gone
+        return delivered, silent
+
+    def _peer_stage(self) -> tuple[Stage, np.ndarray, list[int]]:
+        """A decentralised BitTorrent stage: clock it, then rebuild it from what each peer received."""
+        eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
+        n, me, K = eng.size, eng.rank, self.K
+        act = rnd.active[:n]
+        can = act & (rnd.lag + rnd.round_start <= rnd.stage)
+        frame = np.concatenate(
+            [
+                [tm.MAGIC, self.rid, rnd.stage, KIND_BT_STAGE, n],
+                pack_bits(act).view(np.int64),
+                pack_bits(can).view(np.int64),
+            ]
+        ).astype(np.int64)
+        peers = np.flatnonzero(act).tolist()
+        sends = [eng.ctrl.Isend([frame, MPI.INT64_T], dest=p, tag=tm.TAG_DIRECTIVE) for p in peers if p != me]
+        reports: dict[int, np.ndarray] = {}
+        if act[me]:
+            own = self.peer.bt_stage(frame)
+            if own is not None:
+                reports[me] = own
+        tm.wait_all(sends, self.cfg.timeout_s, lambda p, s=rnd.stage: f"stage frames of stage {s}")
+        # a peer spends up to one stage timeout on its neighbour exchanges and one on the data
+        sto = self.cfg.stage_timeout_s
+        report_deadline = time.monotonic() + 2 * sto + max(2.0, 0.5 * sto)
+        silent = []
+        for p in peers:
+            if p == me:
+                continue
+            try:
+                wait_s = max(0.05, report_deadline - time.monotonic())
+                reports[p] = tm.recv_control(
+                    eng.ctrl, p, tm.TAG_REPORT, wait_s, f"round {self.rid} stage {rnd.stage} report"
+                )
+            except PeerTimeoutError:
+                silent.append(p)
+                continue
+            tm.check_header(reports[p], self.rid, KIND_REPORT, p)
+        parts = []
+        for p in sorted(reports):
+            rep = reports[p]
+            nr = int(rep[4]) if rep.size > 4 else -1
+            if nr < 0 or rep.size < 5 + 3 * nr:
+                raise ProtocolError(f"rank {p} sent a malformed report for stage {rnd.stage}")
+            s, c, ok = rep[5 : 5 + nr], rep[5 + nr : 5 + 2 * nr], rep[5 + 2 * nr : 5 + 3 * nr].astype(bool)
+            if np.any((s < 0) | (s >= n)) or np.any((c < 0) | (c >= n * K)):
+                raise ProtocolError(f"rank {p} reported receives outside the round at stage {rnd.stage}")
+            parts.append((s, np.full(nr, p, dtype=np.int64), c, ok))
+        cat = lambda i: np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64)  # noqa: E731
+        s, r, c, ok = cat(0), cat(1), cat(2), cat(3).astype(bool)
+        st = Stage(
+            index=rnd.stage,
+            phase=BT,
+            sender=s,
+            receiver=r,
+            chunk=c,
+            kind=np.full(s.size, BT, dtype=np.int64),
+            sender_owned=np.full(s.size, K, dtype=np.int64),
+            sender_buffer=rnd.held[s],
+            capacity=rnd.capacity(),
+        )
+        if silent:
+            ok &= ~np.isin(s, silent)
+        return st, ok, silent
+
+    def _end(self, warm_t: float) -> np.ndarray:
+        eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
+        n, me = eng.size, eng.rank
         A = rnd.reconstructable()
         act = rnd.active[:n]
         agreed = A[act].all(axis=0) if act.any() else np.zeros(n, bool)

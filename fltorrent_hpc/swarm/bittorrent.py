@@ -27,14 +27,16 @@ OVERSAMPLE = 1.5  # feasible candidates drawn per request: the rarest `want` of 
 MAX_DRAWS = 8  # draws per wanted candidate before a receiver gives up for this pass
 
 
+def request_pipeline(nbr: np.ndarray, up: np.ndarray, deg: np.ndarray, n: int) -> np.ndarray:
+    """Requests each peer (row of `nbr`) keeps in flight: REQUEST_FACTOR x its fair share of its neighbours'
+    uplinks, plus PIPELINE_MIN.  Row-wise, so a peer computes its own value from its own row alone."""
+    share = np.where(nbr < n, up[np.minimum(nbr, n - 1)] / np.maximum(deg[np.minimum(nbr, n - 1)], 1), 0)
+    return np.ceil(REQUEST_FACTOR * share.sum(axis=1)).astype(np.int64) + PIPELINE_MIN
+
+
 def _init_bt(rnd: SwarmRound) -> None:
     rnd.bt = True
-    # requests a peer keeps in flight: REQUEST_FACTOR times its fair share of its neighbours' uplinks
-    nb = rnd.nbr
-    share = np.where(
-        nb < rnd.n, rnd.up[np.minimum(nb, rnd.n - 1)] / np.maximum(rnd.deg[np.minimum(nb, rnd.n - 1)], 1), 0
-    )
-    rnd.bt_want = np.ceil(REQUEST_FACTOR * share.sum(axis=1)).astype(np.int64) + PIPELINE_MIN
+    rnd.bt_want = request_pipeline(rnd.nbr, rnd.up, rnd.deg, rnd.n)
     rnd.bt_stats = np.zeros(3, dtype=np.int64)  # candidate draws, feasible candidates, requests
 
 

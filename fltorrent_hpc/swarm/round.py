@@ -235,8 +235,10 @@ class SwarmRound:
         return self.have[:n].reshape(n, n, K).all(axis=2)
 
     # ------------------------------------------------------------------ stage loop
-    def next_stage(self) -> Stage:
-        """Decide the transfers of slot `self.stage` from the state after the previous slot."""
+    def begin_stage(self) -> int:
+        """The phase of slot `self.stage`: leaves warm-up once every active peer holds k (or warm-up fails
+        open at its deadline).  Idempotent within a slot; a real round whose peers make their own
+        BitTorrent decisions calls it instead of next_stage()."""
         if self.phase == WARMUP:
             act = self.active[: self.n]
             spray_left = self.spray["sender"].size > 0
@@ -245,7 +247,11 @@ class SwarmRound:
             elif self.warmup_deadline and self.stage >= self.warmup_deadline:
                 self.warmup_failed_open = True
                 self._enter_bt()
-        if self.phase == WARMUP:
+        return self.phase
+
+    def next_stage(self) -> Stage:
+        """Decide the transfers of slot `self.stage` from the state after the previous slot."""
+        if self.begin_stage() == WARMUP:
             from .warmup import warmup_stage
 
             return warmup_stage(self)

@@ -79,15 +79,21 @@ def test_dtypes_travel_as_bytes(engine, dtype):
     assert agree(all(torch.equal(a, b) for a, b in zip(got, want)))
 
 
-def test_paced_multi_stage_round_matches_simulator(tmp_path_factory):
-    """The real round makes exactly the simulator's decisions for the same seed, budgets and overlay."""
-    cfg = SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, **PACED)
+@pytest.mark.parametrize("bt_decisions,degree", [("peers", 10), ("peers", 2), ("tracker", 2)])
+def test_paced_multi_stage_round_matches_simulator(tmp_path_factory, bt_decisions, degree):
+    """The real round makes exactly the simulator's decisions for the same seed, budgets and overlay, whether
+    the peers decide their BitTorrent stages themselves (over neighbour frames) or the tracker does."""
+    cfg = SwarmConfig(
+        chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, bt_decisions=bt_decisions, degree=degree, **PACED
+    )
     eng = SwarmEngine(COMM, cfg)
     path = str(tmp_path_factory.mktemp("tr") / "round.h5") if COMM.rank == 0 else ""
     path = bcast_str(path)
     nb = 12 * C + 5
     res = eng.disseminate(payload_of(COMM.rank, nb), privacy="full", seed=42, trace=path)
     ok = all(np.array_equal(res.updates[u], payload_of(u, nb)) for u in range(COMM.size))
+    if COMM.size > 1:  # the BitTorrent phase ran, decided where the config says
+        ok &= (res.stats["peer_decided_stages"] > 0) == (bt_decisions == "peers")
     COMM.Barrier()
     if COMM.rank == 0 and COMM.size > 1:
         tr = merge_round(path)

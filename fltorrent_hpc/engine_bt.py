@@ -1,0 +1,166 @@
+"""Decentralised BitTorrent stages of a real round: each rank decides its own requests and grants.
+
+The tracker only clocks the stages (one frame per peer: stage index, who is active, who may send) and
+collects what each peer received.  Between those, a rank talks to its overlay neighbours only, with small
+int64 frames on a communicator of their own:
+
+    bitfield   once, when the BitTorrent phase starts: my have row
+    per pass   budget (pass >= 1: my upload left), requests, grants, keeps
+    have       after the stage's data moved: the chunks I received and verified
+
+`swarm.bt_peer.PeerBT` turns those into exactly the decisions the simulator makes, so the round equals
+the simulated one for the same seed, budgets and overlay.  Every frame carries (magic, round, stage, code)
+and a tag derived from (stage, code), so a late frame of a silent peer is never read as a current one.
+A neighbour that misses a frame before the stage's exchange deadline is dropped for the rest of the stage
+(requests to it count as refused); the tracker excludes it when its report does not come.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import ProtocolError
+from .swarm.bt_peer import PeerBT, pack_bits, unpack_bits
+from .swarm.overlay import build_overlay
+from .swarm.round import BT
+from .transport import mpi as tm
+
+TAG_NBR = 100  # + (stage % 1000) * 32 + code; codes: 0 bitfield, 1 have, 2 + 4 * pass + step
+BITFIELD, HAVE = 0, 1
+BUDGET, ASK, GRANT, KEEP = range(4)
+
+
+def _tag(stage: int, code: int) -> int:
+    return TAG_NBR + (stage % 1000) * 32 + code
+
+
+class NeighbourLink:
+    """Frame exchanges with a set of neighbours, each bounded by a deadline (no collective: a silent
+    neighbour must cost a timeout, not a hang)."""
+
+    def __init__(self, comm, rid: int):
+        self.comm, self.rid = comm, rid
+        self.sends: list = []  # (request, buffer) kept alive until the stage ends
+
+    def exchange(self, stage: int, code: int, frames: dict[int, np.ndarray], deadline: float) -> dict[int, np.ndarray]:
+        """Send frames[w] to every w and receive one frame from each; returns those that came in time."""
+        MPI = tm.mpi()
+        tag = _tag(stage, code)
+        head = np.array([tm.MAGIC, self.rid, stage, code], dtype=np.int64)
+        for w, body in frames.items():
+            buf = np.concatenate([head, np.asarray(body, dtype=np.int64)])
+            self.sends.append((self.comm.Isend([buf, MPI.INT64_T], dest=int(w), tag=tag), buf))
+        out: dict[int, np.ndarray] = {}
+        pending = set(frames)
+        st = MPI.Status()
+        while pending:
+            moved = False
+            for w in sorted(pending):
+                if not self.comm.Iprobe(source=w, tag=tag, status=st):
+                    continue
+                moved = True
+                nbytes = st.Get_count(MPI.BYTE)
+                buf = np.empty(max(nbytes, 0) // 8, dtype=np.int64)
+                self.comm.Recv([buf, MPI.INT64_T], source=w, tag=tag)
+                if nbytes % 8 or buf.size < 4 or not np.array_equal(buf[:4], head):
+                    continue  # a stale frame of an earlier round on the same tag: not ours
+                out[w] = buf[4:]
+                pending.discard(w)
+            if not moved:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(tm.POLL_S)
+        return out
+
+    def settle_sends(self, deadline: float, orphans: list) -> None:
+        """Complete this stage's frame sends; those to peers that stopped listening become orphans."""
+        reqs = [r for r, _ in self.sends]
+        done = tm.wait_until(reqs, deadline)
+        orphans.extend(pair for pair, d in zip(self.sends, done) if not d)
+        self.sends = []
+
+
+class PeerStageRunner:
+    """One rank's decentralised BitTorrent stages within a round (built at the phase's first stage)."""
+
+    def __init__(self, peer, cfg, rid: int, seed: int, up: np.ndarray, down: np.ndarray, got_from: np.ndarray):
+        self.peer, self.cfg, self.rid = peer, cfg, rid
+        eng = peer.eng
+        n, K = eng.size, peer.K
+        nbr = build_overlay(n, cfg.replace(seed=seed), seed).nbr.astype(np.int64)
+        self.bt = PeerBT(cfg, eng.rank, nbr, K, up, down, seed, peer.have.reshape(-1), got_from)
+        self.link = NeighbourLink(eng.nbrc, rid)
+        self.started = False
+        self.stages = 0  # stages this rank decided itself
+        self.N = n * K
+
+    def _chunks(self, w: int, body: np.ndarray, what: str, stage: int) -> np.ndarray:
+        if np.any((body < 0) | (body >= self.N)):
+            raise ProtocolError(f"rank {w} sent a {what} frame at stage {stage} naming chunks outside the round")
+        return body
+
+    def stage(self, stage: int, active: np.ndarray, can_send: np.ndarray) -> np.ndarray:
+        """Run one stage; returns the report body (senders, chunks, ok flags of what this rank received)."""
+        pb, cfg, me = self.bt, self.cfg, self.peer.eng.rank
+        deadline = time.monotonic() + cfg.stage_timeout_s
+        alive = [int(w) for w in pb.neighbours if active[w]]
+        if not self.started:  # bitfields: what each neighbour holds when the phase starts
+            self.started = True
+            mine = pack_bits(self.peer.have.reshape(-1)).view(np.int64)
+            got = self.link.exchange(stage, BITFIELD, {w: mine for w in alive}, deadline)
+            for w, body in got.items():
+                if body.size != mine.size:
+                    raise ProtocolError(f"rank {w} sent a bitfield of {body.size} words, expected {mine.size}")
+                pb.neighbour_has(w, np.flatnonzero(unpack_bits(body.view(np.uint64), self.N)))
+            alive = [w for w in alive if w in got]
+        pb.begin_stage(stage, active, can_send)
+        self.stages += 1
+        recv_s, recv_c, send_r, send_c = [], [], [], []
+        for p in range(cfg.bt_passes):
+            base = 2 + 4 * p
+            if p:  # what each neighbour can still upload after the previous pass
+                got = self.link.exchange(stage, base + BUDGET, {w: pb.up_left[me : me + 1] for w in alive}, deadline)
+                for w in alive:
+                    pb.up_left[w] = int(got[w][0]) if w in got and got[w].size == 1 else 0
+                alive = [w for w in alive if w in got]
+            s, c, _j, _g = pb.requests(p)
+            asks = self.link.exchange(stage, base + ASK, {w: c[s == w] for w in alive}, deadline)
+            asks = {w: self._chunks(w, a, "request", stage) for w, a in asks.items()}
+            grants = pb.grant(p, {w: a for w, a in asks.items() if a.size})
+            answers = self.link.exchange(
+                stage, base + GRANT, {w: grants.get(w, np.zeros(0, bool)).astype(np.int64) for w in alive}, deadline
+            )
+            granted = np.zeros(s.size, dtype=bool)
+            for w in np.unique(s).tolist():
+                a = answers.get(w)
+                if a is not None and a.size == int(np.count_nonzero(s == w)):
+                    granted[s == w] = a.astype(bool)
+            keep = pb.settle(p, granted)
+            kept = self.link.exchange(stage, base + KEEP, {w: keep[s == w].astype(np.int64) for w in alive}, deadline)
+            counts = {}
+            for w, k in kept.items():
+                g = grants.get(w)
+                if g is None or k.size != g.size:
+                    continue
+                k = k.astype(bool) & g
+                counts[w] = int(np.count_nonzero(k))
+                send_r.append(np.full(counts[w], w, dtype=np.int64))
+                send_c.append(asks[w][k])
+            pb.commit(counts)
+            recv_s.append(s[keep])
+            recv_c.append(c[keep])
+            alive = [w for w in alive if w in asks and w in answers and w in kept]
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+        r_from, r_chunk, s_to, s_chunk = cat(recv_s), cat(recv_c), cat(send_r), cat(send_c)
+        ro, so = np.lexsort((r_chunk, r_from)), np.lexsort((s_chunk, s_to))
+        r_from, r_chunk, s_to, s_chunk = r_from[ro], r_chunk[ro], s_to[so], s_chunk[so]
+        ok = self.peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64))
+        pb.received(r_from[ok], r_chunk[ok])
+        fresh = r_chunk[ok]
+        deltas = self.link.exchange(stage, HAVE, {w: fresh for w in alive}, time.monotonic() + cfg.stage_timeout_s)
+        for w, d in deltas.items():
+            pb.neighbour_has(w, self._chunks(w, d, "have", stage))
+        self.link.settle_sends(time.monotonic() + cfg.stage_timeout_s, self.peer.eng._orphans)
+        return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])
