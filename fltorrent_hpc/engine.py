@@ -9,12 +9,15 @@ is discarded (never aggregated), reported undelivered, re-fetched from another h
 and its sender recorded.
 
 The tracker drives `SwarmRound` exactly as the simulator does, so a real round makes the simulator's
-transfer decisions for the same seed, budgets and overlay (tests compare the traces).  In the BitTorrent
-phase those decisions are each peer's own (rarest-first over its neighbours' have-state, grants within its
-budget; see swarm/bittorrent.py): the tracker evaluates them on the peers' behalf and relays them as
-directives, which costs one control frame per peer and stage instead of neighbour have/request/grant
-exchanges.  A peer that stops answering within `stage_timeout_s` is excluded; the round then completes over
-the others and, with consensus, every rank averages the same agreed reconstructable set.
+transfer decisions for the same seed, budgets and overlay (tests compare the traces).  Warm-up stages are
+the tracker's (directives).  BitTorrent stages are the peers' own (`bt_decisions="peers"`, engine_bt.py):
+the tracker sends each peer a stage frame (who is active, who may send), the peers exchange bitfields,
+budgets, requests, grants, keeps and have-deltas with their overlay neighbours, move the bytes, and report
+what they received, from which the tracker rebuilds the stage.  `bt_decisions="tracker"` has the tracker
+evaluate the same decisions on the peers' behalf and relay them as directives (one control frame per peer
+and stage instead of eight neighbour exchanges).  A peer that stops answering within `stage_timeout_s` is
+excluded; the round then completes over the others and, with consensus, every rank averages the same
+agreed reconstructable set.
 """
 
 from __future__ import annotations
