@@ -382,30 +382,41 @@ class _PeerState:
                 view[:: self.C] ^= 0xFF  # one byte per chunk
             posts.append((lambda d=dst, v=view: eng.data.Isend([v, self.BYTE], dest=d, tag=tag), view.nbytes))
             self.sent_bytes += view.nbytes
+        ok = np.zeros(nr, dtype=bool)
+        t_done = np.full(nr, np.nan)
+        starts = np.cumsum([0] + [run[3] for run in rruns])
+
+        def arrived(idx) -> None:
+            """Verify receive runs as they complete, so hashing overlaps the transfers still in flight."""
+            for i in idx:
+                if i >= len(rruns):
+                    continue  # a send
+                src, owner, first, count = rruns[i]
+                a, b = self.chunk_range(owner, first, count)
+                p0 = starts[i]
+                t_done[p0 : p0 + count] = time.monotonic() - self.t0
+                self.recv_bytes += b - a
+                if self.cfg.integrity == "none":
+                    ok[p0 : p0 + count] = True
+                    continue
+                good = chunk_hashes(self.bufs[owner][a:b], self.C) == self.hashes[owner, first : first + count]
+                ok[p0 : p0 + count] = good
+                if not good.all():
+                    self.bad_senders.add(src)
+                    self.refetched += int((~good).sum())
+
         early = np.zeros(len(rreq), dtype=bool)
         tm.post_paced(posts, tm.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
+        arrived(np.flatnonzero(early).tolist())
         deadline = time.monotonic() + self.cfg.stage_timeout_s
-        done = tm.wait_until(rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]))
+        done = tm.wait_until(
+            rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]), on_done=arrived
+        )
         rdone, sdone = done[: len(rreq)], done[len(rreq) :]
         tm.cancel([r for r, d in zip(rreq, rdone) if not d])
         self.eng._orphans.extend(r for r, d in zip(sreq, sdone) if not d)
         t_end = time.monotonic() - self.t0
-        ok = np.zeros(nr, dtype=bool)
-        pos = 0
-        for (src, owner, first, count), d in zip(rruns, rdone):
-            if d and self.cfg.integrity == "none":
-                ok[pos : pos + count] = True
-                self.recv_bytes += int(np.diff(self.chunk_range(owner, first, count))[0])
-            elif d:
-                a, b = self.chunk_range(owner, first, count)
-                got = chunk_hashes(self.bufs[owner][a:b], self.C)
-                good = got == self.hashes[owner, first : first + count]
-                ok[pos : pos + count] = good
-                self.recv_bytes += b - a
-                if not good.all():
-                    self.bad_senders.add(src)
-                    self.refetched += int((~good).sum())
-            pos += count
+        t_done[np.isnan(t_done)] = t_end
         # receive lists are sorted by (sender, chunk), the order runs were built in
         self.have[r_chunk[ok] // K, r_chunk[ok] % K] = True
         counted = ok & (r_kind != SPRAY)
@@ -413,7 +424,7 @@ class _PeerState:
         lg = self.log
         lg["stage"].append(np.full(nr, stage))
         lg["t_start"].append(np.full(nr, now))
-        lg["t"].append(np.full(nr, t_end))
+        lg["t"].append(t_done)
         lg["sender"].append(r_from)
         lg["chunk"].append(r_chunk)
         lg["phase"].append(r_kind)

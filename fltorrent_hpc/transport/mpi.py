@@ -54,8 +54,16 @@ def wait_all(reqs: Sequence, timeout: float, describe: Callable[[list[int]], str
         time.sleep(POLL_S)
 
 
-def wait_until(reqs: Sequence, deadline: float, done: np.ndarray | None = None) -> np.ndarray:
-    """Wait for requests until `deadline` (monotonic); return which completed (`done`: already known ones)."""
+def wait_until(
+    reqs: Sequence,
+    deadline: float,
+    done: np.ndarray | None = None,
+    on_done: Callable[[list[int]], None] | None = None,
+) -> np.ndarray:
+    """Wait for requests until `deadline` (monotonic); return which completed (`done`: already known ones).
+
+    `on_done(indices)` runs as requests complete, so work on what arrived overlaps what is still moving.
+    """
     MPI = mpi()
     reqs = list(reqs)
     done = np.zeros(len(reqs), dtype=bool) if done is None else done
@@ -65,6 +73,8 @@ def wait_until(reqs: Sequence, deadline: float, done: np.ndarray | None = None) 
         idx = MPI.Request.Testsome(reqs)
         if idx:
             done[list(idx)] = True
+            if on_done is not None:
+                on_done(list(idx))
         if done.all() or time.monotonic() > deadline:
             break
         if not idx:
