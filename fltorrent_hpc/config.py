@@ -20,6 +20,7 @@ PRIVACY_MECHANISMS = ("spray", "lags", "gating")
 SCHEDULERS = ("gff", "random-ff", "random-fifo", "flooding", "maxflow")  # maxflow: offline bound
 OVERLAYS = ("random", "expander")
 BT_DECISIONS = ("peers", "tracker")
+BT_GRANTS = ("deficit", "reciprocity")
 COVER_SCOPES = ("swarm", "update")
 
 _BYTE_UNITS = {
@@ -150,6 +151,10 @@ class SwarmConfig:
     # real rounds: "peers" = each rank makes its own BitTorrent decisions over neighbour exchanges;
     # "tracker" = the tracker evaluates them on the peers' behalf and relays directives (same decisions)
     bt_decisions: str = "peers"
+    # BitTorrent senders grant first to the requester missing the most chunks ("deficit": cooperative ranks,
+    # the round ends with its slowest peer) or, as vanilla BitTorrent, to whom they received most from
+    # ("reciprocity", tit-for-tat)
+    bt_grant: str = "deficit"
     slot_seconds: float = 1.0  # Delta
     # deadlines
     deadline_stages: int = 0  # s_max for the simulator; 0 = derived from capacities (4x the ideal)
@@ -183,6 +188,7 @@ class SwarmConfig:
             (self.tau >= 1, "tau must be >= 1"),
             (1 <= self.bt_passes <= 7, "bt_passes must be in 1..7"),
             (self.bt_decisions in BT_DECISIONS, f"bt_decisions must be one of {BT_DECISIONS}"),
+            (self.bt_grant in BT_GRANTS, f"bt_grant must be one of {BT_GRANTS}"),
             (self.slot_seconds > 0, "slot_seconds must be > 0"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
             (self.stage_timeout_s > 0, "stage_timeout_s must be > 0"),

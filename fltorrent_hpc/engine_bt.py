@@ -5,7 +5,7 @@ collects what each peer received.  Between those, a rank talks to its overlay ne
 int64 frames on a communicator of their own:
 
     bitfield   once, when the BitTorrent phase starts: my have row
-    per pass   budget (pass >= 1: my upload left), requests, grants, keeps
+    per pass   budget (pass >= 1: my upload left), requests (with what I miss), grants, keeps
     have       after the stage's data moved: the chunks I received and verified
 
 `swarm.bt_peer.PeerBT` turns those into exactly the decisions the simulator makes, so the round equals
@@ -126,9 +126,12 @@ class PeerStageRunner:
                     pb.up_left[w] = int(got[w][0]) if w in got and got[w].size == 1 else 0
                 alive = [w for w in alive if w in got]
             s, c, _j, _g = pb.requests(p)
-            asks = self.link.exchange(stage, base + ASK, {w: c[s == w] for w in alive}, deadline)
-            asks = {w: self._chunks(w, a, "request", stage) for w, a in asks.items()}
-            grants = pb.grant(p, {w: a for w, a in asks.items() if a.size})
+            # an ask frame: what I miss, then the chunks I request of you
+            frames = {w: np.concatenate([[pb.missing], c[s == w]]) for w in alive}
+            got = self.link.exchange(stage, base + ASK, frames, deadline)
+            asks = {w: self._chunks(w, a[1:], "request", stage) for w, a in got.items() if a.size >= 1}
+            announced = {w: int(a[0]) for w, a in got.items() if a.size >= 1}
+            grants = pb.grant(p, {w: a for w, a in asks.items() if a.size}, announced)
             answers = self.link.exchange(
                 stage, base + GRANT, {w: grants.get(w, np.zeros(0, bool)).astype(np.int64) for w in alive}, deadline
             )

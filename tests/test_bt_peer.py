@@ -39,7 +39,8 @@ def drive_peers(rnd: SwarmRound, peers: list[PeerBT], leave_at: dict[int, list[i
                     if rq is not None:
                         for w in np.unique(rq[0]).tolist():
                             asks[w][v] = rq[1][rq[0] == w]
-                grants = {w: peers[w].grant(p, asks[w]) for w in range(n) if act[w]}
+                missing = {v: peers[v].missing for v in range(n)}
+                grants = {w: peers[w].grant(p, asks[w], missing) for w in range(n) if act[w]}
                 for v, rq in enumerate(reqs):
                     if rq is None:
                         continue
@@ -79,9 +80,10 @@ def make_peers(rnd: SwarmRound) -> list[PeerBT]:
     return peers
 
 
+@pytest.mark.parametrize("grant", ["deficit", "reciprocity"])
 @pytest.mark.parametrize("n,K,degree,seed", [(12, 5, 3, 1), (25, 9, 4, 7), (6, 40, 2, 3)])
-def test_peers_reproduce_the_simulators_bittorrent_stages(n, K, degree, seed):
-    cfg = SwarmConfig(privacy="none", degree=degree, seed=seed)
+def test_peers_reproduce_the_simulators_bittorrent_stages(n, K, degree, seed, grant):
+    cfg = SwarmConfig(privacy="none", degree=degree, seed=seed, bt_grant=grant)
     gen = np.random.default_rng(seed)
     up, down = gen.integers(1, 4, n), gen.integers(2, 7, n)
     rnd = SwarmRound(cfg, n, K, up, down, seed=seed)

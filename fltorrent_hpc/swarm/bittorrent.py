@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import BT_GRANTS
 from . import rng
 from .round import BT, Stage, SwarmRound, _Collector
 from .warmup import StageBudget
@@ -81,6 +82,7 @@ def bt_stage(rnd: SwarmRound) -> Stage:
             rnd.pbits,
             OVERSAMPLE,
             MAX_DRAWS,
+            BT_GRANTS.index(rnd.cfg.bt_grant),
             rnd.bt_stats,
         )
         # no early stop on a pass without grants: whether anyone got a grant is global knowledge, which a

@@ -302,14 +302,19 @@ def _bt_requests(
 
 
 @njit(cache=True)
-def _bt_grant(s, a, b, idx, sb, N, q_r, q_c, q_j, rev, recip, served, up_left, tau_left, prio, granted):
-    """Sender s grants its requests idx[a:b] in priority order within its upload budget and tau."""
+def _bt_grant(s, a, b, idx, sb, N, q_r, q_c, q_j, rev, recip, served, up_left, tau_left, prio, granted, deficit, mode):
+    """Sender s grants its requests idx[a:b] in priority order within its upload budget and tau.
+
+    Order: receivers already unchoked this stage, then (mode 0, "deficit") the receiver missing the most
+    chunks (`deficit`, as it announced) or (mode 1, "reciprocity") the one s received most from, then chance.
+    """
     if a == b:
         return
     for e in range(a, b):
         q = idx[e]
         sl = rev[q_r[q], q_j[q]]
-        pr = float(recip[s, sl]) + _unif(_h(sb, s * N + q_c[q], 4))
+        key = float(deficit[q_r[q]]) if mode == 0 else float(recip[s, sl])
+        pr = key + _unif(_h(sb, s * N + q_c[q], 4))
         if served[s, sl]:
             pr += 1e12
         prio[e] = -pr
@@ -361,6 +366,7 @@ def bt_pass(
     pbits,
     oversample,
     max_draws,
+    grant_mode,
     stats,
 ):
     """One request/grant pass.  Returns (sender, receiver, chunk, slot) of the grants that survive.
@@ -368,10 +374,11 @@ def bt_pass(
     Receivers (in `recv`) draw candidate chunks they miss, keep those a non-choking neighbour with upload
     left can serve, and request the `want` rarest (rarity = holders among their neighbours), each from a
     random feasible holder, or in endgame from every feasible holder.  Senders grant in order of: pair
-    already unchoked this stage, then reciprocity (`recip`), then chance, within upload budget and tau new
-    receivers.  In endgame one grant per (receiver, chunk) survives.  Refused requests choke the pair for
-    the rest of the stage.  Budgets, `served`, `pbits` (chunks scheduled to each receiver this stage, bit-
-    packed like hbits) and `choked` are updated in place; `stats` counts draws, feasible candidates and requests.
+    already unchoked this stage, then the requester's missing count (`grant_mode` 0) or reciprocity
+    (`recip`, mode 1), then chance, within upload budget and tau new receivers.  In endgame one grant per
+    (receiver, chunk) survives.  Refused requests choke the pair for the rest of the stage.  Budgets,
+    `served`, `pbits` (chunks scheduled to each receiver this stage, bit-packed like hbits) and `choked`
+    are updated in place; `stats` counts draws, feasible candidates and requests.
     """
     D = nbr.shape[1]
     # ---- receivers, in parallel: each writes its requests into its own segment
@@ -444,10 +451,30 @@ def bt_pass(
     prio = np.empty(nq, dtype=np.float64)
     sb = _mix(base ^ np.uint64(0xC0FFEE))
     granted = np.zeros(nq, dtype=np.bool_)
+    deficit = np.zeros(n + 1, dtype=np.int64)  # what each requester misses (a peer announces it with its asks)
+    for i in range(R):
+        deficit[recv[i]] = miss[i]
     # each sender grants from its own budget and requests only, so senders run in parallel too
     for s in prange(n + 1):
         _bt_grant(
-            s, start[s], start[s + 1], idx, sb, N, q_r, q_c, q_j, rev, recip, served, up_left, tau_left, prio, granted
+            s,
+            start[s],
+            start[s + 1],
+            idx,
+            sb,
+            N,
+            q_r,
+            q_c,
+            q_j,
+            rev,
+            recip,
+            served,
+            up_left,
+            tau_left,
+            prio,
+            granted,
+            deficit,
+            grant_mode,
         )
     # ---- endgame: one grant per (receiver, chunk) survives, chosen by chance
     keep = np.zeros(nq, dtype=np.bool_)

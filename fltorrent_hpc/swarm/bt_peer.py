@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..config import SwarmConfig
+from ..config import BT_GRANTS, SwarmConfig
 from . import rng
 from .bittorrent import MAX_DRAWS, OVERSAMPLE, request_pipeline
 from .bt_kernel import _bt_grant, _bt_requests, _h, _mix, _unif, key_base, reverse_slots
@@ -126,7 +126,7 @@ class PeerBT:
     def requests(self, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """This pass's requests (sender, chunk, sender's slot in my row, endgame group or -1), in bt_pass order."""
         me, N = self.me, self.N
-        missing = N - self.held
+        missing = self.missing
         z = np.zeros(0, dtype=np.int64)
         if not (self.active[me] and self.down_left > 0 and missing > 0 and self.deg[me] > 0):
             self.mine = (z, z, z, z)
@@ -160,8 +160,14 @@ class PeerBT:
         self.mine = (s, c, j, g)
         return self.mine
 
-    def grant(self, p: int, asks: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """Grant the requests neighbours sent me (receiver -> chunks in its order); receiver -> granted flags."""
+    @property
+    def missing(self) -> int:
+        """What this peer misses (announced with its requests: deficit-first senders serve it by that)."""
+        return self.N - self.held
+
+    def grant(self, p: int, asks: dict[int, np.ndarray], missing: dict[int, int]) -> dict[int, np.ndarray]:
+        """Grant the requests neighbours sent me (receiver -> chunks in its order, receiver -> what it misses);
+        returns receiver -> granted flags."""
         me = self.me
         rs = sorted(asks)
         q_r = np.concatenate([np.full(asks[r].size, r, dtype=np.int64) for r in rs]) if rs else np.zeros(0, np.int64)
@@ -170,6 +176,9 @@ class PeerBT:
         q_j = np.array([self.rev[me, self.slot[int(r)]] for r in q_r.tolist()], dtype=np.int64)
         m = q_r.size
         granted = np.zeros(m, dtype=bool)
+        deficit = np.zeros(self.n + 1, dtype=np.int64)
+        for r in rs:
+            deficit[r] = missing[r]
         if m:
             sb = self._grant_key(p)
             _bt_grant(
@@ -189,6 +198,8 @@ class PeerBT:
                 self.tau_left,
                 np.empty(m, dtype=np.float64),
                 granted,
+                deficit,
+                BT_GRANTS.index(self.cfg.bt_grant),
             )
         out, a = {}, 0
         for r in rs:
