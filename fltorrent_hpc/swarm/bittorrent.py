@@ -2,7 +2,8 @@
 
 Each peer decides from its own knowledge only: receiver v reads its own row, its neighbours' have rows
 (kept current by have messages) and which neighbours choked it; sender w reads the requests it got, its
-residual budget and its reciprocity counters.  Every random draw is keyed by (seed, stage, pass, peer),
+residual budget, what each requester says it misses (deficit-first grants, the default) or its
+reciprocity counters (tit-for-tat).  Every random draw is keyed by (seed, stage, pass, peer),
 so a real rank that evaluates only its own rows reproduces the simulator's decisions exactly.
 
 Candidate chunks are sampled, not enumerated: a receiver visits its own have-words in a seeded permutation
