@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import os
 import queue
 import threading
 import time
@@ -36,6 +35,8 @@ import torch.distributed as dist
 
 from .config import SwarmConfig
 from .errors import FLTorrentError, LaunchError, PeerTimeoutError, ShapeMismatchError
+from .transport.mpi import SPIN as _SPIN
+from .transport.mpi import pause as _pause
 
 BACKEND_NAME = "fltorrent"
 _REG_LOCK = threading.Lock()
@@ -1430,17 +1431,6 @@ def _splits(t: torch.Tensor, splits: Sequence[int] | None, n: int, what: str) ->
     if len(s) != n or any(x < 0 for x in s) or sum(s) != rows:
         raise ShapeMismatchError(f"all_to_all_single: {what} splits {s} do not cover dim 0 ({rows}) for {n} ranks")
     return s
-
-
-_SPIN = int(os.environ.get("FLTORRENT_POLL_SPIN", "200"))  # Test calls with only a yield between them
-
-
-def _pause(idle: int) -> None:
-    """Between two MPI Tests: yield the core first (ranks may share cores), then back off to 1 ms."""
-    if idle <= _SPIN:
-        time.sleep(0)
-    else:
-        time.sleep(min(1e-3, 1e-5 * 2 ** min(idle - _SPIN, 7)))
 
 
 def _cancel(req: Any) -> None:

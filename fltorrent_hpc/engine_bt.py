@@ -55,6 +55,7 @@ class NeighbourLink:
         out: dict[int, np.ndarray] = {}
         pending = set(frames)
         st = MPI.Status()
+        idle = 0
         while pending:
             moved = False
             for w in sorted(pending):
@@ -68,10 +69,13 @@ class NeighbourLink:
                     continue  # a stale frame of an earlier round on the same tag: not ours
                 out[w] = buf[4:]
                 pending.discard(w)
-            if not moved:
+            if moved:
+                idle = 0
+            else:
                 if time.monotonic() > deadline:
                     break
-                time.sleep(tm.POLL_S)
+                idle += 1
+                tm.pause(idle)
         return out
 
     def settle_sends(self, deadline: float, orphans: list) -> None:

@@ -8,6 +8,7 @@ transfers only while some thread is inside MPI, so the polls also drive progress
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,16 @@ MAGIC = 0x464C5452  # "FLTR"
 TAG_DIRECTIVE, TAG_REPORT, TAG_END, TAG_META = 11, 12, 13, 14
 TAG_DATA, TAG_RING = 21, 22
 POLL_S = 20e-6
+SPIN = int(os.environ.get("FLTORRENT_POLL_SPIN", "200"))  # idle polls with only a yield between them
+
+
+def pause(idle: int) -> None:
+    """Between two MPI polls that found nothing (`idle` in a row): yield the core first (ranks may share
+    cores, and MPI moves bytes only while some rank polls), then back off to at most 1 ms."""
+    if idle <= SPIN:
+        time.sleep(0)
+    else:
+        time.sleep(min(1e-3, 1e-5 * 2 ** min(idle - SPIN, 7)))
 
 
 def mpi():
@@ -47,11 +58,13 @@ def wait_all(reqs: Sequence, timeout: float, describe: Callable[[list[int]], str
     if not reqs:
         return
     deadline = time.monotonic() + timeout
+    idle = 0
     while not MPI.Request.Testall(reqs):
         if time.monotonic() > deadline:
             pending = [i for i, r in enumerate(reqs) if not r.Test()]
             raise PeerTimeoutError(f"timed out after {timeout:.1f}s waiting for {describe(pending)}")
-        time.sleep(POLL_S)
+        idle += 1
+        pause(idle)
 
 
 def wait_until(
@@ -69,6 +82,7 @@ def wait_until(
     done = np.zeros(len(reqs), dtype=bool) if done is None else done
     if not reqs or done.all():
         return done
+    idle = 0
     while True:
         idx = MPI.Request.Testsome(reqs)
         if idx:
@@ -77,8 +91,9 @@ def wait_until(
                 on_done(list(idx))
         if done.all() or time.monotonic() > deadline:
             break
-        if not idx:
-            time.sleep(POLL_S)
+        idle = 0 if idx else idle + 1
+        if idle:
+            pause(idle)
     return done
 
 
@@ -95,10 +110,12 @@ def recv_control(comm, source: int, tag: int, timeout: float, what: str) -> np.n
     MPI = mpi()
     st = MPI.Status()
     deadline = time.monotonic() + timeout
+    idle = 0
     while not comm.Iprobe(source=source, tag=tag, status=st):
         if time.monotonic() > deadline:
             raise PeerTimeoutError(f"timed out after {timeout:.1f}s waiting for {what} from rank {source}")
-        time.sleep(POLL_S)
+        idle += 1
+        pause(idle)
     nbytes = st.Get_count(MPI.BYTE)
     if nbytes % 8:
         raise ProtocolError(f"{what} from rank {st.Get_source()} has {nbytes} bytes, not whole int64 words")
