@@ -322,7 +322,7 @@ class _PeerState:
             up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
             down = chunk_budgets(self.all_info[:, 2], C, cfg.slot_seconds)
             self.runner = PeerStageRunner(self, cfg, self.rid, self.seed, up, down, self.got_from)
-        body = self.runner.stage(stage, active, can_send)
+        body = self.runner.stage(self, stage, active, can_send)
         head = [tm.MAGIC, self.rid, stage, KIND_REPORT]
         return np.concatenate([head, body, np.array(sorted(self.bad_senders), dtype=np.int64)]).astype(np.int64)
 

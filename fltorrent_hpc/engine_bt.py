@@ -87,10 +87,14 @@ class NeighbourLink:
 
 
 class PeerStageRunner:
-    """One rank's decentralised BitTorrent stages within a round (built at the phase's first stage)."""
+    """One rank's decentralised BitTorrent stages within a round (built at the phase's first stage).
+
+    It keeps no reference to the rank's round state (`peer`, passed to each stage): that state holds the
+    update buffers, which must go the moment the round ends, not at the next cyclic garbage collection.
+    """
 
     def __init__(self, peer, cfg, rid: int, seed: int, up: np.ndarray, down: np.ndarray, got_from: np.ndarray):
-        self.peer, self.cfg, self.rid = peer, cfg, rid
+        self.cfg, self.rid = cfg, rid
         eng = peer.eng
         n, K = eng.size, peer.K
         nbr = build_overlay(n, cfg.replace(seed=seed), seed).nbr.astype(np.int64)
@@ -105,14 +109,15 @@ class PeerStageRunner:
             raise ProtocolError(f"rank {w} sent a {what} frame at stage {stage} naming chunks outside the round")
         return body
 
-    def stage(self, stage: int, active: np.ndarray, can_send: np.ndarray) -> np.ndarray:
-        """Run one stage; returns the report body (senders, chunks, ok flags of what this rank received)."""
-        pb, cfg, me = self.bt, self.cfg, self.peer.eng.rank
+    def stage(self, peer, stage: int, active: np.ndarray, can_send: np.ndarray) -> np.ndarray:
+        """Run one stage for `peer` (the rank's engine._PeerState); returns the report body (senders,
+        chunks, ok flags of what this rank received)."""
+        pb, cfg, me = self.bt, self.cfg, peer.eng.rank
         deadline = time.monotonic() + cfg.stage_timeout_s
         alive = [int(w) for w in pb.neighbours if active[w]]
         if not self.started:  # bitfields: what each neighbour holds when the phase starts
             self.started = True
-            mine = pack_bits(self.peer.have.reshape(-1)).view(np.int64)
+            mine = pack_bits(peer.have.reshape(-1)).view(np.int64)
             got = self.link.exchange(stage, BITFIELD, {w: mine for w in alive}, deadline)
             for w, body in got.items():
                 if body.size != mine.size:
@@ -163,11 +168,11 @@ class PeerStageRunner:
         r_from, r_chunk, s_to, s_chunk = cat(recv_s), cat(recv_c), cat(send_r), cat(send_c)
         ro, so = np.lexsort((r_chunk, r_from)), np.lexsort((s_chunk, s_to))
         r_from, r_chunk, s_to, s_chunk = r_from[ro], r_chunk[ro], s_to[so], s_chunk[so]
-        ok = self.peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64))
+        ok = peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64))
         pb.received(r_from[ok], r_chunk[ok])
         fresh = r_chunk[ok]
         deltas = self.link.exchange(stage, HAVE, {w: fresh for w in alive}, time.monotonic() + cfg.stage_timeout_s)
         for w, d in deltas.items():
             pb.neighbour_has(w, self._chunks(w, d, "have", stage))
-        self.link.settle_sends(time.monotonic() + cfg.stage_timeout_s, self.peer.eng._orphans)
+        self.link.settle_sends(time.monotonic() + cfg.stage_timeout_s, peer.eng._orphans)
         return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])
