@@ -273,7 +273,9 @@ def small_rounds():
 def test_simulated_round_without_defences_is_attributed(small_rounds):
     res = evaluate_trace(small_rounds["none"], audit=False)
     assert res["asr_max"]["sequence"] >= 0.9
-    assert res["asr_mean"]["sequence"] >= 0.8
+    # this 24-peer round's mean over seeds 0-5 spans 0.70-0.87 with either BitTorrent grant policy (chance is
+    # about 1/5); the defended round below stays under 0.1
+    assert res["asr_mean"]["sequence"] >= 0.7
 
 
 def test_simulated_round_with_defences_hides_first_hops(small_rounds):
