@@ -40,11 +40,13 @@ def splitmix64(z: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def chunk_hashes(buf: np.ndarray | bytes | memoryview, chunk_bytes: int) -> np.ndarray:
+def chunk_hashes(buf: np.ndarray | bytes | memoryview, chunk_bytes: int, threads: int | None = None) -> np.ndarray:
     """Hashes of every chunk of a flat byte buffer (the last chunk may be short): uint64[ceil(n/C)].
 
     Any chunk size and alignment; a contiguous buffer (numpy array of any dtype, bytes, memoryview) is
-    read in place, in one compiled call for all chunks.
+    read in place, in one compiled call for all chunks.  Buffers of several chunks and at least
+    PARALLEL_MIN_BYTES are split into chunk-aligned parts hashed by `threads` threads at once (default: this
+    process's numba thread count, which the engine sets to the rank's share of the node's cores).
     """
     b = _as_bytes(buf)
     n = b.size
@@ -54,7 +56,20 @@ def chunk_hashes(buf: np.ndarray | bytes | memoryview, chunk_bytes: int) -> np.n
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     out = np.empty(-(-n // chunk_bytes), dtype=np.uint64)
-    _run(b, chunk_bytes, out)
+    if threads is None:
+        threads = _default_threads() if n >= PARALLEL_MIN_BYTES else 1
+    threads = max(1, min(int(threads), out.size))
+    if threads == 1:
+        _run(b, chunk_bytes, out)
+        return out
+    # the kernel releases the GIL: contiguous runs of whole chunks, one per thread, give the same digests
+    edges = np.linspace(0, out.size, threads + 1).round().astype(np.int64)
+    parts = [(int(a), int(z)) for a, z in zip(edges[:-1], edges[1:]) if z > a]
+    list(
+        _pool(threads).map(
+            lambda r: _run(b[r[0] * chunk_bytes : r[1] * chunk_bytes], chunk_bytes, out[r[0] : r[1]]), parts
+        )
+    )
     return out
 
 
@@ -118,8 +133,28 @@ def _hash_chunks_impl(buf, chunk_bytes, out):  # pragma: no cover - runs compile
         out[c] = mix(h ^ (np.uint64(m) * LEN_SALT))
 
 
+PARALLEL_MIN_BYTES = 8 << 20  # below this a thread hand-off costs more than it saves
+
 _kernel: Any = None
 _kernel_lock = threading.Lock()
+_pools: dict[int, Any] = {}
+
+
+def _default_threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _pool(threads: int) -> Any:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _kernel_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fltorrent-hash")
+        return _pools[threads]
+
+
 # A cached kernel records the module that compiled it and imports it on load, so only the package module
 # writes to the cache (not a copy of this file loaded under another name, which would break the cache).
 _CACHEABLE = __name__ == "fltorrent_hpc.checksum"

@@ -171,3 +171,10 @@ def test_unloadable_cache_entry_falls_back(monkeypatch):
     b = rand_bytes(77, seed=2)
     assert np.array_equal(chunk_hashes(b, 10), ref_chunk_hashes(b.tobytes(), 10))
     assert checksum._kernel is good
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("nbytes,chunk", [(10 * 4096 + 13, 4096), (3 * 1000, 1000), (999, 1000), (64 << 10, 7)])
+def test_threaded_hashing_gives_the_serial_digests(threads, nbytes, chunk):
+    b = np.random.default_rng(nbytes + threads).integers(0, 256, nbytes, dtype=np.uint8)
+    assert np.array_equal(chunk_hashes(b, chunk, threads=threads), chunk_hashes(b, chunk, threads=1))
