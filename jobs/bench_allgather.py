@@ -145,20 +145,24 @@ def main(argv: list[str] | None = None) -> int:
         paced = base.replace(uplink=up, slot_seconds=a.emulate_slot, chunk_bytes=parse_bytes(a.emulate_chunk_bytes))
         eng = SwarmEngine(COMM, paced.replace(privacy="full"))
         eng_none = SwarmEngine(COMM, paced.replace(privacy="none"))
+        eng_nohash = SwarmEngine(COMM, paced.replace(privacy="none", integrity="none"))
         cases = {
             "ring_paced": partial(ring_allgather, COMM, pay, out, 600, uplink=up),
             "swarm_none_paced": partial(eng_none.disseminate, pay, out=out),
             "swarm_full_paced": partial(eng.disseminate, pay, out=out),
+            "swarm_none_nohash_paced": partial(eng_nohash.disseminate, pay, out=out),
         }
         res = run_cases(cases, out, size, a.emulate_iters, 0, True, rows)
         ratios.setdefault(str(size), {}).update(
             {
                 "swarm_vs_ring_emulated": res["swarm_full_paced"] / res["ring_paced"],
                 "swarm_none_vs_ring_emulated": res["swarm_none_paced"] / res["ring_paced"],
+                # links, not cores, bound a paced round: chunk hashes are checked while later runs arrive
+                "hash_cost_emulated": res["swarm_none_paced"] / res["swarm_none_nohash_paced"],
             }
         )
-        eng.close()
-        eng_none.close()
+        for e in (eng, eng_none, eng_nohash):
+            e.close()
     if a.backend:
         from fltorrent_hpc.backend import bench_backend_allgather
 
