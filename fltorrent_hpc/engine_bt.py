@@ -140,7 +140,14 @@ class PeerStageRunner:
             got = self.link.exchange(stage, base + ASK, frames, deadline)
             asks = {w: self._chunks(w, a[1:], "request", stage) for w, a in got.items() if a.size >= 1}
             announced = {w: int(a[0]) for w, a in got.items() if a.size >= 1}
-            grants = pb.grant(p, {w: a for w, a in asks.items() if a.size}, announced)
+            # a request for a chunk I do not hold (only a faulty peer sends one) is refused, not served
+            held = {w: peer.have.reshape(-1)[a] for w, a in asks.items()}
+            grants = pb.grant(p, {w: a[held[w]] for w, a in asks.items() if held[w].any()}, announced)
+            for w, a in asks.items():
+                full = np.zeros(a.size, dtype=bool)
+                if w in grants:
+                    full[held[w]] = grants[w]
+                grants[w] = full
             answers = self.link.exchange(
                 stage, base + GRANT, {w: grants.get(w, np.zeros(0, bool)).astype(np.int64) for w in alive}, deadline
             )
