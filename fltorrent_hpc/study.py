@@ -23,8 +23,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -585,23 +587,39 @@ def _run_pool(todo: list[Point], jobs: int, trace_dir: str | None, finished) -> 
     # oversubscribed threads stall every parallel region (tens of thousands per round) on a descheduled thread
     os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(jobs, 1))))
     # a fresh process per point: a big point's memory goes back to the OS and each peak RSS is its own
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
-        pending: dict[Future, Point] = {ex.submit(run_point, p, trace_dir): p for p in todo}
-        try:
-            while pending:
-                ready, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in ready:
-                    p = pending.pop(fut)
-                    try:
-                        res = fut.result()
-                    except Exception:
-                        finished(p, None, traceback.format_exc())
-                    else:
-                        finished(p, res, None)
-        except KeyboardInterrupt:
-            for fut in pending:
-                fut.cancel()
-            raise
+    # SIGTERM (scancel, kill) stops the study like Ctrl-C: running points are dropped and their workers
+    # terminated, instead of the workers computing on, orphaned, after the parent is gone
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
+            pending: dict[Future, Point] = {ex.submit(run_point, p, trace_dir): p for p in todo}
+            try:
+                while pending:
+                    ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in ready:
+                        p = pending.pop(fut)
+                        try:
+                            res = fut.result()
+                        except Exception:
+                            finished(p, None, traceback.format_exc())
+                        else:
+                            finished(p, res, None)
+            except KeyboardInterrupt:
+                for fut in pending:
+                    fut.cancel()
+                # finished points are already committed; the running ones restart on resume
+                for proc in list(getattr(ex, "_processes", {}).values()):
+                    proc.terminate()
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _point_line(p: Point, res: dict[str, Any]) -> str:

@@ -189,3 +189,48 @@ def test_helpers() -> None:
     assert all(p.params["privacy"] == "full" and p.params["scheduler"] == "gff" for p in pts)
     llm = S.studies()["llm"].grid(S.GridArgs())
     assert len(llm) == 8 and {p.params["peers"] for p in llm} == {64}
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids |= {int(x) for x in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker pids from /proc (Linux)")
+def test_sigterm_stops_the_workers_too(tmp_path) -> None:
+    """scancel/kill of a running study leaves no worker computing on (finished points stay committed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "fltorrent_hpc.cli", "study", "table3", "--out", str(tmp_path), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = (
+            {k for k in _children(proc.pid) if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")}
+            if _alive(proc.pid)
+            else set()
+        )
+        time.sleep(0.2)
+    assert len(workers) == 2, "the study did not start its two workers"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
