@@ -584,21 +584,9 @@ class _Tracker:
             if rep is not None:
                 delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
         tm.wait_all(sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
-        silent = []
-        report_deadline = time.monotonic() + self.cfg.stage_timeout_s + max(2.0, 0.5 * self.cfg.stage_timeout_s)
-        for p in act:
-            if p == me:
-                continue
-            try:
-                wait_s = max(0.05, report_deadline - time.monotonic())
-                rep = tm.recv_control(
-                    eng.ctrl, int(p), tm.TAG_REPORT, wait_s, f"round {self.rid} stage {st.index} report"
-                )
-            except PeerTimeoutError:
-                silent.append(int(p))
-                continue
-            tm.check_header(rep, self.rid, KIND_REPORT, int(p))
-            ri = recv_idx[int(p)]
+        reports, silent = self._collect_reports(act.tolist(), st.index, self.cfg.stage_timeout_s)
+        for p, rep in reports.items():
+            ri = recv_idx[p]
             if rep[4] != ri.size or rep.size < 5 + ri.size:
                 raise ProtocolError(f"rank {p} reported {rep[4]} receives for stage {st.index}, expected {ri.size}")
             delivered[ri] = rep[5 : 5 + ri.size].astype(bool)
@@ -613,7 +601,7 @@ class _Tracker:
         eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
         n, me, K = eng.size, eng.rank, self.K
         act = rnd.active[:n]
-        can = act & (rnd.lag + rnd.round_start <= rnd.stage)
+        can = rnd.may_send()
         frame = np.concatenate(
             [
                 [tm.MAGIC, self.rid, rnd.stage, KIND_BT_STAGE, n],
@@ -629,22 +617,10 @@ class _Tracker:
             if own is not None:
                 reports[me] = own
         tm.wait_all(sends, self.cfg.timeout_s, lambda p, s=rnd.stage: f"stage frames of stage {s}")
-        # a peer spends up to one stage timeout on its neighbour exchanges and one on the data
-        sto = self.cfg.stage_timeout_s
-        report_deadline = time.monotonic() + 2 * sto + max(2.0, 0.5 * sto)
-        silent = []
-        for p in peers:
-            if p == me:
-                continue
-            try:
-                wait_s = max(0.05, report_deadline - time.monotonic())
-                reports[p] = tm.recv_control(
-                    eng.ctrl, p, tm.TAG_REPORT, wait_s, f"round {self.rid} stage {rnd.stage} report"
-                )
-            except PeerTimeoutError:
-                silent.append(p)
-                continue
-            tm.check_header(reports[p], self.rid, KIND_REPORT, p)
+        # a peer spends up to one stage timeout on its neighbour exchanges, one on the data and one on the
+        # have-deltas (engine_bt.PeerStageRunner.stage)
+        got, silent = self._collect_reports(peers, rnd.stage, 3 * self.cfg.stage_timeout_s)
+        reports.update(got)
         parts = []
         for p in sorted(reports):
             rep = reports[p]
@@ -671,6 +647,26 @@ class _Tracker:
         if silent:
             ok &= ~np.isin(s, silent)
         return st, ok, silent
+
+    def _collect_reports(self, peers: list[int], stage: int, busy_s: float) -> tuple[dict[int, np.ndarray], list[int]]:
+        """Every other peer's report for `stage`, waiting up to `busy_s` (what a peer may spend on the stage)
+        plus a margin; the peers that stay silent are returned for exclusion."""
+        eng = self.eng
+        deadline = time.monotonic() + busy_s + max(2.0, 0.5 * self.cfg.stage_timeout_s)
+        reports: dict[int, np.ndarray] = {}
+        silent: list[int] = []
+        for p in peers:
+            if p == eng.rank:
+                continue
+            try:
+                wait_s = max(0.05, deadline - time.monotonic())
+                rep = tm.recv_control(eng.ctrl, p, tm.TAG_REPORT, wait_s, f"round {self.rid} stage {stage} report")
+            except PeerTimeoutError:
+                silent.append(p)
+                continue
+            tm.check_header(rep, self.rid, KIND_REPORT, p)
+            reports[p] = rep
+        return reports, silent
 
     def _end(self, warm_t: float) -> np.ndarray:
         eng, rnd, MPI = self.eng, self.rnd, tm.mpi()

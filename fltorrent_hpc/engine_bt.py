@@ -181,5 +181,7 @@ class PeerStageRunner:
         deltas = self.link.exchange(stage, HAVE, {w: fresh for w in alive}, time.monotonic() + cfg.stage_timeout_s)
         for w, d in deltas.items():
             pb.neighbour_has(w, self._chunks(w, d, "have", stage))
-        self.link.settle_sends(time.monotonic() + cfg.stage_timeout_s, peer.eng._orphans)
+        # live neighbours took every frame during the exchanges; one still pending after a short grace went
+        # to a peer that stopped listening (the tracker's report wait leaves this grace in its margin)
+        self.link.settle_sends(time.monotonic() + min(1.0, cfg.stage_timeout_s), peer.eng._orphans)
         return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])

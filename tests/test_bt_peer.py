@@ -22,47 +22,43 @@ def drive_peers(rnd: SwarmRound, peers: list[PeerBT], leave_at: dict[int, list[i
         if leave_at and rnd.stage in leave_at:
             rnd.leave(leave_at[rnd.stage])
         st = rnd.next_stage()
-        if st.phase == BT:
-            act = rnd.active[:n]
-            can = act & (rnd.lag + rnd.round_start <= rnd.stage)
-            for pb in peers:
-                pb.begin_stage(rnd.stage, act, can)
-            mine: list[tuple[int, int, int]] = []
-            for p in range(cfg.bt_passes):
-                if p:
-                    for v in range(n):
-                        for w in peers[v].neighbours.tolist():
-                            peers[v].up_left[w] = peers[w].up_left[w]
-                reqs = [pb.requests(p) if act[v] else None for v, pb in enumerate(peers)]
-                asks: dict[int, dict[int, np.ndarray]] = {w: {} for w in range(n)}
-                for v, rq in enumerate(reqs):
-                    if rq is not None:
-                        for w in np.unique(rq[0]).tolist():
-                            asks[w][v] = rq[1][rq[0] == w]
-                missing = {v: peers[v].missing for v in range(n)}
-                grants = {w: peers[w].grant(p, asks[w], missing) for w in range(n) if act[w]}
-                for v, rq in enumerate(reqs):
-                    if rq is None:
-                        continue
-                    s = rq[0]
-                    granted = np.zeros(s.size, dtype=bool)
-                    for w in np.unique(s).tolist():
-                        granted[s == w] = grants[w][v]
-                    keep = peers[v].settle(p, granted)
-                    for w in np.unique(s[keep]).tolist():
-                        peers[w].commit({v: int(np.count_nonzero(s[keep] == w))})
-                    mine += list(zip(s[keep].tolist(), [v] * int(keep.sum()), rq[1][keep].tolist()))
-            sim = list(zip(st.sender.tolist(), st.receiver.tolist(), st.chunk.tolist()))
-            assert sorted(mine) == sorted(sim), f"stage {st.index}: peers' decisions differ from the simulator's"
+        assert st.phase == BT, "the driver plays BitTorrent-only rounds (privacy none)"
+        act = rnd.active[:n]
+        can = rnd.may_send()
+        for pb in peers:
+            pb.begin_stage(rnd.stage, act, can)
+        mine: list[tuple[int, int, int]] = []
+        for p in range(cfg.bt_passes):
+            if p:
+                for v in range(n):
+                    for w in peers[v].neighbours.tolist():
+                        peers[v].up_left[w] = peers[w].up_left[w]
+            reqs = [pb.requests(p) if act[v] else None for v, pb in enumerate(peers)]
+            asks: dict[int, dict[int, np.ndarray]] = {w: {} for w in range(n)}
+            for v, rq in enumerate(reqs):
+                if rq is not None:
+                    for w in np.unique(rq[0]).tolist():
+                        asks[w][v] = rq[1][rq[0] == w]
+            missing = {v: peers[v].missing for v in range(n)}
+            grants = {w: peers[w].grant(p, asks[w], missing) for w in range(n) if act[w]}
+            for v, rq in enumerate(reqs):
+                if rq is None:
+                    continue
+                s = rq[0]
+                granted = np.zeros(s.size, dtype=bool)
+                for w in np.unique(s).tolist():
+                    granted[s == w] = grants[w][v]
+                keep = peers[v].settle(p, granted)
+                for w in np.unique(s[keep]).tolist():
+                    peers[w].commit({v: int(np.count_nonzero(s[keep] == w))})
+                mine += list(zip(s[keep].tolist(), [v] * int(keep.sum()), rq[1][keep].tolist()))
+        sim = list(zip(st.sender.tolist(), st.receiver.tolist(), st.chunk.tolist()))
+        assert sorted(mine) == sorted(sim), f"stage {st.index}: peers' decisions differ from the simulator's"
         rnd.complete(st)
         for v in range(n):  # deliveries: own rows, reciprocity, and have-deltas to the neighbours
             got = st.receiver == v
             if got.any():
-                counted = st.kind[got] != 0
-                peers[v].received(st.sender[got][counted], st.chunk[got][counted])
-                peers[v].held += int(np.count_nonzero(~counted))
-                for c in st.chunk[got][~counted].tolist():
-                    peers[v].hbits[v, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+                peers[v].received(st.sender[got], st.chunk[got])
                 for w in peers[v].neighbours.tolist():
                     peers[w].neighbour_has(v, st.chunk[got])
     return rnd.stage

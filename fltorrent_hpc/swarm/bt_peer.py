@@ -25,7 +25,7 @@ from numba import njit
 from ..config import BT_GRANTS, SwarmConfig
 from . import rng
 from .bittorrent import MAX_DRAWS, OVERSAMPLE, request_pipeline
-from .bt_kernel import _bt_grant, _bt_requests, _h, _mix, _unif, key_base, reverse_slots
+from .bt_kernel import _bt_grant, _bt_requests, _h, _mix, _unif, key_base, reverse_slots, set_pending
 
 
 @njit(cache=True)
@@ -73,7 +73,8 @@ class PeerBT:
         self.down = np.asarray(down, dtype=np.int64)
         row = self.nbr[self.me]
         self.neighbours = row[row < n]
-        self.slot = {int(w): j for j, w in enumerate(row) if w < n}  # neighbour -> its slot in my row
+        self.slot = np.full(n + 1, -1, dtype=np.int64)  # peer -> its slot in my row (-1: not a neighbour)
+        self.slot[self.neighbours] = np.flatnonzero(row < n)
         W = (self.N + 63) // 64
         self.hbits = np.zeros((n + 1, W), dtype=np.uint64)
         self.hbits[self.me] = pack_bits(have_row)
@@ -81,8 +82,7 @@ class PeerBT:
         self.pbits = np.zeros_like(self.hbits)
         self.held = int(np.count_nonzero(have_row))
         self.recip = np.zeros((n + 1, self.D), dtype=np.int64)
-        for w, j in self.slot.items():
-            self.recip[self.me, j] = got_from[w]
+        self.recip[self.me, self.slot[self.neighbours]] = got_from[self.neighbours]
         self.want_cap = int(request_pipeline(self.nbr[self.me : self.me + 1], self.up, self.deg, n)[0])
 
     # ------------------------------------------------------------------ have-state
@@ -93,12 +93,11 @@ class PeerBT:
 
     def received(self, senders: np.ndarray, chunks: np.ndarray) -> None:
         """Chunks that arrived and passed their hash check (BitTorrent transfers count toward reciprocity)."""
-        for s, c in zip(senders.tolist(), chunks.tolist()):
-            self.hbits[self.me, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
-            j = self.slot.get(s)
-            if j is not None:
-                self.recip[self.me, j] += 1
-        self.held += int(senders.size)
+        chunks = np.asarray(chunks, dtype=np.int64)
+        set_pending(self.hbits, np.full(chunks.size, self.me, dtype=np.int64), chunks, True)
+        j = self.slot[np.asarray(senders, dtype=np.int64)]
+        np.add.at(self.recip[self.me], j[j >= 0], 1)
+        self.held += int(chunks.size)
 
     # ------------------------------------------------------------------ one stage
     def begin_stage(self, stage: int, active: np.ndarray, can_send: np.ndarray) -> None:
@@ -173,7 +172,7 @@ class PeerBT:
         q_r = np.concatenate([np.full(asks[r].size, r, dtype=np.int64) for r in rs]) if rs else np.zeros(0, np.int64)
         q_c = np.concatenate([np.asarray(asks[r], dtype=np.int64) for r in rs]) if rs else np.zeros(0, np.int64)
         # q_j: my slot in the receiver's row, which is rev[me, slot of the receiver in my row]
-        q_j = np.array([self.rev[me, self.slot[int(r)]] for r in q_r.tolist()], dtype=np.int64)
+        q_j = self.rev[me, self.slot[q_r]]
         m = q_r.size
         granted = np.zeros(m, dtype=bool)
         deficit = np.zeros(self.n + 1, dtype=np.int64)
@@ -221,8 +220,7 @@ class PeerBT:
             for _, q in best.values():
                 keep[q] = True
         self.choked[self.me, j[~granted]] = True
-        for ch in c[keep].tolist():
-            self.pbits[self.me, ch >> 6] |= np.uint64(1) << np.uint64(ch & 63)
+        set_pending(self.pbits, np.full(int(keep.sum()), self.me, dtype=np.int64), c[keep], True)
         self.down_left -= int(np.count_nonzero(keep))
         return keep
 
@@ -233,7 +231,7 @@ class PeerBT:
             if k <= 0:
                 continue
             self.up_left[me] -= k
-            sl = self.slot[int(r)]
+            sl = self.slot[r]
             if not self.served[me, sl]:
                 self.served[me, sl] = True
                 self.tau_left[me] -= 1

@@ -235,6 +235,10 @@ class SwarmRound:
         return self.have[:n].reshape(n, n, K).all(axis=2)
 
     # ------------------------------------------------------------------ stage loop
+    def may_send(self) -> np.ndarray:
+        """Peers that may send in slot `self.stage`: active and past their lag."""
+        return self.active[: self.n] & (self.lag + self.round_start <= self.stage)
+
     def begin_stage(self) -> int:
         """The phase of slot `self.stage`: leaves warm-up once every active peer holds k (or warm-up fails
         open at its deadline).  Idempotent within a slot; a real round whose peers make their own
@@ -355,7 +359,7 @@ class SwarmRound:
 
     def gated_release(self) -> tuple[np.ndarray, np.ndarray]:
         """Gated start (DESIGN.md): every gated, sending-capable owner releases one owner chunk."""
-        can = self.active[: self.n] & ~self.gate_open & (self.lag + self.round_start <= self.stage)
+        can = self.may_send() & ~self.gate_open
         can &= (self.win < 0).all(axis=1)
         peers, chunks = [], []
         for u in np.flatnonzero(can):

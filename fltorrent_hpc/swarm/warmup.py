@@ -39,7 +39,7 @@ class StageBudget:
         self.tau_left = np.full(n + 1, rnd.cfg.tau, dtype=np.int64)
         self.served = np.zeros((n + 1, rnd.nbr.shape[1]), dtype=bool)  # [sender, receiver slot] this stage
         self.can_send = np.zeros(n + 1, dtype=bool)
-        self.can_send[:n] = act & (rnd.lag + rnd.round_start <= rnd.stage)
+        self.can_send[:n] = rnd.may_send()
         self.sent = np.zeros(0, dtype=np.int64)  # sender*N + chunk
         self.pending = np.zeros(0, dtype=np.int64)  # receiver*N + chunk
         # the same as per-peer lists for the compiled passes: chunks each peer sends / is sent this stage
