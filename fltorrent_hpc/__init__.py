@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import register_backend as _register_backend
+from .api.group import register_backend as _register_backend
 from .launch import prepare_env as _prepare_env
 
 _register_backend()
@@ -22,7 +22,7 @@ __all__ = ["fedavg_", "FedAvgReport"]
 def __getattr__(name: str) -> Any:
     """fedavg_ is imported on first use, so `import fltorrent_hpc` stays light."""
     if name in ("fedavg_", "FedAvgReport"):
-        from . import fedavg
+        from .api import fedavg
 
         return getattr(fedavg, name)
     raise AttributeError(f"module 'fltorrent_hpc' has no attribute {name!r}")

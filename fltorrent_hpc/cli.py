@@ -57,8 +57,8 @@ def _add_simulate(sub) -> None:
 
 
 def _simulate(a: argparse.Namespace) -> int:
+    from .runtime.simulator import simulate
     from .trace import write_trace
-    from .transport.sim import simulate
 
     cfg = SwarmConfig(
         degree=a.degree,
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return attack_main(argv[1:])
         if argv and argv[0] in ("study", "report"):
-            from .study import report_main, study_main
+            from .studies.study import report_main, study_main
 
             return (study_main if argv[0] == "study" else report_main)(argv[1:])
         a = ap.parse_args(argv)

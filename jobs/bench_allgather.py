@@ -22,7 +22,7 @@ import numpy as np
 from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig, parse_bytes, parse_rate
-from fltorrent_hpc.engine import SwarmEngine
+from fltorrent_hpc.runtime.engine import SwarmEngine
 from fltorrent_hpc.transport.mpi import mpi_allgather, ring_allgather
 
 COMM = MPI.COMM_WORLD
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in (eng, eng_none, eng_nohash):
             e.close()
     if a.backend:
-        from fltorrent_hpc.backend import bench_backend_allgather
+        from fltorrent_hpc.api.group import bench_backend_allgather
 
         for size in sizes:
             t = bench_backend_allgather(size, a.iters)

@@ -55,10 +55,10 @@ import torch
 import torch.nn.functional as F
 
 import fltorrent_hpc  # noqa: F401  (registers the "fltorrent" backend, fills the env:// rendezvous)
-from fltorrent_hpc import aggregate as agg
+from fltorrent_hpc.api import aggregate as agg
+from fltorrent_hpc.chunks.layout import Layout
 from fltorrent_hpc.config import SwarmConfig, parse_bytes
-from fltorrent_hpc.data import label_histogram, load_digits, partition
-from fltorrent_hpc.layout import Layout
+from fltorrent_hpc.studies.data import label_histogram, load_digits, partition
 
 BASELINES = ("central", "gossip")
 # arguments that must match when resuming (the others, e.g. --rounds, may change)
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.baselines = [b for b in BASELINES if b in base]
     a.baseline = ",".join(a.baselines) or "none"
     if a.split.lower().startswith("dir") and a.split.lower() not in ("dir", "dirichlet"):
-        from fltorrent_hpc.data import parse_split
+        from fltorrent_hpc.studies.data import parse_split
 
         _, a.alpha = parse_split(a.split)
         a.split = "dirichlet"
@@ -341,7 +341,7 @@ def swarm_fedavg(model, weight: float, start: list[torch.Tensor], a) -> SwarmSta
 
 def swarm_robust(pg, tensors, start, delta: torch.Tensor, weight: float, a) -> SwarmStats:
     """Disseminate this peer's fp32 update with the swarm, then apply the robust rule over the agreed set."""
-    from fltorrent_hpc.kernels import pack_segments
+    from fltorrent_hpc.chunks.kernels import pack_segments
 
     layout = Layout.from_specs([("update", "float32", (delta.numel(),))])
     payload = pack_segments([delta], layout).cpu().numpy()
@@ -374,7 +374,7 @@ def swarm_robust(pg, tensors, start, delta: torch.Tensor, weight: float, a) -> S
 
 def central_aggregate(coll: Coll, model, start, delta: torch.Tensor | None, weight: float, a) -> None:
     """Server semantics over every peer: all-gather, then the same rank-order reduction code on every rank."""
-    from fltorrent_hpc.kernels import pack_segments
+    from fltorrent_hpc.chunks.kernels import pack_segments
 
     ws = coll.allgather(np.array([weight], dtype=np.float64), "central weights").reshape(-1)
     tensors = fl_tensors(model)
@@ -401,7 +401,7 @@ def metropolis_weights(overlay, i: int) -> tuple[list[int], list[float]]:
 
 
 def gossip_mix(coll: Coll, model, overlay) -> None:
-    from fltorrent_hpc.kernels import pack_segments
+    from fltorrent_hpc.chunks.kernels import pack_segments
 
     tensors = fl_tensors(model)
     layout = Layout.from_tensors(tensors)

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 import fltorrent_hpc
-from fltorrent_hpc import backend as flb
 from fltorrent_hpc import launch
+from fltorrent_hpc.api import group as flb
 from fltorrent_hpc.errors import FLTorrentError, LaunchError, PeerTimeoutError, ShapeMismatchError
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_registration_is_idempotent_and_declares_devices():
     flb.register_backend()
     flb.register_backend()
-    fltorrent_hpc.backend.register()
+    fltorrent_hpc.api.group.register()
     plugin = dist.Backend._plugins["FLTORRENT"]
     assert plugin.extended_api is True
     assert plugin.creator_fn is flb._create_process_group

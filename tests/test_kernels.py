@@ -22,10 +22,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fltorrent_hpc import kernels as K
-from fltorrent_hpc.checksum import chunk_hashes
+from fltorrent_hpc.chunks import kernels as K
+from fltorrent_hpc.chunks.digest import chunk_hashes
+from fltorrent_hpc.chunks.layout import Layout, pack
 from fltorrent_hpc.errors import ConfigError, ShapeMismatchError
-from fltorrent_hpc.layout import Layout, pack
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

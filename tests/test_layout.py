@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fltorrent_hpc.chunks.kernels import pack_segments, unpack_segments
+from fltorrent_hpc.chunks.layout import ALIGN, MAX_NDIM, Layout, pack, unpack
 from fltorrent_hpc.errors import ConfigError, ProtocolError, ShapeMismatchError
-from fltorrent_hpc.kernels import pack_segments, unpack_segments
-from fltorrent_hpc.layout import ALIGN, MAX_NDIM, Layout, pack, unpack
 
 DTYPES = [
     torch.float32,

@@ -251,7 +251,7 @@ def test_every_warmup_stage_at_most_maxflow(p):
 
 
 def test_maxflow_ratio_in_simulation():
-    from fltorrent_hpc.transport.sim import simulate
+    from fltorrent_hpc.runtime.simulator import simulate
 
     cfg = SwarmConfig(degree=4, chunk_bytes=1, privacy="full", cover=0.1, seed=3)
     res = simulate(cfg, 16, 12, (3, 6), (4, 8), maxflow=True, trace=True)

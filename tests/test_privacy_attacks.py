@@ -260,7 +260,7 @@ def test_cli_coalitions(tmp_path):
 @pytest.fixture(scope="module")
 def small_rounds():
     from fltorrent_hpc.config import SwarmConfig
-    from fltorrent_hpc.transport.sim import simulate
+    from fltorrent_hpc.runtime.simulator import simulate
 
     c = 1024
     out = {}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fltorrent_hpc import study as S
-from fltorrent_hpc.privacy import sweeps
-from fltorrent_hpc.report import report_main
+from fltorrent_hpc.studies import privacy_sweeps as sweeps
+from fltorrent_hpc.studies import study as S
+from fltorrent_hpc.studies.report import report_main
 
 CLAIMS = ("no defences", "full defences", "Eq. 1", "tracks 1/m")
 
@@ -30,7 +30,7 @@ def test_privacy_study_is_registered_through_the_plugin_hook() -> None:
     full = st.grid(S.GridArgs())
     names = [p.name for p in full]
     assert len(names) == len(set(names))
-    assert all(p.runner == "fltorrent_hpc.privacy.sweeps:study_point" for p in full)
+    assert all(p.runner == "fltorrent_hpc.studies.privacy_sweeps:study_point" for p in full)
     cells = {
         s: sorted(p.tags[sweeps.SWEEP_KEYS[s]] for p in full if s in p.tags["sweeps"])
         for s in sweeps.SWEEP_KEYS

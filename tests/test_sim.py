@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from fltorrent_hpc.config import SwarmConfig, parse_rate
-from fltorrent_hpc.swarm import rng
-from fltorrent_hpc.trace import TRANSFER_COLUMNS
-from fltorrent_hpc.transport.sim import (
+from fltorrent_hpc.runtime.simulator import (
     PAPER_CHUNK,
     PAPER_DOWNLINK,
     PAPER_UPDATE,
@@ -17,6 +15,8 @@ from fltorrent_hpc.transport.sim import (
     draw_links,
     simulate,
 )
+from fltorrent_hpc.swarm import rng
+from fltorrent_hpc.trace import TRANSFER_COLUMNS
 
 C = 1000
 UP, DOWN = (2000.0, 5000.0), (3000.0, 7000.0)  # 2..5 and 3..7 chunks per slot

@@ -11,8 +11,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from fltorrent_hpc import study as S
-from fltorrent_hpc.report import report_main, write_report
+from fltorrent_hpc.studies import study as S
+from fltorrent_hpc.studies.report import report_main, write_report
 from fltorrent_hpc.trace import read_trace
 
 PAPER_STUDIES = ("table3", "ablation", "cover", "schedulers", "llm", "beyond")

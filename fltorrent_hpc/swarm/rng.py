@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checksum import splitmix64
+from ..chunks.digest import splitmix64
 
 _SEED0 = np.uint64(0x243F6A8885A308D3)
 

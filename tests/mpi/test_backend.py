@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import AllgatherOptions
 
 import fltorrent_hpc  # noqa: F401  (registers the backend, fills env:// variables under mpiexec)
-from fltorrent_hpc import backend as flb
+from fltorrent_hpc.api import group as flb
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, ShapeMismatchError
 

@@ -11,8 +11,8 @@ import torch
 from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig
-from fltorrent_hpc.engine import Fault, SwarmEngine
 from fltorrent_hpc.errors import ShapeMismatchError
+from fltorrent_hpc.runtime.engine import Fault, SwarmEngine
 from fltorrent_hpc.swarm import SwarmRound
 from fltorrent_hpc.trace import merge_round, read_trace
 

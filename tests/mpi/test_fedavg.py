@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 import fltorrent_hpc
+from fltorrent_hpc.api.fedavg import FedAvgReport, _standalone_group
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import FLTorrentError, ShapeMismatchError
-from fltorrent_hpc.fedavg import FedAvgReport, _standalone_group
 
 pytestmark = [
     pytest.mark.mpi(min_size=1),

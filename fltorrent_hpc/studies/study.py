@@ -12,7 +12,7 @@ interrupted study resumes where it stopped and a crash never leaves a half-writt
 Layout of STUDY.h5 (and the JSON summary beside it) is in docs/STUDIES.md.
 
 Other modules add studies with `register(Study(...))`; the privacy sweeps are picked up lazily from
-`fltorrent_hpc.privacy.sweeps.register_studies(register)` when that module provides it.
+`fltorrent_hpc.studies.privacy_sweeps.register_studies(register)` when that module provides it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ PAPER_UPLINK = ("15.5Mbps", "25.3Mbps")
 PAPER_DOWNLINK = ("36.5Mbps", "121Mbps")
 MINI_CHUNKS = 24  # chunks per update in --mini grids: keeps every mini round well under a second
 SIM_KWARGS = ("peers", "update_bytes", "uplink", "downlink", "maxflow", "leave_fraction", "leave_stage", "warmup_only")
-PLUGINS = ("fltorrent_hpc.privacy.sweeps",)
+PLUGINS = ("fltorrent_hpc.studies.privacy_sweeps",)
 STAGE_ARRAYS = {
     "utilization": np.float32,
     "phase": np.int8,
@@ -150,7 +150,7 @@ def studies() -> dict[str, Study]:
 
 # --------------------------------------------------------------------------------------------- helpers
 def _bytes(v: Any) -> int:
-    from .config import parse_bytes
+    from ..config import parse_bytes
 
     return parse_bytes(v)
 
@@ -200,7 +200,7 @@ def _dumps(v: Any) -> str:
 
 # --------------------------------------------------------------------------------------------- running a point
 def _stage_trace_class():
-    from .trace import Trace
+    from ..trace import Trace
 
     class StageTrace(Trace):
         """Keeps per-stage rows and drops per-transfer rows: an n = 500 round has ~50M transfers (GBs)."""
@@ -215,7 +215,7 @@ def _stage_trace_class():
 def _stage_only_traces():
     # The simulator has no stage-only trace mode yet (asked for); swap the Trace class it instantiates for the
     # duration of one call.  This runs in the worker process (or the parent with --jobs 1), single-threaded.
-    from .transport import sim
+    from ..runtime import simulator as sim
 
     orig = getattr(sim, "Trace", None)
     if orig is None:
@@ -229,9 +229,9 @@ def _stage_only_traces():
 
 
 def _simulate_point(params: dict[str, Any], trace_path: str | None) -> dict[str, Any]:
-    from .config import SwarmConfig, parse_range, parse_rate
-    from .trace import write_trace
-    from .transport.sim import simulate
+    from ..config import SwarmConfig, parse_range, parse_rate
+    from ..runtime.simulator import simulate
+    from ..trace import write_trace
 
     cfg_fields = set(SwarmConfig.__dataclass_fields__) - {"extra"}
     unknown = set(params) - cfg_fields - set(SIM_KWARGS) - {"spectrum"}
@@ -266,7 +266,7 @@ def _simulate_point(params: dict[str, Any], trace_path: str | None) -> dict[str,
 
 def _spectrum(cfg: Any, n: int) -> dict[str, Any]:
     """Second-eigenvalue figures of the round's initial overlay (the simulator fills lambda2 only for expanders)."""
-    from .swarm.overlay import build_overlay
+    from ..swarm.overlay import build_overlay
 
     ov = build_overlay(n, cfg, cfg.seed)
     deg = ov.degree
@@ -1014,8 +1014,8 @@ def _grid_llm(a: GridArgs) -> list[Point]:
 
 def ideal_round_stages(params: dict[str, Any]) -> float:
     """Uplink-bound lower bound on a full round: every peer must receive K(n-1) chunks over the sum of budgets."""
-    from .config import parse_range, parse_rate
-    from .transport.sim import budgets, draw_links
+    from ..config import parse_range, parse_rate
+    from ..runtime.simulator import budgets, draw_links
 
     n, C = int(params["peers"]), _bytes(params["chunk_bytes"])
     K = math.ceil(_bytes(params["update_bytes"]) / C)

@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 
-from .errors import ProtocolError
-from .swarm.bt_peer import PeerBT, pack_bits, unpack_bits
-from .swarm.overlay import build_overlay
-from .swarm.round import BT
-from .transport import mpi as tm
+from ..errors import ProtocolError
+from ..swarm.bt_peer import PeerBT, pack_bits, unpack_bits
+from ..swarm.overlay import build_overlay
+from ..swarm.round import BT
+from ..transport import mpi as tm
 
 TAG_NBR = 100  # + (stage % 1000) * 32 + code; codes: 0 bitfield, 1 have, 2 + 4 * pass + step
 BITFIELD, HAVE = 0, 1

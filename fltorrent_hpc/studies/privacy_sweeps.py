@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SwarmConfig, parse_rate
+from ..privacy.attacks import ATTACKS
+from ..privacy.cli import evaluate_trace
 from ..trace import Trace, write_trace
-from .attacks import ATTACKS
-from .cli import evaluate_trace
 
 PAPER_CHUNK = 256 * 1024
 PAPER_CHUNKS = 206
@@ -84,7 +84,7 @@ def simulate_round(
     **config: Any,
 ) -> tuple[Trace, float]:
     """One simulated round's trace (through its warm-up, or its cover-equivalent span) and the seconds it took."""
-    from ..transport.sim import simulate
+    from ..runtime.simulator import simulate
 
     cfg = SwarmConfig(
         chunk_bytes=chunk_bytes, privacy=privacy, degree=degree, spray_ratio=spray_ratio, seed=seed, **config
@@ -385,7 +385,7 @@ def _grid_spec(mini: bool) -> dict[str, Any]:
 
 def privacy_grid(args: Any) -> list[Any]:
     """Points of the `privacy` study: one per distinct simulated round and seed (see `study_point`)."""
-    from ..study import points_for
+    from .study import points_for
 
     g = _grid_spec(bool(args.mini))
     base = {
@@ -412,7 +412,7 @@ def privacy_grid(args: Any) -> list[Any]:
         tags = {"privacy": priv, "n": n, "m": m, "R": r, "sweeps": sweeps}
         params = dict(base, sweeps=sweeps, privacy=priv, peers=n, degree=m, spray_ratio=r)
         for p in points_for(name, args, tags, **params):
-            pts.append(replace(p, runner="fltorrent_hpc.privacy.sweeps:study_point"))
+            pts.append(replace(p, runner="fltorrent_hpc.studies.privacy_sweeps:study_point"))
     return pts
 
 
@@ -561,8 +561,8 @@ def derive_privacy(recs: list[Any]) -> dict[str, Any]:
 
 
 def register_studies(register: Any) -> None:
-    """Hook called by `fltorrent_hpc.study.studies()`: adds the `privacy` study (Figs. 6-7)."""
-    from ..study import Study
+    """Hook called by `fltorrent_hpc.studies.study.studies()`: adds the `privacy` study (Figs. 6-7)."""
+    from .study import Study
 
     register(
         Study(

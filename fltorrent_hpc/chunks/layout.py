@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checksum import chunk_hash
-from .errors import ConfigError, ProtocolError, ShapeMismatchError
+from ..errors import ConfigError, ProtocolError, ShapeMismatchError
+from .digest import chunk_hash
 
 ALIGN = 16
 """Byte alignment of every entry inside the flat buffer."""

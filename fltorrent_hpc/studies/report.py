@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import paper_figures as paper
+from . import paper
 from .study import Record, groups, load_records, mean_std, studies
 
 NAN = float("nan")
@@ -589,8 +589,8 @@ def render_beyond(ld: Loaded, ctx: Ctx) -> list[str]:
 
 def render_privacy(ld: Loaded, ctx: Ctx) -> list[str]:
     """Figs. 6-7: max ASR of the paper's three attacks (and our protocol-aware Elimination) beside the paper's."""
-    from .privacy.plots import plot_privacy
-    from .privacy.sweeps import PAPER_ABLATION, PAPER_COALITION, PAPER_DEGREE, PAPER_PEERS, PAPER_SPRAY, study_rows
+    from ..privacy.plots import plot_privacy
+    from .privacy_sweeps import PAPER_ABLATION, PAPER_COALITION, PAPER_DEGREE, PAPER_PEERS, PAPER_SPRAY, study_rows
 
     sweeps = study_rows(ld.records)
     atts = ("sequence", "count", "cluster")
@@ -878,9 +878,9 @@ def write_report(
         cmd,
         "```",
         "",
-        "Paper numbers come from `fltorrent_hpc/paper_figures.py` (PAPER.md; values read off plots are ±0.5% of the "
-        "axis). Ours are simulated rounds (`fltorrent_hpc.transport.sim`, 1 s slots, the paper's §6 defaults unless "
-        "stated). Mean ± std where a study ran several seeds.",
+        "Paper numbers come from `fltorrent_hpc/studies/paper.py` (PAPER.md; values read off plots are ±0.5% of "
+        "the axis). Ours are simulated rounds (`fltorrent_hpc.runtime.simulator`, 1 s slots, the paper's §6 defaults "
+        "unless stated). Mean ± std where a study ran several seeds.",
     ]
     names = [n for n in ORDER if n in loaded] + [n for n in loaded if n not in ORDER]
     for name in names:

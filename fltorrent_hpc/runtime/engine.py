@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from .checksum import chunk_hashes
-from .config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
-from .errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
-from .swarm.bt_peer import pack_bits, unpack_bits
-from .swarm.round import BT, SPRAY, Stage, SwarmRound
-from .trace import Trace
-from .transport import mpi as tm
+from ..chunks.digest import chunk_hashes
+from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
+from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
+from ..swarm.bt_peer import pack_bits, unpack_bits
+from ..swarm.round import BT, SPRAY, Stage, SwarmRound
+from ..trace import Trace
+from ..transport import mpi as tm
 
 KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
 UNPACED_BUDGET = 1 << 30
@@ -304,7 +304,7 @@ class _PeerState:
 
     def bt_stage(self, msg: np.ndarray) -> np.ndarray | None:
         """A decentralised BitTorrent stage (engine_bt.py); returns the report frame."""
-        from .engine_bt import PeerStageRunner
+        from .bt_stages import PeerStageRunner
 
         n = self.eng.size
         stage, words = int(msg[2]), (n + 63) // 64
@@ -461,7 +461,7 @@ class _PeerState:
         if trace_path:
             self._write_trace(trace_path)
             if eng.rank == eng.tracker and eng.last_trace is not None:
-                from .trace import write_trace
+                from ..trace import write_trace
 
                 write_trace(trace_path, eng.last_trace)
         return RoundResult(
@@ -469,7 +469,7 @@ class _PeerState:
         )
 
     def _write_trace(self, path: str) -> None:
-        from .trace import write_trace
+        from ..trace import write_trace
 
         tr = Trace(
             attrs={

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import FLTorrentError, IntegrityError
-from .layout import Layout
+from ..chunks.layout import Layout
+from ..errors import FLTorrentError, IntegrityError
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # kernels.ACC_DTYPES: accumulated in fp32
 _STANDALONE: dict[str, Any] = {}
@@ -156,7 +156,7 @@ def _named_tensors(obj: Any, buffers: bool) -> list[tuple[str, torch.Tensor]]:
 def _resolve_group(group: Any) -> Any:
     import torch.distributed as dist
 
-    from .backend import FLTorrentProcessGroup
+    from .group import FLTorrentProcessGroup
 
     if group is None:
         if dist.is_available() and dist.is_initialized():
@@ -176,8 +176,8 @@ def _standalone_group() -> Any:
     if "pg" not in _STANDALONE:
         from mpi4py import MPI
 
-        from .backend import FLTorrentProcessGroup
-        from .config import SwarmConfig
+        from ..config import SwarmConfig
+        from .group import FLTorrentProcessGroup
 
         cfg = SwarmConfig.from_env()
         _STANDALONE["pg"] = FLTorrentProcessGroup(MPI.COMM_WORLD, timeout_s=cfg.timeout_s, config=cfg, name="fedavg")
@@ -186,7 +186,7 @@ def _standalone_group() -> Any:
 
 def _pack(tensors: list[torch.Tensor], layout: Layout) -> np.ndarray:
     """Host uint8 payload in the layout's canonical form, packed on the tensors' device by kernels.py."""
-    from .kernels import pack_segments
+    from ..chunks.kernels import pack_segments
 
     if layout.total_bytes == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -202,7 +202,7 @@ def _average_into(
     total: float,
 ) -> None:
     """The FedAvg of the module docstring: accumulate whole updates in rank order, then finalize in place."""
-    from .kernels import accumulate_, finalize_fedavg_
+    from ..chunks.kernels import accumulate_, finalize_fedavg_
 
     if layout.total_bytes == 0:
         return

@@ -33,11 +33,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .checksum import GOLDEN, LEN_SALT, MIX1, MIX2
-from .errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
+from .digest import GOLDEN, LEN_SALT, MIX1, MIX2
 from .layout import Layout, torch_dtype
 
-KERNEL_DIR = Path(os.environ.get("FLTORRENT_KERNELS_DIR") or Path(__file__).resolve().parent.parent / "kernels")
+KERNEL_DIR = Path(os.environ.get("FLTORRENT_KERNELS_DIR") or Path(__file__).resolve().parents[2] / "kernels")
 """Where the .cu sources live (the repository's kernels/; FLTORRENT_KERNELS_DIR overrides)."""
 
 KERNEL_FILES: dict[str, str] = {

@@ -33,16 +33,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import SwarmConfig
-from .errors import FLTorrentError, LaunchError, PeerTimeoutError, ShapeMismatchError
-from .transport.mpi import SPIN as _SPIN
-from .transport.mpi import pause as _pause
+from ..config import SwarmConfig
+from ..errors import FLTorrentError, LaunchError, PeerTimeoutError, ShapeMismatchError
+from ..transport.mpi import SPIN as _SPIN
+from ..transport.mpi import pause as _pause
 
 BACKEND_NAME = "fltorrent"
 _REG_LOCK = threading.Lock()
 _ALIGN = 16  # byte alignment of tensors packed into one payload
 
-# Set by tests (or by a user who brings an engine) to replace `fltorrent_hpc.engine.SwarmEngine`.
+# Set by tests (or by a user who brings an engine) to replace `fltorrent_hpc.runtime.engine.SwarmEngine`.
 _engine_factory: Callable[..., Any] | None = None
 
 _LIVE_GROUPS: weakref.WeakSet = weakref.WeakSet()
@@ -70,7 +70,7 @@ def _create_process_group(dist_opts: Any, backend_options: Any = None) -> FLTorr
     """Creator called by torch for the default group and for every `new_group` member (non-members never are)."""
     from mpi4py import MPI
 
-    from .launch import check_world
+    from ..launch import check_world
 
     if backend_options is not None and not isinstance(backend_options, SwarmConfig):
         raise UnsupportedError(f"fltorrent pg_options must be a SwarmConfig, got {type(backend_options).__name__}")
@@ -1358,7 +1358,7 @@ class _LocalRound:
 def _make_engine(comm: Any, config: SwarmConfig) -> Any:
     if _engine_factory is not None:
         return _engine_factory(comm, config)
-    from .engine import SwarmEngine  # lazy: backend.py imports before the engine exists
+    from ..runtime.engine import SwarmEngine  # lazy: backend.py imports before the engine exists
 
     return SwarmEngine(comm, config)
 
