@@ -33,6 +33,7 @@ import numpy as np
 from ..chunks.digest import chunk_hashes
 from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
+from ..swarm import rng
 from ..swarm.bt_peer import pack_bits, unpack_bits
 from ..swarm.round import BT, SPRAY, Stage, SwarmRound
 from ..trace import Trace
@@ -145,6 +146,29 @@ class SwarmEngine:
                 f"{allm[0].tolist()}"
             )
 
+    def round_meta(self, nbytes: int, cfg: SwarmConfig | None = None, consensus: bool = True, rid: int | None = None):
+        """The int64 words every rank must agree on before a round: its shape and the protocol knobs that
+        decide the schedule.  A caller with its own agreement folds these in and passes `agreed=True`."""
+        cfg = cfg or self.cfg
+        priv = sum(1 << i for i, m in enumerate(PRIVACY_MECHANISMS) if m in cfg.privacy)
+        return np.array(
+            [
+                tm.MAGIC,
+                self.round_id if rid is None else rid,
+                nbytes,
+                cfg.chunk_bytes,
+                priv,
+                cfg.degree,
+                SCHEDULERS.index(cfg.scheduler),
+                cfg.tau,
+                int(consensus),
+                int(cfg.integrity == "hash"),
+                BT_DECISIONS.index(cfg.bt_decisions),
+                cfg.bt_passes,
+            ],
+            dtype=np.int64,
+        )
+
     # ------------------------------------------------------------------ the round
     def disseminate(
         self,
@@ -159,11 +183,14 @@ class SwarmEngine:
         fault: Fault | None = None,
         out: np.ndarray | None = None,
         trace: str | None = None,
+        agreed: bool = False,
     ) -> RoundResult:
         """One round: every rank's `payload` (1-D contiguous bytes, same size everywhere) reaches every rank.
 
         `out` ([size, nbytes] uint8) receives the updates in place; `silent=True` makes this rank go
-        silent after the first stage (fault injection).  Returns this rank's RoundResult.
+        silent after the first stage (fault injection).  `agreed=True`: the caller already agreed on
+        `round_meta(...)` with the other ranks inside its own agreement (one agreement per collective).
+        Returns this rank's RoundResult.
         """
         cfg = self.cfg if privacy is None else self.cfg.replace(privacy=parse_privacy(privacy))
         if silent and fault is None:
@@ -177,31 +204,13 @@ class SwarmEngine:
         self.round_id += 1
         C = cfg.chunk_bytes
         nbytes = int(pay.size)
-        priv = sum(1 << i for i, m in enumerate(PRIVACY_MECHANISMS) if m in cfg.privacy)
-        self.agree(
-            np.array(
-                [
-                    tm.MAGIC,
-                    rid,
-                    nbytes,
-                    C,
-                    priv,
-                    cfg.degree,
-                    SCHEDULERS.index(cfg.scheduler),
-                    cfg.tau,
-                    int(consensus),
-                    int(cfg.integrity == "hash"),
-                    BT_DECISIONS.index(cfg.bt_decisions),
-                    cfg.bt_passes,
-                ],
-                dtype=np.int64,
-            )
-        )
+        if not agreed:
+            self.agree(self.round_meta(nbytes, cfg, consensus, rid))
         t0 = time.monotonic()
         K = math.ceil(nbytes / C) if nbytes else 0
         verify = cfg.integrity == "hash"
         hashes = chunk_hashes(pay, C) if K and verify else np.zeros(K, np.uint64)
-        rseed = int(seed) if seed is not None else cfg.seed * 1_000_003 + rid
+        rseed = int(seed) if seed is not None else rng.round_seed(cfg.seed, rid)
         info = np.array([float(weight), cfg.uplink, cfg.downlink, float(rseed)], dtype=np.float64)
         all_info = self._allgather(info, "descriptors")
         all_hash = self._allgather(hashes, "chunk hashes") if K else np.zeros((n, 0), np.uint64)
