@@ -29,3 +29,7 @@ class ProtocolError(FLTorrentError):
 
 class LaunchError(FLTorrentError):
     """fltorrent was started without an MPI launcher or with an inconsistent rank layout."""
+
+
+class TransportError(FLTorrentError):
+    """The transport underneath failed (an MPI or NCCL error), wrapped so callers see one hierarchy."""

@@ -182,9 +182,9 @@ class Coll:
         self.timeout_s = timeout_s
 
     def _wait(self, req, what: str) -> None:
-        from fltorrent_hpc.transport.mpi import wait_all
+        from fltorrent_hpc.transport.mpi import wait_requests
 
-        wait_all([req], self.timeout_s, lambda _: f"{what} over {self.size} ranks")
+        wait_requests([req], self.timeout_s, lambda _: f"{what} over {self.size} ranks")
 
     def allgather(self, arr: np.ndarray, what: str = "allgather") -> np.ndarray:
         arr = np.ascontiguousarray(arr)

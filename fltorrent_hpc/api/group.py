@@ -682,7 +682,6 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 seed=(self._config.seed * 1_000_003 + seq) & 0x7FFFFFFF,
                 deadline_s=deadline_s,
                 consensus=True,
-                silent=silent,
             )
         self.last_round_stats = dict(getattr(res, "stats", {}) or {})
         if not partial_ok:
