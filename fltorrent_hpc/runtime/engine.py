@@ -35,21 +35,16 @@ from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, 
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
 from ..swarm import rng
 from ..swarm.bt_peer import pack_bits, unpack_bits
+from ..swarm.budget import chunk_budgets
 from ..swarm.round import BT, SPRAY, Stage, SwarmRound
 from ..trace import Trace
 from ..transport import base as tb
 from ..transport.base import MAGIC, Transport, data_tag
 from ..transport.mpi import MPITransport
+from .recorder import RoundRecorder
 
 KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
 TAG_DIRECTIVE, TAG_REPORT = 11, 12
-UNPACED_BUDGET = 1 << 30
-
-
-def chunk_budgets(rates: np.ndarray, chunk_bytes: int, slot_seconds: float) -> np.ndarray:
-    """Per-stage chunk budgets from link rates (bytes/s); an unpaced link (rate 0) gets UNPACED_BUDGET."""
-    b = np.where(rates > 0, np.floor(rates * slot_seconds / chunk_bytes), UNPACED_BUDGET)
-    return np.maximum(b, 1).astype(np.int64)
 
 
 @dataclass
@@ -679,58 +674,7 @@ class _Tracker:
 
     def _trace(self, A: np.ndarray, agreed: np.ndarray) -> Trace:
         rnd, cfg = self.rnd, self.cfg
-        tr = Trace()
-        tr.attrs.update(
-            source="mpi",
-            n_peers=rnd.n,
-            chunks_per_peer=rnd.K,
-            chunk_bytes=cfg.chunk_bytes,
-            cover_k=rnd.k,
-            kappa=cfg.kappa,
-            seed=rnd.seed,
-            slot_seconds=cfg.slot_seconds,
-            warmup_stages=max(rnd.s_bt, 0),
-            stages=rnd.stage,
-            warmup_failed_open=bool(rnd.warmup_failed_open),
-            config=cfg.to_dict(),
-        )
-        tr.peers = {
-            "up_budget": self.up,
-            "down_budget": self.down,
-            "lag": rnd.lag,
-            "active": rnd.active[: rnd.n],
-            "left_at": rnd.left_at,
-            "complete_stage": rnd.complete_stage,
-        }
-        tr.edges = rnd.overlay.edges
-        tr.overlay_attrs = {"kind": rnd.overlay.kind, "lambda2": float(rnd.overlay.lambda2)}
+        rec = RoundRecorder(rnd, cfg, "mpi", self.peer.nbytes, seed=rnd.seed, attrs={"config": cfg.to_dict()})
         for st, d in zip(self.stages, self.delivered):
-            if st.size:
-                tr.add_transfers(
-                    stage=np.full(st.size, st.index),
-                    sender=st.sender,
-                    receiver=st.receiver,
-                    owner=st.chunk // rnd.K,
-                    chunk=st.chunk,
-                    phase=st.kind,
-                    sender_owned=st.sender_owned,
-                    sender_buffer=st.sender_buffer,
-                    bytes=np.minimum((st.chunk % rnd.K + 1) * cfg.chunk_bytes, self.peer.nbytes)
-                    - (st.chunk % rnd.K) * cfg.chunk_bytes,
-                    ok=d,
-                )
-            tr.add_stage(
-                stage=[st.index],
-                phase=[st.phase],
-                transfers=[int(d.sum())],
-                capacity=[st.capacity],
-                utilization=[d.sum() / st.capacity if st.capacity else 0.0],
-                maxflow=[st.maxflow],
-            )
-            if st.release_peer.size:
-                tr.add_gate_releases(
-                    stage=np.full(st.release_peer.size, st.index), peer=st.release_peer, chunk=st.release_chunk
-                )
-        tr.reconstructable = A
-        tr.agreed = agreed
-        return tr
+            rec.stage(st, d)
+        return rec.finish(A, agreed, max(rnd.s_bt, 0), rnd.stage)

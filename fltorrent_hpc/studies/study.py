@@ -1015,7 +1015,8 @@ def _grid_llm(a: GridArgs) -> list[Point]:
 def ideal_round_stages(params: dict[str, Any]) -> float:
     """Uplink-bound lower bound on a full round: every peer must receive K(n-1) chunks over the sum of budgets."""
     from ..config import parse_range, parse_rate
-    from ..runtime.simulator import budgets, draw_links
+    from ..runtime.simulator import draw_links
+    from ..swarm.budget import chunk_budgets
 
     n, C = int(params["peers"]), _bytes(params["chunk_bytes"])
     K = math.ceil(_bytes(params["update_bytes"]) / C)
@@ -1025,7 +1026,7 @@ def ideal_round_stages(params: dict[str, Any]) -> float:
         parse_range(params["downlink"], parse_rate),
         int(params.get("seed", 0)),
     )
-    ub = budgets(up, C, float(params.get("slot_seconds", 1.0)))
+    ub = chunk_budgets(up, C, float(params.get("slot_seconds", 1.0)))
     return K * n * (n - 1) / max(int(ub.sum()), 1)
 
 
