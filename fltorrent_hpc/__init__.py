@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api.group import register_backend as _register_backend
+from .api.registration import register_backend as _register_backend
 from .launch import prepare_env as _prepare_env
 
 _register_backend()
