@@ -343,9 +343,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         the time left before this op's own deadline (job start + the op's timeout): a round never runs past the
         op, and ranks not reconstructed by then are left out of A instead of failing a later wait.
         """
-        left = max(deadline - time.monotonic(), 1e-3)  # > 0: the engine reads 0 as "no deadline"
-        asked = rnd.deadline_s if rnd.deadline_s is not None else (self._config.deadline_s or None)
-        swarm_deadline = left if asked is None else min(float(asked), left)
+        swarm_deadline = swarm_deadline_s(rnd.deadline_s, self._config.deadline_s, deadline - time.monotonic())
         if self._size == 1:
             res = _LocalRound(rnd.payload, rnd.weight)
         else:
@@ -1051,6 +1049,14 @@ class _LocalRound:
         self.weights = np.array([weight], dtype=np.float64)
         self.participants = np.array([0], dtype=np.int64)
         self.stats = {"bytes_sent": 0, "bytes_recv": 0, "warmup_s": 0.0, "swarm_s": 0.0, "round_s": 0.0}
+
+
+def swarm_deadline_s(deadline_s: float | None, config_deadline_s: float, left_s: float) -> float:
+    """Seconds the engine may run a round: the caller's deadline, else the config's (0 = none), never more than
+    `left_s`, the time left before the op's own deadline; at least 1 ms (the engine reads 0 as "no deadline")."""
+    asked = deadline_s if deadline_s is not None else (config_deadline_s or None)
+    left = max(float(left_s), 1e-3)
+    return left if asked is None else max(min(float(asked), left), 1e-3)
 
 
 def _make_engine(comm: Any, config: SwarmConfig) -> Any:
