@@ -330,7 +330,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             diffs = wire.differences(allm[0], allm[r], 0, r)
             raise ShapeMismatchError(
                 f"fltorrent {name} #{seq}: ranks {bad} disagree with rank 0 ({'; '.join(diffs)}); every rank must "
-                "call the same collective with the same shapes, dtypes, root and op"
+                "call the same collective with the same shapes, dtypes, root and op (and swarm settings)"
             )
 
     # ----------------------------------------------------------------- dissemination
@@ -379,9 +379,12 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         reject: BaseException | None = None,
         consume: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """One FL round on the comm thread (used by fedavg_): blocks; returns consume(RoundResult) or the result.
+        """One FL round on the comm thread (used by fedavg_, aggregate_): blocks; returns consume(RoundResult) or
+        the result.
 
-        Ranks first agree on the payload size and `digest` (e.g. a layout hash), so a mismatch raises everywhere.
+        Ranks first agree on the payload size, `digest` (e.g. a layout hash) and the engine's round words, so a
+        mismatch raises everywhere.  privacy None: the group config's; deadline_s: see `_disseminate`; consensus:
+        the group config's `consensus` (False = each rank's own reconstructable set, the paper's semantics).
         `reject`: this rank's own argument error; it is raised here after the peers were told, so they raise too.
         `consume` runs on the comm thread before the next op, while the engine's update buffers are still valid.
         """
@@ -392,8 +395,9 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         def build():
             if reject is not None:
                 raise reject
+            mechanisms = None if privacy is None else parse_privacy(privacy)  # a bad value: the reject path
             meta = wire.meta(0, "swarm_round", numel=payload.size, crc=int(digest) & 0x7FFFFFFFFFFFFFFF)
-            rnd = _Round(payload, weight, privacy, deadline_s, self._config.consensus, silent)
+            rnd = _Round(payload, weight, mechanisms, deadline_s, self._config.consensus, silent)
 
             def run(deadline, seq):
                 res = self._disseminate(rnd, seq, deadline, partial_ok=True, what="swarm_round")

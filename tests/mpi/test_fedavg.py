@@ -165,7 +165,9 @@ def test_one_silent_peer_is_left_out_identically(groups):
     box = {}
 
     def body():
-        rep = fltorrent_hpc.fedavg_(mine, weight=ws[me], silent=(me == silent), group=world_group(groups))
+        rep = fltorrent_hpc.fedavg_(
+            mine, weight=ws[me], silent=(me == silent), group=world_group(groups), privacy="full"
+        )
         box["rep"] = rep
         parts = [r for r in range(world) if r != silent]
         if me == silent and not rep.applied:
