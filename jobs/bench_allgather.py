@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in (eng, eng_none, eng_nohash):
             e.close()
     if a.backend:
-        from fltorrent_hpc.api.group import bench_backend_allgather
+        from fltorrent_hpc.api.bench import bench_backend_allgather
 
         for size in sizes:
             t = bench_backend_allgather(size, a.iters)
