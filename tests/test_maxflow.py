@@ -21,8 +21,7 @@ from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.swarm import SwarmRound
 from fltorrent_hpc.swarm.maxflow import stage_bound
 from fltorrent_hpc.swarm.overlay import Overlay
-from fltorrent_hpc.swarm.round import SPRAY, WARMUP, Stage
-from fltorrent_hpc.swarm.warmup import StageBudget
+from fltorrent_hpc.swarm.stage import SPRAY, WARMUP, Stage, StageBudget
 
 HEURISTICS = ("gff", "random-ff", "random-fifo", "flooding")
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
