@@ -163,7 +163,12 @@ class SwarmConfig:
     deadline_s: float = 0.0  # wall-clock deadline of a real round; 0 = none (only timeout_s)
     timeout_s: float = 300.0  # bound on every distributed wait
     stage_timeout_s: float = 30.0  # a peer silent this long within a stage is excluded from the round
-    integrity: str = "hash"  # "hash": check every chunk against its descriptor hash; "none": trust the fabric
+    # "blake3": every chunk is checked against its owner's keyed BLAKE3 digest (chunks/digest.py), a failing
+    # sender is banned; "none": trust the fabric's link-level integrity (no digests at all)
+    integrity: str = "blake3"
+    # "reject": an update holding NaN or Inf is left out of the average on every rank, named in the report;
+    # "keep": average it anyway (it then spreads to every model)
+    nonfinite: str = "reject"
     # fedavg_/aggregate_/swarm_round: agree on A = intersection of A_v so every rank holds the same result;
     # False = the paper's per-peer semantics (each rank averages its own A_v).  The torch collectives always agree.
     consensus: bool = True
@@ -195,7 +200,11 @@ class SwarmConfig:
             (self.slot_seconds > 0, "slot_seconds must be > 0"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
             (self.stage_timeout_s > 0, "stage_timeout_s must be > 0"),
-            (self.integrity in ("hash", "none"), "integrity must be 'hash' or 'none'"),
+            (
+                self.integrity in ("blake3", "none"),
+                "integrity must be 'blake3' or 'none' (the non-cryptographic 'hash' was removed: it could be forged)",
+            ),
+            (self.nonfinite in ("reject", "keep"), "nonfinite must be 'reject' or 'keep'"),
             (self.deadline_stages >= 0 and self.warmup_deadline_stages >= 0, "deadlines must be >= 0"),
         ]
         for ok, msg in checks:

@@ -1,6 +1,7 @@
-"""Chunk kernels: pack/unpack, FedAvg accumulate/finalize and the per-chunk hash, on the update's device.
+"""Chunk kernels: pack/unpack, FedAvg accumulate/finalize and per-chunk BLAKE3 digests, on the update's device.
 
-Each operation has two implementations with bit-identical results:
+Each operation has two implementations with bit-identical results (for digests the second is the host
+`blake3` package, see `chunk_digests_t`):
 
 * ``cupy``: kernels/*.cu compiled by a CuPy RawModule (NVRTC) and launched on torch's current CUDA stream,
   so they order with the caller's kernels without a host sync;
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ShapeMismatchError
-from .digest import GOLDEN, LEN_SALT, MIX1, MIX2
+from .digest import chunk_digests, key_words
 from .layout import Layout, torch_dtype
 
 
@@ -57,8 +58,8 @@ KERNEL_FILES: dict[str, str] = {
     "flt_copy_segments": "pack.cu",
     "flt_accumulate": "accumulate.cu",
     "flt_finalize": "accumulate.cu",
-    "flt_chunk_hash_partial": "checksum.cu",
-    "flt_chunk_hash_final": "checksum.cu",
+    "flt_blake3_leaves": "blake3.cu",
+    "flt_blake3_parents": "blake3.cu",
 }
 
 ACC_DTYPES = ("float32", "float16", "bfloat16")
@@ -68,22 +69,11 @@ _CODE_TORCH = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 
 PACK_TILE = 256 * 1024  # bytes per pack/unpack work item (multiple of 16)
 ACC_TILE = 64 * 1024  # elements per accumulate/finalize work item
-HASH_WORDS_PER_PART = 2048  # 8-byte words per hash work item (16 KiB)
-BLOCK = 256  # threads per block (multiple of 32: the hash reduces per warp)
+BLAKE3_LEAF = 1024  # bytes per BLAKE3 leaf: one thread each in kernels/blake3.cu
+BLOCK = 256  # threads per block (a multiple of 32)
 MAX_GRID = 16384  # blocks per launch; the kernels loop grid-stride over the rest
 _TORCH_TILE = 1 << 18  # fallback accumulate tile: 1 MiB of fp32, converted, scaled and added in L2
 _scratch_local = threading.local()
-_HASH_TILE_WORDS = 1 << 17  # fallback hash tile on CPU: 1 MiB of words, so the temporaries stay in L2
-_HASH_TILE_WORDS_DEVICE = 1 << 23  # on a GPU without CuPy: 64 MiB tiles (launch overhead, not cache, rules)
-
-
-def _s64(u: int | np.uint64) -> int:
-    """A uint64 constant as the signed int64 with the same bits (torch has no full uint64 arithmetic)."""
-    u = int(u)
-    return u - (1 << 64) if u >= 1 << 63 else u
-
-
-_GOLDEN, _MIX1, _MIX2, _LEN_SALT = (_s64(x) for x in (GOLDEN, MIX1, MIX2, LEN_SALT))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -712,119 +702,70 @@ def finalize_fedavg_(
 
 
 # ------------------------------------------------------------------------------------------------------
-# checksum
+# chunk digests (keyed BLAKE3, chunks/digest.py)
 # ------------------------------------------------------------------------------------------------------
-def _splitmix_(z: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """splitmix64 in place on int64 (two's complement wrap = uint64 arithmetic; masks make shifts logical).
-
-    `tmp` is a same-shape scratch tensor: with no allocation per op the CPU path stays in cache.
-    """
-    z.add_(_GOLDEN)
-    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
-        torch.bitwise_right_shift(z, shift, out=tmp)
-        z.bitwise_xor_(tmp.bitwise_and_((1 << (64 - shift)) - 1))
-        if mult is not None:
-            z.mul_(mult)
-    return z
-
-
-def _torch_hash_sums(flat: torch.Tensor, C: int, nrows: int, out: torch.Tensor) -> None:
-    """out[r] = sum_i splitmix64(w_i ^ i*GOLDEN) over chunk r of `flat` (rows of C bytes, the last of which may
-    be shorter than C when nrows == 1), cache-blocked: tiles of about _HASH_TILE_WORDS words."""
-    nbytes = min(C, flat.numel())
-    L = -(-nbytes // 8)
-    dev = flat.device
-    tile = _HASH_TILE_WORDS if dev.type == "cpu" else _HASH_TILE_WORDS_DEVICE
-    direct = nbytes % 8 == 0 and flat.storage_offset() % 8 == 0
-    kb = min(L, tile) if direct else L  # padded rows are copied whole
-    rb = max(1, tile // kb)
-    # i * GOLDEN for every word index, kept whole up to 32 MiB, else made per column tile
-    idx = torch.arange(L, dtype=torch.int64, device=dev).mul_(_GOLDEN) if L <= 1 << 22 else None
-    z = torch.empty(rb * kb, dtype=torch.int64, device=dev)
-    tmp = torch.empty_like(z)
-    if direct:  # nrows > 1 implies nbytes == C, so the rows are back to back
-        words_all = flat[: (nrows - 1) * C + nbytes].view(torch.int64).view(nrows, L)
-    else:
-        rows_all = torch.as_strided(flat, (nrows, nbytes), (C, 1), flat.storage_offset())
-        pad = torch.zeros((rb, 8 * L), dtype=torch.uint8, device=dev)
-    out.zero_()
-    for r0 in range(0, nrows, rb):
-        r1 = min(nrows, r0 + rb)
-        if direct:
-            words = words_all[r0:r1]
-        else:
-            p = pad[: r1 - r0]
-            p[:, :nbytes].copy_(rows_all[r0:r1])
-            words = p.view(torch.int64)
-        for k0 in range(0, L, kb):
-            k1 = min(L, k0 + kb)
-            zz = z[: (r1 - r0) * (k1 - k0)].view(r1 - r0, k1 - k0)
-            tt = tmp[: zz.numel()].view_as(zz)
-            ik = idx[k0:k1] if idx is not None else torch.arange(k0, k1, dtype=torch.int64, device=dev).mul_(_GOLDEN)
-            torch.bitwise_xor(words[:, k0:k1], ik, out=zz)
-            _splitmix_(zz, tt)
-            out[r0:r1].add_(zz.sum(dim=1, dtype=torch.int64))
-
-
 @torch.no_grad()
-def chunk_hashes_t(
-    flat: torch.Tensor, chunk_bytes: int, *, backend: str | None = None, runner: KernelRunner | None = None
+def chunk_digests_t(
+    flat: torch.Tensor,
+    chunk_bytes: int,
+    key: bytes,
+    *,
+    backend: str | None = None,
+    runner: KernelRunner | None = None,
 ) -> torch.Tensor:
-    """Hashes of every chunk of a flat uint8 buffer, on its device, as int64 holding the uint64 bits.
+    """Keyed BLAKE3 digests of every chunk of a flat uint8 buffer, computed where the buffer lives.
 
-    Equal bits to `checksum.chunk_hashes(flat.cpu().numpy(), chunk_bytes)`; `hashes_to_numpy` converts.
+    Returns int64 [nch, 2] on the buffer's device holding the uint64 words of
+    `digest.chunk_digests(flat.cpu().numpy(), chunk_bytes, key)` (`digests_to_numpy` converts).  On a GPU
+    with CuPy: kernels/blake3.cu, every chunk, leaf and tree pair in parallel, one launch per tree level.
+    Elsewhere: the host `blake3` package (a CUDA tensor without CuPy is copied to the host for it).
     """
-    _check_flat(flat, "hashed buffer")
+    _check_flat(flat, "digested buffer")
     if chunk_bytes <= 0:
         raise ConfigError(f"chunk_bytes must be > 0, got {chunk_bytes}")
     n, C = flat.numel(), int(chunk_bytes)
     nch = -(-n // C)
     dev = flat.device
     if nch == 0:
-        return torch.zeros(0, dtype=torch.int64, device=dev)
-    if runner is not None or resolve_backend(dev, backend) == "cupy":
-        run = _runner_for(dev, runner)
-        h = torch.zeros(nch, dtype=torch.int64, device=dev)
-        words = -(-min(C, n) // 8)
-        parts = -(-words // HASH_WORDS_PER_PART)
-        aligned = int(flat.data_ptr() % 8 == 0 and C % 8 == 0)
+        return torch.zeros((0, 2), dtype=torch.int64, device=dev)
+    if runner is None and resolve_backend(dev, backend) != "cupy":
+        host = flat.detach().to("cpu").contiguous().numpy()
+        return torch.from_numpy(chunk_digests(host, C, key).view(np.int64)).to(dev)
+    run = _runner_for(dev, runner)
+    lpc = max(1, -(-min(C, n) // BLAKE3_LEAF))  # leaves of the longest chunk
+    kw = torch.from_numpy(key_words(key).view(np.int32).copy()).to(dev)
+    cv = torch.empty(nch * lpc * 8, dtype=torch.int32, device=dev)
+    out = torch.empty(nch * 4, dtype=torch.int32, device=dev)
+    common = [("i64", n), ("i64", C), ("i64", nch), ("i64", lpc)]
+    run.launch(
+        "flt_blake3_leaves",
+        _grid(-(-nch * lpc // BLOCK)),
+        BLOCK,
+        [("ptr", flat.data_ptr()), *common, ("ptr", kw.data_ptr()), ("ptr", cv.data_ptr()), ("ptr", out.data_ptr())],
+    )
+    level, nodes = 0, lpc
+    while nodes > 1:  # one launch per tree level; the level that makes a chunk's root writes its digest
+        pairs = nodes // 2
         run.launch(
-            "flt_chunk_hash_partial",
-            _grid(nch * parts),
+            "flt_blake3_parents",
+            _grid(-(-nch * pairs // BLOCK)),
             BLOCK,
             [
-                ("ptr", flat.data_ptr()),
-                ("i64", n),
-                ("i64", C),
-                ("i64", nch),
-                ("i64", parts),
-                ("i64", HASH_WORDS_PER_PART),
-                ("i32", aligned),
-                ("ptr", h.data_ptr()),
+                *common,
+                ("i64", pairs),
+                ("i32", level),
+                ("ptr", kw.data_ptr()),
+                ("ptr", cv.data_ptr()),
+                ("ptr", out.data_ptr()),
             ],
         )
-        run.launch(
-            "flt_chunk_hash_final",
-            _grid(-(-nch // BLOCK)),
-            BLOCK,
-            [("ptr", h.data_ptr()), ("i64", n), ("i64", C), ("i64", nch)],
-        )
-        return h
-    out = torch.empty(nch, dtype=torch.int64, device=dev)
-    nfull = n // C
-    if nfull:
-        _torch_hash_sums(flat[: nfull * C], C, nfull, out[:nfull])
-    if nfull < nch:
-        _torch_hash_sums(flat[nfull * C :], C, 1, out[nfull:])
-    lens = torch.full((nch,), C, dtype=torch.int64, device=dev)
-    lens[-1] = n - (nch - 1) * C
-    out.bitwise_xor_(lens.mul_(_LEN_SALT))
-    return _splitmix_(out, torch.empty_like(out))
+        nodes, level = (nodes + 1) // 2, level + 1
+    return out.view(torch.int64).view(nch, 2)
 
 
-def hashes_to_numpy(h: torch.Tensor) -> np.ndarray:
-    """int64 hash tensor (any device) -> host uint64 array, the form descriptors carry."""
-    return h.detach().to("cpu").contiguous().numpy().view(np.uint64)
+def digests_to_numpy(d: torch.Tensor) -> np.ndarray:
+    """int64 [nch, 2] digest tensor (any device) -> host uint64 [nch, 2], the form descriptors carry."""
+    return d.detach().to("cpu").contiguous().numpy().view(np.uint64)
 
 
 def kernel_sources() -> list[Path]:
@@ -838,11 +779,11 @@ __all__ = [
     "CupyRunner",
     "KernelRunner",
     "accumulate_",
-    "chunk_hashes_t",
+    "chunk_digests_t",
     "chunk_plan",
     "cupy_available",
     "finalize_fedavg_",
-    "hashes_to_numpy",
+    "digests_to_numpy",
     "kernel_sources",
     "pack_segments",
     "range_segments",

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ProtocolError, ShapeMismatchError
-from .digest import chunk_hash
+from .digest import fingerprint
 
 ALIGN = 16
 """Byte alignment of every entry inside the flat buffer."""
@@ -137,7 +137,7 @@ class Layout:
             raise ConfigError(f"layout: version {self.version} out of range")
         arr = self.to_array()
         # the chunk hash of the wire form: stable across processes (unlike hash()) and vectorised
-        self._cache["fingerprint"] = int(chunk_hash(arr.view(np.uint8)))
+        self._cache["fingerprint"] = fingerprint(arr.view(np.uint8))
         self._cache["array"] = arr
 
     # identity --------------------------------------------------------------------------------------

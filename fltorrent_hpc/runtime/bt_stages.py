@@ -110,9 +110,12 @@ class PeerStageRunner:
             raise ProtocolError(f"rank {w} sent a {what} frame at stage {stage} naming chunks outside the round")
         return body
 
-    def stage(self, peer, stage: int, active: np.ndarray, can_send: np.ndarray) -> np.ndarray:
+    def stage(
+        self, peer, stage: int, active: np.ndarray, can_send: np.ndarray, refuse: np.ndarray | None = None
+    ) -> np.ndarray:
         """Run one stage for `peer` (the rank's engine._PeerState); returns the report body (senders,
-        chunks, ok flags of what this rank received)."""
+        chunks, ok flags of what this rank received).  `refuse`: neighbours whose requests get no grant (the
+        senders this rank banned; pass them as unable to send too)."""
         pb, cfg, me = self.bt, self.cfg, peer.eng.rank
         deadline = time.monotonic() + cfg.stage_timeout_s
         alive = [int(w) for w in pb.neighbours if active[w]]
@@ -143,7 +146,8 @@ class PeerStageRunner:
             announced = {w: int(a[0]) for w, a in got.items() if a.size >= 1}
             # a request for a chunk I do not hold (only a faulty peer sends one) is refused, not served
             held = {w: peer.have.reshape(-1)[a] for w, a in asks.items()}
-            grants = pb.grant(p, {w: a[held[w]] for w, a in asks.items() if held[w].any()}, announced)
+            served = {w: a[held[w]] for w, a in asks.items() if held[w].any() and (refuse is None or not refuse[w])}
+            grants = pb.grant(p, served, announced)
             for w, a in asks.items():
                 full = np.zeros(a.size, dtype=bool)
                 if w in grants:

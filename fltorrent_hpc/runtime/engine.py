@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..chunks.digest import chunk_hashes
+from ..chunks.digest import DIGEST_WORDS, chunk_digests, round_key
 from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
 from ..swarm import rng
@@ -44,6 +44,7 @@ from ..transport.mpi import MPITransport
 from .recorder import RoundRecorder
 
 KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
+DESC_HEAD = 8  # descriptor words before the digests: MAGIC, round, owner, K, then 4 float64 (weight, links, seed)
 TAG_DIRECTIVE, TAG_REPORT = 11, 12
 
 
@@ -89,6 +90,11 @@ class SwarmEngine:
         self.ctrl = net.dup("ctrl")
         self.nbrc = net.dup("nbr")  # neighbour frames of decentralised BitTorrent stages (bt_stages.py)
         self._share_cores(net)
+        # digest keys are salted with the tracker's seed, learned once: a descriptor of another job's round of
+        # the same number matches nothing here either
+        self.salt = int(
+            tb.allgather(self.ctrl, np.array([self.cfg.seed], np.int64), self.cfg.timeout_s, "seeds")[self.tracker, 0]
+        )
         self.round_id = 0
         self._orphans: list = []  # sends to peers that went silent: kept alive with their buffers
         self.last_trace: Trace | None = None
@@ -147,7 +153,7 @@ class SwarmEngine:
                 SCHEDULERS.index(cfg.scheduler),
                 cfg.tau,
                 int(consensus),
-                int(cfg.integrity == "hash"),
+                int(cfg.integrity == "blake3"),
                 BT_DECISIONS.index(cfg.bt_decisions),
                 cfg.bt_passes,
             ],
@@ -188,12 +194,21 @@ class SwarmEngine:
             self.agree(self.round_meta(nbytes, cfg, consensus, rid))
         t0 = time.monotonic()
         K = math.ceil(nbytes / C) if nbytes else 0
-        verify = cfg.integrity == "hash"
-        hashes = chunk_hashes(pay, C) if K and verify else np.zeros(K, np.uint64)
         rseed = int(seed) if seed is not None else rng.round_seed(cfg.seed, rid)
         info = np.array([float(weight), cfg.uplink, cfg.downlink, float(rseed)], dtype=np.float64)
-        all_info = self._allgather(info, "descriptors")
-        all_hash = self._allgather(hashes, "chunk hashes") if K else np.zeros((n, 0), np.uint64)
+        # one all-gather of every owner's descriptor: (MAGIC, round, owner, K), weight and links, chunk digests
+        desc = np.zeros(DESC_HEAD + DIGEST_WORDS * K, dtype=np.int64)
+        desc[:4] = [MAGIC, rid, me, K]
+        desc[4:DESC_HEAD] = info.view(np.int64)
+        if K and cfg.integrity == "blake3":
+            desc[DESC_HEAD:] = chunk_digests(pay, C, round_key(self.salt, rid, me)).view(np.int64).reshape(-1)
+        alld = self._allgather(desc, "descriptors")
+        # a descriptor not bound to this round and owner (replayed, forged) leaves its owner out on every rank
+        head = np.array([MAGIC, rid, 0, K], dtype=np.int64)
+        bad_desc = [u for u in range(n) if not np.array_equal(alld[u, :4], head + [0, 0, u, 0])]
+        all_info = np.ascontiguousarray(alld[:, 4:DESC_HEAD]).view(np.float64)
+        all_info[bad_desc] = [0.0, 0.0, 0.0, 0.0]
+        all_hash = np.ascontiguousarray(alld[:, DESC_HEAD:]).view(np.uint64).reshape(n, K, DIGEST_WORDS)
         weights = all_info[:, 0].copy()
         rseed = int(all_info[self.tracker, 3])
         if not np.all(np.isfinite(weights)) or np.any(weights < 0):
@@ -218,16 +233,18 @@ class SwarmEngine:
                     "bytes_sent": 0,
                     "bytes_recv": 0,
                     "refetched_chunks": 0,
+                    "refused_bytes": 0,
                     "bad_senders": [],
+                    "bad_descriptors": [],
                     "excluded": [],
                     "silent": False,
                     "warmup_failed_open": False,
                     "peer_decided_stages": 0,
                 },
             )
-        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed)
+        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc)
         if me == self.tracker:
-            end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer).run()
+            end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc).run()
         else:
             end = peer.follow()
         return peer.finish(end, weights, consensus, t0, trace or cfg.trace)
@@ -248,9 +265,12 @@ class _PeerState:
         all_hash,
         all_info: np.ndarray,
         seed: int,
+        bad_desc: list[int],
     ):
         self.eng, self.cfg, self.rid, self.K, self.C, self.nbytes = eng, cfg, rid, K, C, nbytes
-        self.bufs, self.hashes = bufs, all_hash
+        self.bufs, self.hashes, self.bad_desc = bufs, all_hash, bad_desc
+        self.keys = [round_key(eng.salt, rid, u) for u in range(eng.size)] if cfg.integrity == "blake3" else []
+        self.refused_bytes = 0
         self.all_info, self.seed = all_info, seed
         n = eng.size
         self.have = np.zeros((n, K), dtype=bool)
@@ -304,7 +324,11 @@ class _PeerState:
             up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
             down = chunk_budgets(self.all_info[:, 2], C, cfg.slot_seconds)
             self.runner = PeerStageRunner(self, cfg, self.rid, self.seed, up, down, self.got_from)
-        body = self.runner.stage(self, stage, active, can_send)
+        # a neighbour this rank banned gets no requests and no grants from it, but its frames are still
+        # answered (empty), so the stage keeps its pace on both sides
+        banned = np.zeros(n, dtype=bool)
+        banned[list(self.bad_senders)] = True
+        body = self.runner.stage(self, stage, active, can_send & ~banned, refuse=banned)
         head = [MAGIC, self.rid, stage, KIND_REPORT]
         return np.concatenate([head, body, np.array(sorted(self.bad_senders), dtype=np.int64)]).astype(np.int64)
 
@@ -375,11 +399,17 @@ class _PeerState:
                 if self.cfg.integrity == "none":
                     ok[p0 : p0 + count] = True
                     continue
-                good = chunk_hashes(self.bufs[owner][a:b], self.C) == self.hashes[owner, first : first + count]
+                got = chunk_digests(self.bufs[owner][a:b], self.C, self.keys[owner])
+                good = (got == self.hashes[owner, first : first + count]).all(axis=1)
                 ok[p0 : p0 + count] = good
-                if not good.all():
+                if not good.all():  # refused, fetched again from another holder; the sender is banned
                     self.bad_senders.add(src)
                     self.refetched += int((~good).sum())
+                    cb = (
+                        np.minimum((np.arange(first, first + count) + 1) * self.C, self.nbytes)
+                        - np.arange(first, first + count) * self.C
+                    )
+                    self.refused_bytes += int(cb[~good].sum())
 
         early = np.zeros(len(rreq), dtype=bool)
         tb.post_paced(eng.data, posts, tb.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
@@ -429,7 +459,9 @@ class _PeerState:
             "bytes_sent": self.sent_bytes,
             "bytes_recv": self.recv_bytes,
             "refetched_chunks": self.refetched,
+            "refused_bytes": self.refused_bytes,
             "bad_senders": sorted(self.bad_senders),
+            "bad_descriptors": list(self.bad_desc),
             "excluded": np.flatnonzero(left).tolist(),
             "silent": self.silent,
             "warmup_failed_open": bool(failed_open),
@@ -455,6 +487,8 @@ class _PeerState:
                 "n_peers": self.eng.size,
                 "chunks_per_peer": self.K,
                 "chunk_bytes": self.C,
+                "banned": sorted(self.bad_senders),  # senders this rank refused chunks from (then banned)
+                "refused_bytes": self.refused_bytes,
             }
         )
         cols = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in self.log.items()}
@@ -487,8 +521,13 @@ class _Tracker:
         seed: int,
         deadline_s: float | None,
         peer: _PeerState,
+        bad_desc: list[int],
     ):
         self.eng, self.cfg, self.rid, self.K, self.peer = eng, cfg, rid, K, peer
+        self.bad_desc = bad_desc
+        self.bans: list[tuple[int, int, int]] = []  # (stage, sender, receiver): receiver refused sender's chunks
+        self._banned: set[tuple[int, int]] = set()
+        self._new_bans: list[tuple[int, int]] = []
         n, C = eng.size, cfg.chunk_bytes
 
         self.up = chunk_budgets(all_info[:, 1], C, cfg.slot_seconds)
@@ -520,6 +559,8 @@ class _Tracker:
         t0 = time.monotonic()
         s_max = rnd.deadline()
         warm_t = 0.0
+        if self.bad_desc:  # owners whose descriptor is not of this round and owner take no part in it
+            rnd.leave(self.bad_desc)
         while not rnd.done and rnd.stage < s_max:
             if self.deadline and time.monotonic() - t0 > self.deadline:
                 break
@@ -535,6 +576,7 @@ class _Tracker:
             rnd.complete(st, delivered)
             if silent:
                 rnd.leave(silent)
+            self._apply_bans(st.index)
             self.stages.append(st)
             self.delivered.append(delivered)
         if warm_t == 0.0 and rnd.s_bt < 0:
@@ -559,6 +601,7 @@ class _Tracker:
         if rnd.active[me]:
             rep = self.peer.execute(own)
             delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
+            self._note_bans(me, rep[5 + recv_idx[me].size :])
         tb.wait_all(eng.ctrl, sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
         reports, silent = self._collect_reports(act.tolist(), st.index, self.cfg.stage_timeout_s)
         for p, rep in reports.items():
@@ -566,6 +609,7 @@ class _Tracker:
             if rep[4] != ri.size or rep.size < 5 + ri.size:
                 raise ProtocolError(f"rank {p} reported {rep[4]} receives for stage {st.index}, expected {ri.size}")
             delivered[ri] = rep[5 : 5 + ri.size].astype(bool)
+            self._note_bans(p, rep[5 + ri.size :])
         # transfers from or to a silent peer did not happen
         if silent:
             gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
@@ -602,6 +646,7 @@ class _Tracker:
             if nr < 0 or rep.size < 5 + 3 * nr:
                 raise ProtocolError(f"rank {p} sent a malformed report for stage {rnd.stage}")
             s, c, ok = rep[5 : 5 + nr], rep[5 + nr : 5 + 2 * nr], rep[5 + 2 * nr : 5 + 3 * nr].astype(bool)
+            self._note_bans(p, rep[5 + 3 * nr :])
             if np.any((s < 0) | (s >= n)) or np.any((c < 0) | (c >= n * K)):
                 raise ProtocolError(f"rank {p} reported receives outside the round at stage {rnd.stage}")
             parts.append((s, np.full(nr, p, dtype=np.int64), c, ok))
@@ -621,6 +666,23 @@ class _Tracker:
         if silent:
             ok &= ~np.isin(s, silent)
         return st, ok, silent
+
+    def _note_bans(self, receiver: int, senders: np.ndarray) -> None:
+        """The senders `receiver` reports it banned (the tail of its report: every ban of the round so far)."""
+        n = self.eng.size
+        if np.any((senders < 0) | (senders >= n)):
+            raise ProtocolError(f"rank {receiver} reported banned senders outside the round: {senders.tolist()}")
+        for s in senders.tolist():
+            if (s, receiver) not in self._banned:
+                self._banned.add((s, receiver))
+                self._new_bans.append((s, receiver))
+
+    def _apply_bans(self, stage: int) -> None:
+        """New bans take their overlay edge out of the round; a peer banned by all its neighbours leaves."""
+        for s, r in self._new_bans:
+            self.bans.append((stage, s, r))
+            self.rnd.ban(s, r)
+        self._new_bans = []
 
     def _collect_reports(self, peers: list[int], stage: int, busy_s: float) -> tuple[dict[int, np.ndarray], list[int]]:
         """Every other peer's report for `stage`, waiting up to `busy_s` (what a peer may spend on the stage)
@@ -674,7 +736,12 @@ class _Tracker:
 
     def _trace(self, A: np.ndarray, agreed: np.ndarray) -> Trace:
         rnd, cfg = self.rnd, self.cfg
-        rec = RoundRecorder(rnd, cfg, "mpi", self.peer.nbytes, seed=rnd.seed, attrs={"config": cfg.to_dict()})
+        attrs = {
+            "config": cfg.to_dict(),
+            "bans": [list(b) for b in self.bans],  # (stage, sender, receiver)
+            "bad_descriptors": list(self.bad_desc),
+        }
+        rec = RoundRecorder(rnd, cfg, "mpi", self.peer.nbytes, seed=rnd.seed, attrs=attrs)
         for st, d in zip(self.stages, self.delivered):
             rec.stage(st, d)
         return rec.finish(A, agreed, max(rnd.s_bt, 0), rnd.stage)

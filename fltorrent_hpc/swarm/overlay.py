@@ -99,6 +99,17 @@ class Overlay:
         smallest = eigsh(a, k=1, which="SA", return_eigenvectors=False)[0]
         return float(max(abs(largest[0]), abs(smallest)))
 
+    def without_edges(self, pairs: np.ndarray) -> Overlay:
+        """The same overlay minus the undirected edges in `pairs` ([m, 2]; pairs that are no edge are ignored)."""
+        p = np.sort(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=1)
+        if not p.size or not self.edges.size:
+            return self
+        key = self.edges[:, 0].astype(np.int64) * self.n + self.edges[:, 1]
+        keep = ~np.isin(key, p[:, 0] * self.n + p[:, 1])
+        if keep.all():
+            return self
+        return Overlay(self.n, self.edges[keep], self.kind, self.target_degree, self.lambda2)
+
     def repair(self, departed: np.ndarray, seed: int, degree: int | None = None) -> Overlay:
         """Drop departed peers' edges and re-wire survivors back up to `degree` (default: target degree).
 

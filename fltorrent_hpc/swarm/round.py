@@ -15,7 +15,7 @@ from ..config import SwarmConfig
 from ..errors import ConfigError, ProtocolError
 from . import rng
 from .assign import cumcount
-from .bittorrent import bt_stage
+from .bittorrent import bt_stage, request_pipeline
 from .bt_kernel import apply_delivered, pack_rows, reverse_slots, set_pending
 from .overlay import Overlay, build_overlay
 from .stage import BT, SPRAY, WARMUP, Stage
@@ -354,6 +354,39 @@ class SwarmRound:
             self.deg = self.overlay.degree
             self.recip = np.zeros(self.nbr.shape, dtype=np.int64)
             del old_nbr
+
+    def ban(self, sender: int, receiver: int) -> list[int]:
+        """`receiver` refused a chunk from `sender` (it failed its digest): their overlay edge goes for the rest
+        of the round, so no scheduler pairs them again (libtorrent's hash-fail rule).  A peer whose every
+        neighbour has banned it can neither serve nor be served: it leaves.  Returns the peers that left.
+
+        Only the edge goes, not the sender: one peer's report must not be able to exclude another peer.
+        """
+        before = self.deg[: self.n] > 0
+        ov = self.overlay.without_edges(np.array([[sender, receiver]]))
+        if ov is self.overlay:
+            return []
+        old = self.nbr
+        self.overlay = ov
+        self.nbr = ov.nbr
+        self.deg = ov.degree
+        # per-slot state follows its neighbour into its new slot
+        recip = np.zeros(self.nbr.shape, dtype=np.int64)
+        for v in range(self.n):
+            for j in range(old.shape[1]):
+                w = int(old[v, j])
+                if w >= self.n:
+                    break
+                hit = np.flatnonzero(self.nbr[v] == w)
+                if hit.size:
+                    recip[v, hit[0]] = self.recip[v, j]
+        self.recip = recip
+        if self.bt_want is not None:
+            self.bt_want = request_pipeline(self.nbr, self.up, self.deg, self.n)
+        isolated = np.flatnonzero(before & (self.deg[: self.n] == 0) & self.active[: self.n])
+        if isolated.size:
+            self.leave(isolated)
+        return isolated.tolist()
 
     def deadline(self) -> int:
         """s_max in stages: the configured one, or 4x the uplink-bound ideal (at least 64 stages)."""

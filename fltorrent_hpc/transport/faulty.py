@@ -24,7 +24,8 @@ import numpy as np
 from ..errors import ConfigError
 from .base import MAGIC, Request, Transport, stage_of_data_tag
 
-ACTIONS = ("drop", "delay", "duplicate", "corrupt", "silent")
+ACTIONS = ("drop", "delay", "duplicate", "corrupt", "forge", "silent", "replay")
+FORGED_BYTE = 0x71  # a forged float32 reads 0x71717171, about 1.2e30: a chunk of the right length, poisoned
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,16 @@ class Fault:
     """One misbehaviour of the wrapped rank's outgoing messages.
 
     action: "drop" (never sent), "delay" (sent `delay_s` late), "duplicate" (sent twice), "corrupt" (one
-        byte flipped every `stride` bytes of a data message), "silent" (every message dropped: the rank
-        stops talking but keeps listening, so it still learns the round's outcome).
+        byte flipped every `stride` bytes from byte `offset`), "forge" (every byte replaced: same length,
+        poisoned values), "silent" (every message dropped: the rank stops talking but keeps listening, so
+        it still learns the round's outcome), "replay" (all-gathers only: this rank contributes what it
+        contributed to the first all-gather of the same size, e.g. an earlier round's descriptor).
     channel: "data", "ctrl", "nbr" (the engine's contexts) or None for every context.
     peer: the destination it applies to, None for all.
     round_id / from_stage / to_stage: the window (None: any round; stages inclusive).  A send that is no
         control frame and no data message has no stage and matches only a fault for any round from stage
-        0.  All-gathers are never faulted: every rank takes part in them, they carry no peer's choice.
+        0.  All-gathers (the round's descriptors) are faulted only by "corrupt" (this rank's own
+        contribution, from byte `offset`) and "replay", in every round, whatever the window says.
     """
 
     action: str
@@ -49,6 +53,7 @@ class Fault:
     to_stage: int | None = None
     delay_s: float = 0.0
     stride: int = 4096
+    offset: int = 0
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -109,6 +114,7 @@ class FaultyTransport(Transport):
         self.rank, self.size, self.name = inner.rank, inner.size, inner.name
         self._epoch = _epoch or _Epoch()
         self.injected: dict[str, int] = _log if _log is not None else {}
+        self._gathered: dict[int, np.ndarray] = {}  # first all-gather contribution of each size (replay)
 
     def dup(self, name: str) -> FaultyTransport:
         return FaultyTransport(self.inner.dup(name), self.faults, _epoch=self._epoch, _log=self.injected)
@@ -145,8 +151,11 @@ class FaultyTransport(Transport):
             return _Later(time.monotonic() + f.delay_s, buf, dest, tag)
         if f.action == "duplicate":
             return _Pair(self.inner.post_send(buf, dest, tag), self.inner.post_send(buf, dest, tag))
-        bad = np.array(buf, copy=True).reshape(-1).view(np.uint8)  # corrupt: the rank's own data stays intact
-        bad[:: f.stride] ^= 0xFF
+        bad = np.array(buf, copy=True).reshape(-1).view(np.uint8)  # the rank's own data stays intact
+        if f.action == "forge":
+            bad[:] = FORGED_BYTE
+        else:
+            bad[f.offset :: f.stride] ^= 0xFF
         return self.inner.post_send(bad, dest, tag)
 
     def post_recv(self, buf: np.ndarray, source: int, tag: int) -> Request:
@@ -201,6 +210,22 @@ class FaultyTransport(Transport):
         return msg
 
     def post_allgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
+        raw = np.ascontiguousarray(send).reshape(-1).view(np.uint8)
+        earlier = self._gathered.get(raw.size)
+        if earlier is None:
+            self._gathered[raw.size] = raw.copy()
+        for f in self.faults:
+            if f.channel not in (None, self.name) or f.action not in ("corrupt", "replay"):
+                continue
+            if f.action == "replay":
+                if earlier is None:
+                    break  # nothing to replay yet: this contribution is the one replayed later
+                self.injected["replay"] = self.injected.get("replay", 0) + 1
+                return self.inner.post_allgather(earlier.copy(), recv)
+            self.injected["corrupt"] = self.injected.get("corrupt", 0) + 1
+            bad = raw.copy()
+            bad[f.offset :: f.stride] ^= 0xFF
+            return self.inner.post_allgather(bad, recv)
         return self.inner.post_allgather(send, recv)
 
     def local_size(self) -> int:
