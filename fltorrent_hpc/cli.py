@@ -55,7 +55,7 @@ def _add_simulate(sub) -> None:
         action="store_true",
         help="also compute the stage max-flow bound (GFF / max-flow, on every --maxflow-every-th warm-up stage) "
         "and a max-flow-scheduled warm-up (makespan ratio). Expensive: one max-flow solve per bounded stage and "
-        "per stage of that second warm-up (about 1 s each at n=100 on 2 cores, so minutes at n=100)",
+        "per stage of that second warm-up (about 1 s each at n=100 on 2 cores; n=100 takes well over 10 min)",
     )
     p.add_argument(
         "--maxflow-every",
@@ -77,6 +77,14 @@ def _simulate(a: argparse.Namespace) -> int:
     note = None if a.quiet else compile_note()
     if note:
         print(note, file=sys.stderr, flush=True)
+    if a.maxflow and not a.quiet:
+        print(
+            "--maxflow: one max-flow solve per bounded stage and per stage of a second, max-flow-scheduled warm-up "
+            f"(about 1 s each at n=100 on 2 cores); n={a.peers} may take "
+            f"{'well over 10 min' if a.peers >= 60 else 'minutes'}",
+            file=sys.stderr,
+            flush=True,
+        )
     cfg = SwarmConfig(
         degree=a.degree,
         overlay=a.overlay,
