@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import register_backend as _register_backend
+from .api.registration import register_backend as _register_backend
 from .launch import prepare_env as _prepare_env
 
 _register_backend()
 _prepare_env()
 
-__all__ = ["fedavg_", "FedAvgReport"]
+__all__ = ["fedavg_", "aggregate_", "FedAvgReport"]
 
 
 def __getattr__(name: str) -> Any:
-    """fedavg_ is imported on first use, so `import fltorrent_hpc` stays light."""
-    if name in ("fedavg_", "FedAvgReport"):
-        from . import fedavg
+    """fedavg_ and aggregate_ are imported on first use, so `import fltorrent_hpc` stays light."""
+    if name in ("fedavg_", "aggregate_", "FedAvgReport"):
+        from .api import fedavg
 
         return getattr(fedavg, name)
     raise AttributeError(f"module 'fltorrent_hpc' has no attribute {name!r}")

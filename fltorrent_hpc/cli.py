@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import SCHEDULERS, SwarmConfig, parse_bytes, parse_privacy, parse_range, parse_rate
 from .errors import ConfigError
+from .runtime.simulator import PAPER_CHUNK, PAPER_DOWNLINK, PAPER_UPDATE, PAPER_UPLINK
 
 SUMMARY_ROWS = [
     ("peers", "peers", "{}"),
@@ -31,20 +32,21 @@ SUMMARY_ROWS = [
 
 
 def _add_simulate(sub) -> None:
+    d = SwarmConfig()  # the paper's protocol defaults; the paper's update, chunk and links come from the simulator
     p = sub.add_parser("simulate", help="simulate one round in slotted time (paper defaults)")
     p.add_argument("--peers", type=int, default=100)
-    p.add_argument("--update-bytes", default=str(206 * 256 * 1024), help="e.g. 51.5MiB or 17.1GB")
-    p.add_argument("--chunk-bytes", default="256KiB")
-    p.add_argument("--degree", type=int, default=10, help="minimum overlay degree m")
+    p.add_argument("--update-bytes", default=str(PAPER_UPDATE), help="e.g. 51.5MiB or 17.1GB")
+    p.add_argument("--chunk-bytes", default=str(PAPER_CHUNK))
+    p.add_argument("--degree", type=int, default=d.degree, help="minimum overlay degree m")
     p.add_argument("--overlay", choices=["random", "expander"], default="random")
-    p.add_argument("--uplink", default="15.5Mbps:25.3Mbps", help="LOW:HIGH per-peer uplink")
-    p.add_argument("--downlink", default="36.5Mbps:121Mbps", help="LOW:HIGH per-peer downlink")
+    p.add_argument("--uplink", default=":".join(PAPER_UPLINK), help="LOW:HIGH per-peer uplink")
+    p.add_argument("--downlink", default=":".join(PAPER_DOWNLINK), help="LOW:HIGH per-peer downlink")
     p.add_argument("--privacy", default="full", help="full, none, or a comma list of spray,lags,gating")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="gff")
-    p.add_argument("--cover", type=float, default=0.10, help="cover-set threshold K (fraction)")
+    p.add_argument("--cover", type=float, default=d.cover, help="cover-set threshold K (fraction)")
     p.add_argument("--cover-scope", choices=["swarm", "update"], default="swarm")
-    p.add_argument("--spray-ratio", type=float, default=0.2)
-    p.add_argument("--lag-slots", type=int, default=3)
+    p.add_argument("--spray-ratio", type=float, default=d.spray_ratio)
+    p.add_argument("--lag-slots", type=int, default=d.lag_slots)
     p.add_argument("--slot-seconds", type=float, default=1.0)
     p.add_argument("--deadline-stages", type=int, default=0, help="s_max; 0 = 4x the ideal round")
     p.add_argument("--leave", type=float, default=0.0, help="fraction of peers that leave mid-round")
@@ -70,9 +72,9 @@ def _add_simulate(sub) -> None:
 
 
 def _simulate(a: argparse.Namespace) -> int:
+    from .runtime.simulator import simulate
     from .swarm.bt_kernel import compile_note
     from .trace import write_trace
-    from .transport.sim import simulate
 
     note = None if a.quiet else compile_note()
     if note:
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return attack_main(argv[1:])
         if argv and argv[0] in ("study", "report"):
-            from .study import report_main, study_main
+            from .studies.cli import study_main
+            from .studies.report import report_main
 
             return (study_main if argv[0] == "study" else report_main)(argv[1:])
         a = ap.parse_args(argv)

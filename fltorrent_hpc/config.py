@@ -128,7 +128,8 @@ def privacy_label(privacy: frozenset[str]) -> str:
 class SwarmConfig:
     """Every knob of a round, with the paper's default (PAPER.md §6) and its unit.
 
-    Environment variables FLTORRENT_<FIELD> (upper case) override defaults in `from_env`.
+    Environment variables FLTORRENT_<FIELD> (upper case) override defaults in `from_env`; an explicit
+    argument (a field passed here, a `pg_options` config, fedavg_(privacy=...)) overrides both.
     """
 
     # overlay
@@ -163,7 +164,9 @@ class SwarmConfig:
     timeout_s: float = 300.0  # bound on every distributed wait
     stage_timeout_s: float = 30.0  # a peer silent this long within a stage is excluded from the round
     integrity: str = "hash"  # "hash": check every chunk against its descriptor hash; "none": trust the fabric
-    consensus: bool = True  # agree on A = intersection of A_v so every rank holds the same result
+    # fedavg_/aggregate_/swarm_round: agree on A = intersection of A_v so every rank holds the same result;
+    # False = the paper's per-peer semantics (each rank averages its own A_v).  The torch collectives always agree.
+    consensus: bool = True
     # real transport
     tracker_rank: int = 0
     uplink: float = 0.0  # emulated uplink bytes/s per rank (0 = unpaced)
@@ -204,7 +207,13 @@ class SwarmConfig:
 
     @classmethod
     def from_env(cls, base: SwarmConfig | None = None, environ: dict | None = None) -> SwarmConfig:
-        """Apply FLTORRENT_<FIELD> overrides (e.g. FLTORRENT_CHUNK_BYTES=1MiB) to `base`."""
+        """Apply FLTORRENT_<FIELD> overrides (e.g. FLTORRENT_CHUNK_BYTES=1MiB) to `base`.
+
+        Precedence, highest first: an explicit argument (a field the caller sets after this, a `pg_options`
+        config, an argument such as fedavg_'s `privacy`), then these variables, then `base` (SwarmConfig's
+        defaults when None).  A group built without `pg_options` takes its config from here, and the api's
+        None defaults (fedavg_'s privacy and deadline) mean "the group's config".
+        """
         env = os.environ if environ is None else environ
         base = base or cls()
         changes: dict[str, Any] = {}

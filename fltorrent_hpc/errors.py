@@ -29,3 +29,22 @@ class ProtocolError(FLTorrentError):
 
 class LaunchError(FLTorrentError):
     """fltorrent was started without an MPI launcher or with an inconsistent rank layout."""
+
+
+class TransportError(FLTorrentError):
+    """The transport underneath failed (an MPI or NCCL error), wrapped so callers see one hierarchy."""
+
+
+class UnsupportedError(FLTorrentError, ValueError):
+    """An op, dtype, device or argument the fltorrent backend does not implement."""
+
+
+class TruncationError(ShapeMismatchError):
+    """A peer sent a message longer than the buffer posted for it (MPI_ERR_TRUNCATE): the sizes disagree."""
+
+
+class NothingToAverageError(FLTorrentError):
+    """A round's agreed set is empty or carries no weight, so there is no aggregate; raised on every rank.
+
+    A training loop catches it to keep the round's starting model instead of failing the run.
+    """

@@ -22,11 +22,12 @@ import numpy as np
 from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig, parse_bytes, parse_rate
-from fltorrent_hpc.engine import SwarmEngine
-from fltorrent_hpc.transport.mpi import mpi_allgather, ring_allgather
+from fltorrent_hpc.runtime.engine import SwarmEngine
+from fltorrent_hpc.transport.mpi import MPITransport, mpi_allgather, ring_allgather
 
 COMM = MPI.COMM_WORLD
 N, ME = COMM.Get_size(), COMM.Get_rank()
+WORLD = MPITransport(COMM)  # the baselines run over the same Transport seam as the engine
 
 
 def pattern(rank: int, nbytes: int) -> np.ndarray:
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         pay = pattern(ME, size)
         out = np.empty((N, size), dtype=np.uint8)
         cases = {
-            "mpi_allgather": partial(mpi_allgather, COMM, pay, out, 600),
-            "ring": partial(ring_allgather, COMM, pay, out, 600),
+            "mpi_allgather": partial(mpi_allgather, WORLD, pay, out, 600),
+            "ring": partial(ring_allgather, WORLD, pay, out, 600),
         }
         for name, eng in engines.items():
             cases[name] = partial(eng.disseminate, pay, out=out)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         eng_none = SwarmEngine(COMM, paced.replace(privacy="none"))
         eng_nohash = SwarmEngine(COMM, paced.replace(privacy="none", integrity="none"))
         cases = {
-            "ring_paced": partial(ring_allgather, COMM, pay, out, 600, uplink=up),
+            "ring_paced": partial(ring_allgather, WORLD, pay, out, 600, uplink=up),
             "swarm_none_paced": partial(eng_none.disseminate, pay, out=out),
             "swarm_full_paced": partial(eng.disseminate, pay, out=out),
             "swarm_none_nohash_paced": partial(eng_nohash.disseminate, pay, out=out),
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in (eng, eng_none, eng_nohash):
             e.close()
     if a.backend:
-        from fltorrent_hpc.backend import bench_backend_allgather
+        from fltorrent_hpc.api.bench import bench_backend_allgather
 
         for size in sizes:
             t = bench_backend_allgather(size, a.iters)

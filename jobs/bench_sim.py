@@ -22,7 +22,7 @@ from fltorrent_hpc.swarm.bt_kernel import compile_note
 ONE = """
 import json, sys
 from fltorrent_hpc.config import SwarmConfig, parse_rate
-from fltorrent_hpc.transport.sim import simulate, PAPER_UPDATE, PAPER_UPLINK, PAPER_DOWNLINK
+from fltorrent_hpc.runtime.simulator import simulate, PAPER_UPDATE, PAPER_UPLINK, PAPER_DOWNLINK
 n, privacy, seed = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 cfg = SwarmConfig(chunk_bytes=256 * 1024, privacy=privacy, seed=seed)
 r = simulate(cfg, n, PAPER_UPDATE, tuple(map(parse_rate, PAPER_UPLINK)), tuple(map(parse_rate, PAPER_DOWNLINK)),

@@ -14,8 +14,8 @@ aggregated in place on every peer:
 - rule ``fedavg`` (default): ``fltorrent_hpc.fedavg_(model, weight=n_local_samples)``;
 - rules ``median``, ``trimmed-mean``, ``krum``: the updates (parameters minus the round's starting
   parameters, fp32) are disseminated by the same swarm round (``swarm_round`` of the "fltorrent" group, as
-  fedavg_ does) and every peer applies the rule (fltorrent_hpc/aggregate.py) over the agreed reconstructable
-  set, in rank order, on the model's device.
+  fedavg_ does: ``fltorrent_hpc.aggregate_``) and every peer applies the rule (fltorrent_hpc/api/aggregate.py)
+  over the agreed reconstructable set, in rank order, on the model's device.
 
 Baselines, run in the same job from the same initial parameters with the same data order:
 
@@ -55,10 +55,11 @@ import torch
 import torch.nn.functional as F
 
 import fltorrent_hpc  # noqa: F401  (registers the "fltorrent" backend, fills the env:// rendezvous)
-from fltorrent_hpc import aggregate as agg
-from fltorrent_hpc.config import SwarmConfig, parse_bytes
-from fltorrent_hpc.data import label_histogram, load_digits, partition
-from fltorrent_hpc.layout import Layout
+from fltorrent_hpc.api import aggregate as agg
+from fltorrent_hpc.chunks.layout import Layout
+from fltorrent_hpc.config import SwarmConfig, parse_bytes, privacy_label
+from fltorrent_hpc.errors import NothingToAverageError
+from fltorrent_hpc.studies.data import label_histogram, load_digits, partition
 
 BASELINES = ("central", "gossip")
 # arguments that must match when resuming (the others, e.g. --rounds, may change)
@@ -109,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--degree", type=int, default=2, help="overlay degree m for the swarm and gossip (m >= n-1: complete graph)"
     )
-    g.add_argument("--privacy", default="full", help="full, none, or a list of spray,lags,gating")
+    g.add_argument(
+        "--privacy",
+        default=None,
+        help="full, none, or a list of spray,lags,gating (default: FLTORRENT_PRIVACY, else full)",
+    )
     g.add_argument("--deadline", type=float, default=None, help="wall-clock swarm deadline per round (s)")
     g.add_argument("--timeout", type=float, default=300.0, help="bound on every distributed wait (s)")
     g = ap.add_argument_group("outputs and checkpoints")
@@ -144,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.baselines = [b for b in BASELINES if b in base]
     a.baseline = ",".join(a.baselines) or "none"
     if a.split.lower().startswith("dir") and a.split.lower() not in ("dir", "dirichlet"):
-        from fltorrent_hpc.data import parse_split
+        from fltorrent_hpc.studies.data import parse_split
 
         _, a.alpha = parse_split(a.split)
         a.split = "dirichlet"
@@ -182,9 +187,9 @@ class Coll:
         self.timeout_s = timeout_s
 
     def _wait(self, req, what: str) -> None:
-        from fltorrent_hpc.transport.mpi import wait_all
+        from fltorrent_hpc.transport.mpi import wait_requests
 
-        wait_all([req], self.timeout_s, lambda _: f"{what} over {self.size} ranks")
+        wait_requests([req], self.timeout_s, lambda _: f"{what} over {self.size} ranks")
 
     def allgather(self, arr: np.ndarray, what: str = "allgather") -> np.ndarray:
         arr = np.ascontiguousarray(arr)
@@ -227,12 +232,13 @@ def get_group(a: argparse.Namespace, trace_path: str) -> Any:
         base = SwarmConfig(
             chunk_bytes=parse_bytes(a.chunk_bytes),
             degree=a.degree,
-            privacy=a.privacy,
             seed=a.seed,
             timeout_s=a.timeout,
             trace=trace_path,
         )
-        cfg = SwarmConfig.from_env(base)  # FLTORRENT_* variables still win
+        cfg = SwarmConfig.from_env(base)  # FLTORRENT_* variables win over this job's defaults
+        if a.privacy is not None:  # ... and an explicit --privacy over FLTORRENT_PRIVACY
+            cfg = cfg.replace(privacy=a.privacy)
         dist.init_process_group("fltorrent", pg_options=cfg, timeout=timedelta(seconds=a.timeout))
     if dist.get_backend() != "fltorrent":
         raise RuntimeError(f"fedavg_train needs the 'fltorrent' default group, found {dist.get_backend()!r}")
@@ -325,13 +331,9 @@ def poison_(tensors: list[torch.Tensor], start: list[torch.Tensor], factor: floa
 
 
 def swarm_fedavg(model, weight: float, start: list[torch.Tensor], a) -> SwarmStats:
-    from fltorrent_hpc.errors import FLTorrentError
-
     try:
         rep = fltorrent_hpc.fedavg_(model, weight=weight, deadline=a.deadline, privacy=a.privacy)
-    except FLTorrentError as e:
-        if "nothing to average" not in str(e):  # fedavg_ raises this on every rank when A is empty
-            raise
+    except NothingToAverageError as e:  # fedavg_ raises it on every rank when A is empty
         keep_start_(fl_tensors(model), start)
         return SwarmStats([], extra={"empty_set": str(e)})
     return SwarmStats(
@@ -341,40 +343,31 @@ def swarm_fedavg(model, weight: float, start: list[torch.Tensor], a) -> SwarmSta
 
 def swarm_robust(pg, tensors, start, delta: torch.Tensor, weight: float, a) -> SwarmStats:
     """Disseminate this peer's fp32 update with the swarm, then apply the robust rule over the agreed set."""
-    from fltorrent_hpc.kernels import pack_segments
-
-    layout = Layout.from_specs([("update", "float32", (delta.numel(),))])
-    payload = pack_segments([delta], layout).cpu().numpy()
-    nb = delta.numel() * 4
-
-    def consume(res):  # on the group's comm thread, while the engine's buffers are valid: copy out
-        parts = [int(r) for r in np.asarray(res.participants).tolist()]
-        rows = [np.array(res.updates[r][:nb], copy=True).view(np.float32) for r in parts]
-        return parts, rows, [float(res.weights[r]) for r in parts], dict(res.stats or {})
-
-    parts, rows, weights, st = pg.swarm_round(
-        payload, weight=weight, privacy=a.privacy, deadline_s=a.deadline, digest=layout.fingerprint, consume=consume
-    )
-    if not parts:  # nobody's update was reconstructed everywhere by the deadline: no aggregate this round
+    try:
+        rep = fltorrent_hpc.aggregate_(
+            tensors,
+            start,
+            delta,
+            a.rule,
+            weight,
+            group=pg,
+            deadline=a.deadline,
+            privacy=a.privacy,
+            f=a.byzantine,
+            trim=a.trim,
+            multi=a.multi_krum,
+        )
+    except NothingToAverageError as e:  # nobody's update was reconstructed everywhere by the deadline
         keep_start_(tensors, start)
-        return SwarmStats([], extra=st)
-    upd = torch.from_numpy(np.stack(rows)).to(delta.device)
-    res = agg.aggregate(a.rule, upd, weights, f=a.byzantine, trim=a.trim, multi=a.multi_krum)
-    agg.apply_update_(tensors, start, res)
+        return SwarmStats([], extra={"empty_set": str(e)})
     return SwarmStats(
-        parts,
-        int(st.get("bytes_sent", 0)),
-        int(st.get("bytes_recv", 0)),
-        float(st.get("warmup_s", 0.0)),
-        float(st.get("swarm_s", 0.0)),
-        float(st.get("round_s", 0.0)),
-        st,
+        list(rep.participants), rep.bytes_sent, rep.bytes_recv, rep.warmup_s, rep.swarm_s, rep.round_s, rep.stats
     )
 
 
 def central_aggregate(coll: Coll, model, start, delta: torch.Tensor | None, weight: float, a) -> None:
     """Server semantics over every peer: all-gather, then the same rank-order reduction code on every rank."""
-    from fltorrent_hpc.kernels import pack_segments
+    from fltorrent_hpc.chunks.kernels import pack_segments
 
     ws = coll.allgather(np.array([weight], dtype=np.float64), "central weights").reshape(-1)
     tensors = fl_tensors(model)
@@ -401,7 +394,7 @@ def metropolis_weights(overlay, i: int) -> tuple[list[int], list[float]]:
 
 
 def gossip_mix(coll: Coll, model, overlay) -> None:
-    from fltorrent_hpc.kernels import pack_segments
+    from fltorrent_hpc.chunks.kernels import pack_segments
 
     tensors = fl_tensors(model)
     layout = Layout.from_tensors(tensors)
@@ -606,7 +599,8 @@ def train(a: argparse.Namespace) -> dict:
             f"fltorrent FedAvg training: {n} peers, digits {split_name(a)} (samples per peer {sizes}, "
             f"test {len(data.y_test)}), MLP 64-{a.hidden}-10 ({n_params} parameters, {payload_bytes} B update), "
             f"rule {a.rule}, poison {f'{a.poison} ({a.poison_mode})' if a.poison else 'none'}, "
-            f"baselines {a.baseline}, chunk {parse_bytes(a.chunk_bytes)} B, degree {a.degree}, privacy {a.privacy}"
+            f"baselines {a.baseline}, chunk {parse_bytes(a.chunk_bytes)} B, degree {a.degree}, "
+            f"privacy {privacy_label(pg.config.privacy)}"
         )
         if start_round:
             disp.print(f"resumed from {ckpt_path(out, start_round, 0).parent} after round {start_round}")

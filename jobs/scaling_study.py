@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from fltorrent_hpc.study import report_main, study_main
+from fltorrent_hpc.studies.cli import study_main
+from fltorrent_hpc.studies.report import report_main
 
 PAPER = ("table3", "ablation", "cover", "schedulers", "llm", "privacy")
 GROUPS = {"paper": PAPER, "all": (*PAPER, "beyond")}

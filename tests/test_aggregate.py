@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fltorrent_hpc import aggregate as agg
-from fltorrent_hpc.kernels import pack_segments
-from fltorrent_hpc.layout import Layout
+from fltorrent_hpc.api import aggregate as agg
+from fltorrent_hpc.chunks.kernels import pack_segments
+from fltorrent_hpc.chunks.layout import Layout
 
 
 def rand_updates(k: int, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

@@ -7,15 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fltorrent_hpc.arena import (
+from fltorrent_hpc.chunks.arena import (
     ARENA_ENV,
     DEFAULT_ARENA_BYTES,
     ChunkArena,
     arena_bytes_from_env,
     device_bytes_formula,
 )
+from fltorrent_hpc.chunks.layout import Layout
 from fltorrent_hpc.errors import ConfigError, ShapeMismatchError
-from fltorrent_hpc.layout import Layout
 
 
 def storage_bytes(*ts: torch.Tensor) -> int:

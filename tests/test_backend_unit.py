@@ -21,9 +21,18 @@ import torch
 import torch.distributed as dist
 
 import fltorrent_hpc
-from fltorrent_hpc import backend as flb
 from fltorrent_hpc import launch
-from fltorrent_hpc.errors import FLTorrentError, LaunchError, PeerTimeoutError, ShapeMismatchError
+from fltorrent_hpc.api import bench, registration, wire
+from fltorrent_hpc.api import group as flb
+from fltorrent_hpc.api import reductions as red
+from fltorrent_hpc.api.work import FLTorrentWork
+from fltorrent_hpc.errors import (
+    FLTorrentError,
+    LaunchError,
+    PeerTimeoutError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
 
 pytestmark = pytest.mark.timeout(120)
 R = dist.ReduceOp.RedOpType
@@ -34,12 +43,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_registration_is_idempotent_and_declares_devices():
-    flb.register_backend()
-    flb.register_backend()
-    fltorrent_hpc.backend.register()
+    registration.register_backend()
+    registration.register_backend()
+    fltorrent_hpc.api.registration.register()
     plugin = dist.Backend._plugins["FLTORRENT"]
     assert plugin.extended_api is True
-    assert plugin.creator_fn is flb._create_process_group
+    assert plugin.creator_fn is registration._create_process_group
     assert dist.Backend.backend_capability["fltorrent"] == ["cpu", "cuda"]
     assert dist.Backend("fltorrent") == "fltorrent"
 
@@ -94,26 +103,26 @@ def test_world_larger_than_mpi_raises_launch_error():
         group_rank=0, group_size=4, global_ranks_in_group=[], timeout=timedelta(seconds=5), group_id="0", store=None
     )
     with pytest.raises(LaunchError, match="mpiexec"):
-        flb._create_process_group(opts, None)
+        registration._create_process_group(opts, None)
 
 
 def test_bad_pg_options_type():
     opts = SimpleNamespace(group_rank=0, group_size=1, global_ranks_in_group=[], timeout=timedelta(seconds=5))
-    with pytest.raises(flb.UnsupportedError, match="SwarmConfig"):
-        flb._create_process_group(opts, {"chunk_bytes": 4})
+    with pytest.raises(UnsupportedError, match="SwarmConfig"):
+        registration._create_process_group(opts, {"chunk_bytes": 4})
 
 
 # ------------------------------------------------------------------------------------------ validation / reductions
 
 
 def test_reduce_op_accepts_bare_ops_options_and_premul():
-    assert flb._reduce_op(dist.ReduceOp.SUM) == (R.SUM, None)
-    assert flb._reduce_op(dist.ReduceOp(dist.ReduceOp.MAX)) == (R.MAX, None)
+    assert red.reduce_op(dist.ReduceOp.SUM) == (R.SUM, None)
+    assert red.reduce_op(dist.ReduceOp(dist.ReduceOp.MAX)) == (R.MAX, None)
     o = dist.AllreduceOptions()
     o.reduceOp = dist.ReduceOp.MIN
-    assert flb._reduce_op(o) == (R.MIN, None)
-    assert flb._reduce_op(dist._make_nccl_premul_sum(0.25)) == (R.PREMUL_SUM, 0.25)
-    kind, f = flb._reduce_op(dist._make_nccl_premul_sum(torch.tensor([2.0])))
+    assert red.reduce_op(o) == (R.MIN, None)
+    assert red.reduce_op(dist._make_nccl_premul_sum(0.25)) == (R.PREMUL_SUM, 0.25)
+    kind, f = red.reduce_op(dist._make_nccl_premul_sum(torch.tensor([2.0])))
     assert kind == R.PREMUL_SUM and float(f) == 2.0
 
 
@@ -128,20 +137,20 @@ def test_reduce_op_accepts_bare_ops_options_and_premul():
     ],
 )
 def test_unsupported_op_dtype_combinations(kind, dtype, word):
-    with pytest.raises(flb.UnsupportedError, match=word):
-        flb._check_reduce(kind, 2.0, dtype, "allreduce")
+    with pytest.raises(UnsupportedError, match=word):
+        red.check_reduce(kind, 2.0, dtype, "allreduce")
 
 
 def test_check_tensor_rejects_sparse_meta_and_quantized():
-    with pytest.raises(flb.UnsupportedError, match="layout"):
-        flb._check_tensor(torch.ones(3).to_sparse(), "x")
-    with pytest.raises(flb.UnsupportedError, match="device"):
-        flb._check_tensor(torch.ones(3, device="meta"), "x")
-    with warnings.catch_warnings(), pytest.raises(flb.UnsupportedError, match="dtype"):
+    with pytest.raises(UnsupportedError, match="layout"):
+        wire.check_tensor(torch.ones(3).to_sparse(), "x")
+    with pytest.raises(UnsupportedError, match="device"):
+        wire.check_tensor(torch.ones(3, device="meta"), "x")
+    with warnings.catch_warnings(), pytest.raises(UnsupportedError, match="dtype"):
         warnings.simplefilter("ignore")  # quantized tensors are deprecated in torch 2.13
-        flb._check_tensor(torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8), "x")
-    with pytest.raises(flb.UnsupportedError, match="Tensor"):
-        flb._check_tensor([1, 2], "x")
+        wire.check_tensor(torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8), "x")
+    with pytest.raises(UnsupportedError, match="Tensor"):
+        wire.check_tensor([1, 2], "x")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64])
@@ -152,7 +161,7 @@ def test_reduce_into_matches_rank_order_reference(dtype):
     kinds += [R.AVG, R.PREMUL_SUM] if dtype.is_floating_point else [R.BAND, R.BOR, R.BXOR]
     a, b, c = parts
     for kind in kinds:
-        got = flb._reduce_into(torch.empty(17, dtype=dtype), parts, kind, 0.5, 3)
+        got = red.reduce_into(torch.empty(17, dtype=dtype), parts, kind, 0.5, 3)
         want = {
             R.SUM: lambda: a + b + c,
             R.PRODUCT: lambda: a * b * c,
@@ -169,26 +178,26 @@ def test_reduce_into_matches_rank_order_reference(dtype):
 
 def test_bytes_roundtrip_including_empty_and_bf16():
     for t in (torch.zeros(0, dtype=torch.bfloat16), torch.tensor(3.5), torch.arange(7, dtype=torch.int64)):
-        b = flb._host_bytes(t)
+        b = wire.host_bytes(t)
         assert b.dtype == np.uint8 and b.size == t.numel() * t.element_size()
-        assert torch.equal(flb._from_bytes(b, t.dtype, t.shape), t)
+        assert torch.equal(wire.from_bytes(b, t.dtype, t.shape), t)
     ro = np.frombuffer(bytes(8), dtype=np.uint8)  # read-only buffers are copied, not wrapped
-    assert flb._from_bytes(ro, torch.float32, (2,)).tolist() == [0.0, 0.0]
+    assert wire.from_bytes(ro, torch.float32, (2,)).tolist() == [0.0, 0.0]
 
 
 def test_pack_aligns_every_tensor_to_16_bytes():
     ts = [torch.ones(3, dtype=torch.float16), torch.zeros(0), torch.full((5,), 2.0, dtype=torch.float64)]
-    buf, offs = flb._pack(ts)
+    buf, offs = wire.pack(ts)
     assert offs == [0, 16, 16] and buf.size == 16 + 48
-    assert torch.equal(flb._from_bytes(buf[16:56], torch.float64, (5,)), ts[2])
+    assert torch.equal(wire.from_bytes(buf[16:56], torch.float64, (5,)), ts[2])
 
 
 def test_meta_mismatch_message_names_fields():
-    a = flb._meta_tensors("allreduce", [torch.ones(4)], redop=int(R.SUM))
-    b = flb._meta_tensors("allreduce", [torch.ones(4, dtype=torch.float64)], redop=int(R.SUM))
-    diff = [i for i in range(flb._META_W) if a[i] != b[i]]
-    assert [flb._META_FIELDS[i] for i in diff] == ["dtype"]
-    assert flb._decode(4, int(b[4])) == "torch.float64" and flb._decode(15, int(R.SUM)) == "SUM"
+    a = wire.meta_tensors("allreduce", [torch.ones(4)], redop=int(R.SUM))
+    b = wire.meta_tensors("allreduce", [torch.ones(4, dtype=torch.float64)], redop=int(R.SUM))
+    diff = [i for i in range(wire.META_W) if a[i] != b[i]]
+    assert [wire.META_FIELDS[i] for i in diff] == ["dtype"]
+    assert wire.decode(4, int(b[4])) == "torch.float64" and wire.decode(15, int(R.SUM)) == "SUM"
 
 
 # ------------------------------------------------------------------------------------------ Work
@@ -196,18 +205,18 @@ def test_meta_mismatch_message_names_fields():
 
 def test_work_future_resolves_to_outputs_and_errors_propagate():
     out = [torch.ones(2)]
-    w = flb.FLTorrentWork("op", out, (), limit_s=5)
+    w = FLTorrentWork("op", out, (), limit_s=5)
     assert not w.is_completed()
     threading.Timer(0.05, w._finish).start()
     assert w.wait() is True and w.is_completed() and w.is_success()
     assert w.get_future().value()[0] is out[0] and w.result() is out
-    bad = flb.FLTorrentWork("op2", [], (), limit_s=5)
+    bad = FLTorrentWork("op2", [], (), limit_s=5)
     bad._finish(ShapeMismatchError("boom"))
     with pytest.raises(ShapeMismatchError, match="boom"):
         bad.wait()
     with pytest.raises(ShapeMismatchError):
         bad.get_future().wait()
-    stuck = flb.FLTorrentWork("op3", [], (), limit_s=0.1)
+    stuck = FLTorrentWork("op3", [], (), limit_s=0.1)
     with pytest.raises(PeerTimeoutError, match="op3"):
         stuck.wait()
     assert isinstance(w, dist.Work)
@@ -267,7 +276,7 @@ def test_one_rank_send_recv_to_self(solo):
     pg.send([torch.ones(2)], 0, 6).wait()
     wa.wait()
     assert wa._source_rank() == 0 and a.tolist() == [1.0, 1.0]
-    with pytest.raises(flb.UnsupportedError, match="tag"):
+    with pytest.raises(UnsupportedError, match="tag"):
         pg.send([torch.ones(1)], 0, 40000)
 
 
@@ -282,11 +291,11 @@ def test_recv_timeout_names_peer():
 
 
 def test_local_validation_errors_raise_at_call_time(solo):
-    with pytest.raises(flb.UnsupportedError, match="one output list"):
+    with pytest.raises(UnsupportedError, match="one output list"):
         solo.allgather([[torch.empty(1)], [torch.empty(1)]], [torch.ones(1)])
     with pytest.raises(ShapeMismatchError):
         solo.all_gather_single(torch.empty(3), torch.ones(2))
-    with pytest.raises(flb.UnsupportedError, match="integer"):
+    with pytest.raises(UnsupportedError, match="integer"):
         solo.allreduce([torch.ones(2)], dist.ReduceOp.BAND)
     t = torch.ones(2)
     solo.allreduce([t]).wait()  # still in step afterwards
@@ -335,7 +344,7 @@ def test_init_process_group_single_process_subprocess():
 
 
 def test_bench_hook_is_exported():
-    assert callable(flb.bench_backend_allgather)
+    assert callable(bench.bench_backend_allgather)
 
 
 def test_non_contiguous_inputs_and_outputs(solo):
@@ -351,3 +360,18 @@ def test_non_contiguous_inputs_and_outputs(solo):
     solo.send([torch.tensor([1.0, 2.0, 3.0])], 0, 3).wait()
     w.wait()
     assert r.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_recv_of_a_longer_message_raises_truncation_error(solo):
+    """MPI_ERR_TRUNCATE is classified by MPI's error class, not by the message text."""
+    from fltorrent_hpc.errors import TruncationError
+
+    w = solo.recv([torch.empty(1)], 0, 4)
+    solo.send([torch.ones(2)], 0, 4).wait()
+    with pytest.raises(TruncationError, match="longer than the buffer") as ei:
+        w.wait()
+    assert isinstance(ei.value, ShapeMismatchError)
+
+
+def test_unsupported_error_is_one_of_the_errors():
+    assert issubclass(UnsupportedError, FLTorrentError) and issubclass(UnsupportedError, ValueError)

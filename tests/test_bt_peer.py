@@ -12,7 +12,7 @@ import pytest
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.swarm import SwarmRound
 from fltorrent_hpc.swarm.bt_peer import PeerBT, pack_bits, unpack_bits
-from fltorrent_hpc.swarm.round import BT
+from fltorrent_hpc.swarm.stage import BT
 
 
 def drive_peers(rnd: SwarmRound, peers: list[PeerBT], leave_at: dict[int, list[int]] | None = None) -> int:

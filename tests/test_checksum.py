@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fltorrent_hpc import checksum
-from fltorrent_hpc.checksum import chunk_hash, chunk_hashes, splitmix64
+from fltorrent_hpc.chunks import digest as checksum
+from fltorrent_hpc.chunks.digest import chunk_hash, chunk_hashes, splitmix64
 
 M64 = (1 << 64) - 1
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fltorrent_hpc.data import label_histogram, load_digits, parse_split, partition, split_dirichlet, split_iid
+from fltorrent_hpc.studies.data import label_histogram, load_digits, parse_split, partition, split_dirichlet, split_iid
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fltorrent_hpc import kernels as K
-from fltorrent_hpc.checksum import chunk_hashes
+from fltorrent_hpc.chunks import kernels as K
+from fltorrent_hpc.chunks.digest import chunk_hashes
+from fltorrent_hpc.chunks.layout import Layout
 from fltorrent_hpc.errors import ConfigError, ShapeMismatchError
-from fltorrent_hpc.layout import Layout, pack
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -193,7 +193,7 @@ def test_accumulate_matches_float64_within_fp32_rounding():
     ref = np.zeros(lay.numel)
     mag = np.zeros(lay.numel)
     for p, w in zip(peers, weights):
-        K.accumulate_(acc, range(lay.n_chunks(C)), pack(p, lay), w, lay, C)
+        K.accumulate_(acc, range(lay.n_chunks(C)), K.pack_segments(p, lay), w, lay, C)
         ref += w * flat64(p)
         mag += np.abs(w * flat64(p))
     eps = np.finfo(np.float32).eps
@@ -214,7 +214,7 @@ def test_accumulate_is_ieee_fp32_mul_then_add(spec, seed, w):
     lay = Layout.from_tensors(x)
     acc0 = torch.randn(lay.numel, generator=g)
     acc = acc0.clone()
-    K.accumulate_(acc, range(lay.n_chunks(64)), pack(x, lay), w, lay, 64)
+    K.accumulate_(acc, range(lay.n_chunks(64)), K.pack_segments(x, lay), w, lay, 64)
     xs = np.concatenate([t.float().reshape(-1).numpy() for t in x]).astype(np.float32)
     expect = acc0.numpy() + np.float32(w) * xs  # numpy float32: two correctly rounded ops
     assert np.array_equal(acc.numpy().view(np.uint32), expect.astype(np.float32).view(np.uint32))
@@ -254,7 +254,7 @@ def test_fedavg_bit_identical_whole_or_chunked_any_order(spec, n_peers, chunk16,
     lay = Layout.from_tensors(peers[0])
     C = 16 * chunk16
     n = lay.n_chunks(C)
-    flats = [pack(p, lay) for p in peers]
+    flats = [K.pack_segments(p, lay) for p in peers]
 
     whole = torch.zeros(lay.numel)
     for f, w in zip(flats, weights):  # rank order, each update whole
@@ -380,7 +380,7 @@ def test_pack_kernel_emulated_tiles_and_tails(emu, monkeypatch):
         torch.randint(0, 9, (7,), dtype=torch.int8),
     ]
     lay = Layout.from_tensors(ts)
-    assert eq_bits(K.pack_segments(ts, lay, runner=emu), pack(ts, lay))
+    assert eq_bits(K.pack_segments(ts, lay, runner=emu), K.pack_segments(ts, lay))
     assert "flt_copy_segments" in emu.launched
 
 
@@ -394,7 +394,7 @@ def test_accumulate_kernel_emulated(emu, spec, seed, chunk16, w):
     C = 16 * chunk16
     n = lay.n_chunks(C)
     ids = torch.randperm(n, generator=g).tolist()
-    chunks = [pack(x, lay)[c * C : (c + 1) * C].clone() for c in ids]
+    chunks = [K.pack_segments(x, lay)[c * C : (c + 1) * C].clone() for c in ids]
     acc0 = torch.randn(lay.numel, generator=g)
     a, b = acc0.clone(), acc0.clone()
     K.accumulate_(a, ids, chunks, w, lay, C, backend="torch")
@@ -407,7 +407,7 @@ def test_accumulate_kernel_emulated_misaligned_chunks(emu):
     x = [torch.randn(100, generator=g), torch.randn(70, generator=g).half()]
     lay = Layout.from_tensors(x)
     C = 128
-    flat = pack(x, lay)
+    flat = K.pack_segments(x, lay)
     n = lay.n_chunks(C)
     holder = torch.zeros(n * (C + 1) + 1, dtype=torch.uint8)
     chunks = []
@@ -434,8 +434,8 @@ def test_accumulate_kernel_emulated_special_values(emu, monkeypatch):
     a = torch.zeros(lay.numel)
     b = torch.zeros(lay.numel)
     for w in (1.0, 0.3, 2.0):
-        K.accumulate_(a, [0], pack(x, lay), w, lay, lay.total_bytes, backend="torch")
-        K.accumulate_(b, [0], pack(x, lay), w, lay, lay.total_bytes, runner=emu)
+        K.accumulate_(a, [0], K.pack_segments(x, lay), w, lay, lay.total_bytes, backend="torch")
+        K.accumulate_(b, [0], K.pack_segments(x, lay), w, lay, lay.total_bytes, runner=emu)
     assert eq_bits(a, b)
 
 

@@ -8,9 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fltorrent_hpc.chunks.kernels import pack_segments, unpack_segments
+from fltorrent_hpc.chunks.layout import ALIGN, MAX_NDIM, Layout
 from fltorrent_hpc.errors import ConfigError, ProtocolError, ShapeMismatchError
-from fltorrent_hpc.kernels import pack_segments, unpack_segments
-from fltorrent_hpc.layout import ALIGN, MAX_NDIM, Layout, pack, unpack
 
 DTYPES = [
     torch.float32,
@@ -66,7 +66,7 @@ def test_offsets_aligned_pads_zero_and_bytes_in_place():
         ("c", 1, "int64", ()),
     ]
     assert lay.total_bytes == 48 and lay.numel == 9
-    flat = pack(ts, lay)
+    flat = pack_segments(ts, lay)
     assert flat.dtype == torch.uint8 and flat.numel() == 48
     b = flat.numpy()
     assert np.array_equal(b[0:12].view(np.float32), [0, 1, 2])
@@ -133,7 +133,7 @@ def test_wire_rejects_malformed():
 def test_pack_unpack_round_trip_bit_exact(spec, seed):
     ts = build(spec, seed)
     lay = Layout.from_tensors(ts)
-    flat = pack(ts, lay)
+    flat = pack_segments(ts, lay)
     assert flat.numel() == lay.total_bytes
     for e, t in zip(lay.entries, ts):
         assert torch.equal(flat[e.offset : e.end], t.contiguous().reshape(-1).view(torch.uint8))
@@ -142,7 +142,7 @@ def test_pack_unpack_round_trip_bit_exact(spec, seed):
         mask[e.offset : e.end] = False
     assert not flat[mask].any(), "pad bytes must be zero (the chunk hashes cover them)"
     outs = build(spec, seed + 1)
-    unpack(flat, lay, outs)
+    unpack_segments(flat, lay, outs)
     for a, b in zip(ts, outs):
         assert torch.equal(raw(a), raw(b))
 
@@ -152,15 +152,15 @@ def test_pack_unpack_round_trip_bit_exact(spec, seed):
 def test_byte_ranges_match_whole_pack(spec, seed, cut):
     ts = build(spec, seed)
     lay = Layout.from_tensors(ts)
-    whole = pack(ts, lay)
+    whole = pack_segments(ts, lay)
     b0, b1 = sorted(int(c * lay.total_bytes) for c in cut)
     part = pack_segments(ts, lay, byte_start=b0, byte_end=b1)
     assert torch.equal(part, whole[b0:b1])
     # unpacking only [b0, b1) of another buffer changes exactly those bytes
     dst = build(spec, seed + 7)
-    before = pack(dst, lay)
+    before = pack_segments(dst, lay)
     unpack_segments(whole[b0:b1].clone(), lay, dst, byte_start=b0)
-    after = pack(dst, lay)
+    after = pack_segments(dst, lay)
     assert torch.equal(after[b0:b1], whole[b0:b1])
     assert torch.equal(after[:b0], before[:b0]) and torch.equal(after[b1:], before[b1:])
 
@@ -169,30 +169,30 @@ def test_pack_into_given_buffer_and_errors():
     ts = [torch.randn(5), torch.randn(2, 2)]
     lay = Layout.from_tensors(ts)
     out = torch.full((lay.total_bytes + 5,), 0xAB, dtype=torch.uint8)
-    got = pack(ts, lay, out)
+    got = pack_segments(ts, lay, out)
     assert got.data_ptr() == out.data_ptr() and got.numel() == lay.total_bytes
     assert torch.all(out[lay.total_bytes :] == 0xAB)
     with pytest.raises(ShapeMismatchError, match="need >="):
-        pack(ts, lay, torch.empty(lay.total_bytes - 1, dtype=torch.uint8))
+        pack_segments(ts, lay, torch.empty(lay.total_bytes - 1, dtype=torch.uint8))
     with pytest.raises(ShapeMismatchError, match="'1'"):
-        pack([ts[0], torch.randn(4)], lay)
+        pack_segments([ts[0], torch.randn(4)], lay)
     with pytest.raises(ShapeMismatchError, match="bfloat16"):
-        pack([ts[0], ts[1].bfloat16()], lay)
+        pack_segments([ts[0], ts[1].bfloat16()], lay)
     with pytest.raises(ShapeMismatchError, match="entries"):
-        pack(ts[:1], lay)
+        pack_segments(ts[:1], lay)
     with pytest.raises(ShapeMismatchError, match="uint8"):
-        unpack(torch.zeros(lay.total_bytes, dtype=torch.int8), lay, ts)
+        unpack_segments(torch.zeros(lay.total_bytes, dtype=torch.int8), lay, ts)
 
 
 def test_parameters_requiring_grad_are_written_in_place():
     model = torch.nn.Linear(3, 2)
     named = list(model.named_parameters())
     lay = Layout.from_tensors(named)
-    flat = pack([p for _, p in named], lay)
+    flat = pack_segments([p for _, p in named], lay)
     ptrs = [p.data_ptr() for _, p in named]
     with torch.no_grad():
         for _, p in named:
             p.zero_()
-    unpack(flat, lay, [p for _, p in named])
+    unpack_segments(flat, lay, [p for _, p in named])
     assert [p.data_ptr() for _, p in named] == ptrs
-    assert torch.equal(pack([p for _, p in named], lay), flat)
+    assert torch.equal(pack_segments([p for _, p in named], lay), flat)

@@ -21,8 +21,7 @@ from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.swarm import SwarmRound
 from fltorrent_hpc.swarm.maxflow import stage_bound
 from fltorrent_hpc.swarm.overlay import Overlay
-from fltorrent_hpc.swarm.round import SPRAY, WARMUP, Stage
-from fltorrent_hpc.swarm.warmup import StageBudget
+from fltorrent_hpc.swarm.stage import SPRAY, WARMUP, Stage, StageBudget
 
 HEURISTICS = ("gff", "random-ff", "random-fifo", "flooding")
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -251,7 +250,7 @@ def test_every_warmup_stage_at_most_maxflow(p):
 
 
 def test_maxflow_ratio_in_simulation():
-    from fltorrent_hpc.transport.sim import simulate
+    from fltorrent_hpc.runtime.simulator import simulate
 
     cfg = SwarmConfig(degree=4, chunk_bytes=1, privacy="full", cover=0.1, seed=3)
     res = simulate(cfg, 16, 12, (3, 6), (4, 8), maxflow=True, trace=True)

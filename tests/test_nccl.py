@@ -123,8 +123,8 @@ cuda_nccl = pytest.mark.skipif(not N.nccl_available(), reason="needs CuPy with N
 @pytest.mark.cuda
 @cuda_nccl
 def test_self_send_recv_round_trip_orders_with_kernels():
-    from fltorrent_hpc import kernels as K
-    from fltorrent_hpc.layout import Layout
+    from fltorrent_hpc.chunks import kernels as K
+    from fltorrent_hpc.chunks.layout import Layout
 
     dev = torch.device("cuda", 0)
     with N.NcclTransport.from_store(dist.HashStore(), 0, 1, dev, timeout_s=60) as tr:

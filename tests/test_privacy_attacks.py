@@ -21,7 +21,7 @@ from fltorrent_hpc.privacy import (
     run_attacks,
     sequence_attack,
 )
-from fltorrent_hpc.privacy.attacks import any_member_success
+from fltorrent_hpc.privacy.attacks import ATTACKS, any_member_success
 from fltorrent_hpc.privacy.cli import attack_main, evaluate_trace, format_table
 from fltorrent_hpc.privacy.observations import cover_stage, synthetic_trace
 from fltorrent_hpc.trace import write_trace
@@ -79,6 +79,17 @@ def test_star_without_defences_is_fully_attributed():
     res = evaluate_trace(tr, audit=False)
     assert res["asr_max"] == {"sequence": 1.0, "count": 1.0, "cluster": 1.0}
     assert res["baseline"] == 1.0  # a leaf has one neighbour
+
+
+def test_attack_registry_is_what_run_attacks_runs():
+    """One table names the attacks: run_attacks runs each registered one, in order, under its own name."""
+    K = 10
+    items = [(s, 1, 0, d * K + s, 1) for s, d in enumerate([3, 1, 1, 3, 3])]  # count: 3 overall, 1 in the first 3
+    views = build_views(synthetic_trace(5, K, [(0, 1)], rows_of(items)))
+    assert list(ATTACKS) == ["sequence", "count", "cluster"]
+    got = run_attacks(views, count_horizon=3)
+    assert list(got) == list(ATTACKS) and all(att.attack == name for name, att in got.items())
+    assert got["count"].guess.tolist() == [1] and run_attacks(views)["count"].guess.tolist() == [3]
 
 
 def test_perfectly_mixed_trace_gives_the_neighbourhood_baseline():
@@ -260,7 +271,7 @@ def test_cli_coalitions(tmp_path):
 @pytest.fixture(scope="module")
 def small_rounds():
     from fltorrent_hpc.config import SwarmConfig
-    from fltorrent_hpc.transport.sim import simulate
+    from fltorrent_hpc.runtime.simulator import simulate
 
     c = 1024
     out = {}

@@ -24,7 +24,7 @@ SALT = bytes(range(32))
 @pytest.fixture(scope="module")
 def sim_round():
     from fltorrent_hpc.config import SwarmConfig
-    from fltorrent_hpc.transport.sim import simulate
+    from fltorrent_hpc.runtime.simulator import simulate
 
     c = 1024
     cfg = SwarmConfig(chunk_bytes=c, privacy="full", degree=4, seed=11)

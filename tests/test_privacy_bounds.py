@@ -129,7 +129,7 @@ def test_collusion_bounds_eq3_to_eq5():
 @pytest.fixture(scope="module")
 def full_round():
     from fltorrent_hpc.config import SwarmConfig
-    from fltorrent_hpc.transport.sim import simulate
+    from fltorrent_hpc.runtime.simulator import simulate
 
     c = 1024
     cfg = SwarmConfig(chunk_bytes=c, privacy="full", degree=4, seed=5)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fltorrent_hpc import study as S
-from fltorrent_hpc.privacy import sweeps
-from fltorrent_hpc.report import report_main
+from fltorrent_hpc.studies import cli as study_cli
+from fltorrent_hpc.studies import driver, grids, paper, registry
+from fltorrent_hpc.studies import privacy_sweeps as sweeps
+from fltorrent_hpc.studies.report import report_main
 
 CLAIMS = ("no defences", "full defences", "Eq. 1", "tracks 1/m")
 
@@ -20,17 +21,17 @@ CLAIMS = ("no defences", "full defences", "Eq. 1", "tracks 1/m")
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("privacy")
-    assert S.study_main(["privacy", "--mini", "--out", str(out), "--jobs", "1", "--quiet"]) == 0
+    assert study_cli.study_main(["privacy", "--mini", "--out", str(out), "--jobs", "1", "--quiet"]) == 0
     return out
 
 
-def test_privacy_study_is_registered_through_the_plugin_hook() -> None:
-    st = S.studies()["privacy"]
+def test_privacy_study_is_a_builtin_study() -> None:
+    st = grids.studies()["privacy"]
     assert st.derive is sweeps.derive_privacy and st.paper == "Figs. 6-7"
-    full = st.grid(S.GridArgs())
+    full = st.grid(registry.GridArgs())
     names = [p.name for p in full]
     assert len(names) == len(set(names))
-    assert all(p.runner == "fltorrent_hpc.privacy.sweeps:study_point" for p in full)
+    assert all(p.runner == "fltorrent_hpc.studies.privacy_sweeps:study_point" for p in full)
     cells = {
         s: sorted(p.tags[sweeps.SWEEP_KEYS[s]] for p in full if s in p.tags["sweeps"])
         for s in sweeps.SWEEP_KEYS
@@ -53,12 +54,12 @@ def test_privacy_study_is_registered_through_the_plugin_hook() -> None:
             25,
         ]
     )
-    assert len(st.grid(S.GridArgs(seeds=(0, 1)))) == 2 * len(full)
+    assert len(st.grid(registry.GridArgs(seeds=(0, 1)))) == 2 * len(full)
 
 
 def test_mini_privacy_study_writes_rows_and_claims(mini: Path) -> None:
     doc = json.loads((mini / "privacy-mini.json").read_text())
-    grid = S.studies()["privacy"].grid(S.GridArgs(mini=True))
+    grid = grids.studies()["privacy"].grid(registry.GridArgs(mini=True))
     assert doc["study"] == "privacy" and doc["mini"] and len(doc["points"]) == len(grid)
     claims = doc["derived"]["claims"]
     assert [next(c for c in CLAIMS if c in cl["claim"]) for cl in claims] == list(CLAIMS)
@@ -80,7 +81,7 @@ def test_mini_privacy_study_writes_rows_and_claims(mini: Path) -> None:
     ]
     assert len({json.dumps([r["sequence_max"], r["window_stages"], r["eq1_checked"]]) for r in full}) == 1
     # resume: nothing left to run
-    st = S.run_study("privacy", mini, mini=True, quiet=True)
+    st = driver.run_study("privacy", mini, mini=True, quiet=True)
     assert not st.ran and len(st.skipped) == len(grid)
 
 
@@ -105,8 +106,8 @@ def test_inverse_degree_fit_and_claim_logic() -> None:
     fit = sweeps.tracks_inverse_degree(ms, [1 / m for m in ms])
     assert fit["slope"] == pytest.approx(-1.0) and fit["m_asr_min"] == pytest.approx(1.0)
     assert sweeps._tracks(fit)
-    paper = sweeps.tracks_inverse_degree(ms, [sweeps.PAPER_DEGREE[m] for m in ms])
-    assert sweeps._tracks(paper) and -1.2 < paper["slope"] < -1.1  # the paper's Fig. 7a passes its own claim
+    theirs = sweeps.tracks_inverse_degree(ms, [paper.ASR_DEGREE[m] for m in ms])
+    assert sweeps._tracks(theirs) and -1.2 < theirs["slope"] < -1.1  # the paper's Fig. 7a passes its own claim
     zero = sweeps.tracks_inverse_degree(ms, [0.0, 0.1, 0.1, 0.1, 0.1])
     assert math.isnan(zero["slope"]) and not sweeps._tracks(zero)
     flat = sweeps.tracks_inverse_degree(ms, [0.1] * 5)

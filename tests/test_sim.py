@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 from fltorrent_hpc.config import SwarmConfig, parse_rate
-from fltorrent_hpc.swarm import rng
-from fltorrent_hpc.trace import TRANSFER_COLUMNS
-from fltorrent_hpc.transport.sim import (
+from fltorrent_hpc.runtime.simulator import (
     PAPER_CHUNK,
     PAPER_DOWNLINK,
     PAPER_UPDATE,
     PAPER_UPLINK,
-    budgets,
     draw_links,
     simulate,
 )
+from fltorrent_hpc.swarm import rng
+from fltorrent_hpc.swarm.budget import UNPACED_BUDGET, chunk_budgets, too_slow
+from fltorrent_hpc.trace import TRANSFER_COLUMNS
 
 C = 1000
 UP, DOWN = (2000.0, 5000.0), (3000.0, 7000.0)  # 2..5 and 3..7 chunks per slot
@@ -49,11 +49,14 @@ def test_links_and_budgets():
     assert np.all((up >= 10.0) & (up <= 20.0)) and np.all(down == 5.0)
     assert np.array_equal(up, draw_links(50, (10.0, 20.0), (5.0, 5.0), seed=3)[0])
     assert not np.array_equal(up, draw_links(50, (10.0, 20.0), (5.0, 5.0), seed=4)[0])
-    # floor(rate * slot / C)
-    assert budgets(np.array([999.0, 1000.0, 2999.9, 3000.0]), 1000, 1.0).tolist() == [0, 1, 2, 3]
-    assert budgets(np.array([1000.0]), 1000, 2.5).tolist() == [2]
+    # floor(rate * slot / C); a paced link below one chunk per slot gets one and is flagged too slow
+    rates = np.array([999.0, 1000.0, 2999.9, 3000.0])
+    assert chunk_budgets(rates, 1000, 1.0).tolist() == [1, 1, 2, 3]
+    assert too_slow(rates, 1000, 1.0).tolist() == [True, False, False, False]
+    assert chunk_budgets(np.array([1000.0]), 1000, 2.5).tolist() == [2]
+    assert chunk_budgets(np.array([0.0]), 1000, 1.0).tolist() == [UNPACED_BUDGET]  # unpaced (real rounds)
     # the paper's residential links with 256 KiB chunks: 7..12 chunks per second up
-    u = budgets(np.array([parse_rate(x) for x in PAPER_UPLINK]), PAPER_CHUNK, 1.0)
+    u = chunk_budgets(np.array([parse_rate(x) for x in PAPER_UPLINK]), PAPER_CHUNK, 1.0)
     assert u.tolist() == [7, 12]
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from fltorrent_hpc.config import PRIVACY_MECHANISMS, SwarmConfig
 from fltorrent_hpc.errors import ProtocolError
 from fltorrent_hpc.swarm import SwarmRound
-from fltorrent_hpc.swarm.round import BT, SPRAY, WARMUP, Stage
+from fltorrent_hpc.swarm.stage import BT, SPRAY, WARMUP, Stage
 
 HEURISTICS = ("gff", "random-ff", "random-fifo", "flooding")
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

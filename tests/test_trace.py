@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fltorrent_hpc.config import SwarmConfig
+from fltorrent_hpc.runtime.simulator import simulate
 from fltorrent_hpc.trace import (
     GATE_COLUMNS,
     PEER_COLUMNS,
@@ -18,7 +19,6 @@ from fltorrent_hpc.trace import (
     read_trace,
     write_trace,
 )
-from fltorrent_hpc.transport.sim import simulate
 
 C = 1000  # chunk bytes
 UPDATE = 4500  # 5 chunks, the last one 500 bytes

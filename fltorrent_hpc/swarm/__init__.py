@@ -5,6 +5,7 @@ transfers; it is told which transfers completed.  The simulator and the MPI engi
 """
 
 from .overlay import Overlay, build_overlay
-from .round import Stage, SwarmRound
+from .round import SwarmRound
+from .stage import Stage
 
 __all__ = ["Overlay", "Stage", "SwarmRound", "build_overlay"]

@@ -20,8 +20,7 @@ import numpy as np
 
 from ..config import BT_GRANTS
 from . import rng
-from .round import BT, Stage, SwarmRound, _Collector
-from .warmup import StageBudget
+from .stage import BT, Collector, RoundState, Stage, StageBudget
 
 PIPELINE_MIN = 4  # requests a peer keeps in flight on top of its share-based pipeline
 REQUEST_FACTOR = 1.25
@@ -36,22 +35,16 @@ def request_pipeline(nbr: np.ndarray, up: np.ndarray, deg: np.ndarray, n: int) -
     return np.ceil(REQUEST_FACTOR * share.sum(axis=1)).astype(np.int64) + PIPELINE_MIN
 
 
-def _init_bt(rnd: SwarmRound) -> None:
-    rnd.bt = True
-    rnd.bt_want = request_pipeline(rnd.nbr, rnd.up, rnd.deg, rnd.n)
-    rnd.bt_stats = np.zeros(3, dtype=np.int64)  # candidate draws, feasible candidates, requests
-
-
-def bt_stage(rnd: SwarmRound) -> Stage:
+def bt_stage(rnd: RoundState) -> Stage:
     """One BitTorrent stage: up to `bt_passes` request/grant passes (bt_kernel.bt_pass)."""
     from .bt_kernel import bt_pass, key_base
 
-    if rnd.bt is None:
-        _init_bt(rnd)
+    if rnd.bt_want is None:  # first BitTorrent stage: pipelines from the overlay as it is now
+        rnd.bt_want = request_pipeline(rnd.nbr, rnd.up, rnd.deg, rnd.n)
     nbr64, rev = rnd.slot_tables()
     n, N = rnd.n, rnd.N
     b = StageBudget(rnd)
-    col = _Collector()
+    col = Collector()
     D = nbr64.shape[1]
     choked = np.zeros((n + 1, D), dtype=bool)  # [receiver, neighbour slot] refused it this stage
     for p in range(rnd.cfg.bt_passes):

@@ -14,9 +14,10 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import maximum_flow
 
 from .assign import first_occurrence
+from .stage import RoundState, StageBudget
 
 
-def _requests(rnd, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _requests(rnd: RoundState, b: StageBudget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All feasible (receiver, chunk, sender) triples of the stage."""
     n, K, N = rnd.n, rnd.K, rnd.N
     senders = np.flatnonzero(b.can_send[:n] & (b.up_left[:n] > 0) & (rnd.deg > 0))
@@ -48,7 +49,9 @@ def _requests(rnd, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return v[ok], cc[ok], ww[ok]
 
 
-def stage_bound(rnd, b, achieved: int | None = None, return_transfers: bool = False):
+def stage_bound(
+    rnd: RoundState, b: StageBudget, achieved: int | None = None, return_transfers: bool = False
+) -> int | tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Max transfers of this stage on residual budgets `b`; with `return_transfers`, also a schedule."""
     n, N = rnd.n, rnd.N
     v, c, w = _requests(rnd, b)

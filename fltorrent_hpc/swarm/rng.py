@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checksum import splitmix64
-
 _SEED0 = np.uint64(0x243F6A8885A308D3)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
 
 # stream tags keep the uses of one seed apart
 OVERLAY, LAGS, SPRAY, RELEASE, WARMUP, BT, RATES, LEAVE = range(1, 9)
+
+
+def splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on a uint64 array (wrapping arithmetic): the schedule's own mixer, so the
+    swarm's random draws do not hang on the chunk digest."""
+    with np.errstate(over="ignore"):
+        z = z + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def round_seed(seed: int, seq: int) -> int:
+    """The seed of round `seq` of a group whose configured seed is `seed` (one rule for every caller)."""
+    return (int(seed) * 1_000_003 + int(seq)) & 0x7FFFFFFF
 
 
 def hash_keys(*keys: int | np.ndarray) -> np.ndarray:

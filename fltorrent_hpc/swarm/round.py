@@ -8,59 +8,20 @@ phase reads, for each peer, only its own and its neighbours' rows (see bittorren
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numba
 import numpy as np
 
 from ..config import SwarmConfig
 from ..errors import ConfigError, ProtocolError
 from . import rng
+from .assign import cumcount
+from .bittorrent import bt_stage
 from .bt_kernel import apply_delivered, pack_rows, reverse_slots, set_pending
 from .overlay import Overlay, build_overlay
+from .stage import BT, SPRAY, WARMUP, Stage
+from .warmup import warmup_stage
 
-SPRAY, WARMUP, BT = 0, 1, 2
-
-
-@dataclass
-class Stage:
-    """The transfers of one slot.  `kind` per transfer: 0 spray, 1 warm-up, 2 BitTorrent."""
-
-    index: int
-    phase: int
-    sender: np.ndarray
-    receiver: np.ndarray
-    chunk: np.ndarray
-    kind: np.ndarray
-    sender_owned: np.ndarray
-    sender_buffer: np.ndarray
-    capacity: int
-    release_peer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    release_chunk: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    maxflow: int = -1
-
-    @property
-    def size(self) -> int:
-        return int(self.sender.size)
-
-
-class _Collector:
-    """Accumulates a stage's accepted transfers across passes."""
-
-    def __init__(self) -> None:
-        self.parts: list[tuple[np.ndarray, ...]] = []
-
-    def add(self, s, r, c, kind, owned, buf) -> None:
-        if np.size(s):
-            self.parts.append(tuple(np.asarray(a, dtype=np.int64) for a in (s, r, c, kind, owned, buf)))
-
-    def arrays(self) -> list[np.ndarray]:
-        if not self.parts:
-            return [np.zeros(0, np.int64) for _ in range(6)]
-        return [np.concatenate([p[i] for p in self.parts]) for i in range(6)]
-
-    def __len__(self) -> int:
-        return int(sum(p[0].size for p in self.parts))
+__all__ = ["BT", "SPRAY", "WARMUP", "Stage", "SwarmRound"]  # phase codes and Stage live in stage.py
 
 
 class SwarmRound:
@@ -136,8 +97,10 @@ class SwarmRound:
         cap = int(min(self.N, self.k + 4 * int(self.down.max()) + 64))
         self.rlist = np.full((n, max(cap, 1)), -1, dtype=np.int64)
         self.rlen = np.zeros(n, dtype=np.int64)
-        # BitTorrent per-peer state (each row is that peer's own knowledge)
-        self.bt = None
+        # BitTorrent per-peer state (each row is that peer's own knowledge); bt_want, the requests each peer
+        # keeps in flight, is set by the first BitTorrent stage from the overlay as it is then
+        self.bt_want: np.ndarray | None = None
+        self.bt_stats = np.zeros(3, dtype=np.int64)  # candidate draws, feasible candidates, requests
         self.recip = np.zeros(self.nbr.shape, dtype=np.int64)  # chunks v received from its j-th neighbour
         self.acc_est = np.full(n, 0.2)
         # candidate de-duplication stamps of the warm-up passes, one row per compiled worker thread
@@ -258,11 +221,7 @@ class SwarmRound:
     def next_stage(self) -> Stage:
         """Decide the transfers of slot `self.stage` from the state after the previous slot."""
         if self.begin_stage() == WARMUP:
-            from .warmup import warmup_stage
-
             return warmup_stage(self)
-        from .bittorrent import bt_stage
-
         return bt_stage(self)
 
     def _enter_bt(self) -> None:
@@ -319,8 +278,6 @@ class SwarmRound:
     def _append_rlist(self, r: np.ndarray, c: np.ndarray) -> None:
         order = np.argsort(r, kind="stable")
         r, c = r[order], c[order]
-        from .assign import cumcount
-
         pos = self.rlen[r] + cumcount(r)
         need = int(pos.max()) + 1 if pos.size else 0
         if need > self.rlist.shape[1]:

@@ -18,60 +18,15 @@ import numpy as np
 
 from . import rng
 from .assign import accept, cumcount, first_occurrence, member, take_per_group
-from .bt_kernel import book, key_base, set_pending, warm_pass
-from .round import BT, SPRAY, WARMUP, Stage, SwarmRound, _Collector
+from .bt_kernel import key_base, warm_pass
+from .stage import BT, SPRAY, WARMUP, Collector, RoundState, Stage, StageBudget
 
 GFF_PASSES = 3
 # a receiver asks for at most ASK_SHARE x its fair share of its neighbours' remaining upload per pass
 ASK_SHARE = 3.0
 
 
-class StageBudget:
-    """Residual budgets and per-stage bookkeeping shared by the passes of one stage (padded with sentinel n)."""
-
-    def __init__(self, rnd: SwarmRound):
-        n = rnd.n
-        act = rnd.active[:n]
-        self.up_left = np.zeros(n + 1, dtype=np.int64)
-        self.up_left[:n] = np.where(act, rnd.up, 0)
-        self.down_left = np.zeros(n + 1, dtype=np.int64)
-        self.down_left[:n] = np.where(act, rnd.down, 0)
-        self.tau_left = np.full(n + 1, rnd.cfg.tau, dtype=np.int64)
-        self.served = np.zeros((n + 1, rnd.nbr.shape[1]), dtype=bool)  # [sender, receiver slot] this stage
-        self.can_send = np.zeros(n + 1, dtype=bool)
-        self.can_send[:n] = rnd.may_send()
-        self.sent = np.zeros(0, dtype=np.int64)  # sender*N + chunk
-        self.pending = np.zeros(0, dtype=np.int64)  # receiver*N + chunk
-        # the same as per-peer lists for the compiled passes: chunks each peer sends / is sent this stage
-        self.sent_c = np.empty((n + 1, int(min(rnd.up.max(), rnd.N)) + 1), dtype=np.int64)
-        self.sent_len = np.zeros(n + 1, dtype=np.int64)
-        self.pbits = rnd.pbits  # chunks scheduled to each peer this stage (shared; cleared by rnd.complete)
-        self.n, self.N = n, rnd.N
-
-    def copy(self) -> StageBudget:
-        out = object.__new__(StageBudget)
-        out.__dict__.update(
-            {k: (v.copy() if hasattr(v, "copy") and k != "pbits" else v) for k, v in self.__dict__.items()}
-        )
-        return out
-
-    def commit(self, s: np.ndarray, r: np.ndarray, c: np.ndarray, slot: np.ndarray | None = None) -> None:
-        """Book accepted transfers; `slot` (receiver's position in the sender's row) charges tau, None skips it."""
-        n = self.n
-        self.up_left[:n] -= np.bincount(s, minlength=n + 1)[:n]
-        self.down_left[:n] -= np.bincount(r, minlength=n + 1)[:n]
-        if slot is not None and s.size:
-            fresh = ~self.served[s, slot]
-            pairs = np.unique(s[fresh] * self.served.shape[1] + slot[fresh])
-            self.tau_left[:n] -= np.bincount(pairs // self.served.shape[1], minlength=n + 1)[:n]
-            self.served[s, slot] = True
-        self.sent = np.concatenate([self.sent, s * self.N + c])
-        self.pending = np.concatenate([self.pending, r * self.N + c])
-        book(self.sent_c, self.sent_len, s, c)
-        set_pending(self.pbits, r, c, True)
-
-
-def _spray(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
+def _spray(rnd: RoundState, b: StageBudget, col: Collector) -> None:
     plan = rnd.spray
     if plan["sender"].size == 0:
         return
@@ -92,7 +47,7 @@ def _spray(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
 SCHED_CODES = {"gff": 0, "random-ff": 1, "random-fifo": 2}
 
 
-def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, fill: bool = False) -> int:
+def _centralised_pass(rnd: RoundState, b: StageBudget, col: Collector, p: int, fill: bool = False) -> int:
     """One tracker pass (bt_kernel.warm_pass).  Only peers still below k ask, except in the `fill` pass,
     where everyone may use the capacity that is left."""
     n, K = rnd.n, rnd.K
@@ -148,7 +103,7 @@ def _centralised_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int, 
     return int(s.size)
 
 
-def _flooding_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int) -> int:
+def _flooding_pass(rnd: RoundState, b: StageBudget, col: Collector, p: int) -> int:
     n, K, N = rnd.n, rnd.K, rnd.N
     snd = np.flatnonzero(b.can_send[:n] & (b.up_left[:n] > 0) & (rnd.deg > 0))
     if snd.size == 0:
@@ -186,7 +141,7 @@ def _flooding_pass(rnd: SwarmRound, b: StageBudget, col: _Collector, p: int) -> 
     return int(s.size)
 
 
-def _schedule(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
+def _schedule(rnd: RoundState, b: StageBudget, col: Collector) -> None:
     sched = rnd.cfg.scheduler
     if sched == "maxflow":  # offline bound executed as a schedule (no tau), for the makespan ratio
         from .maxflow import stage_bound
@@ -208,10 +163,10 @@ def _schedule(rnd: SwarmRound, b: StageBudget, col: _Collector) -> None:
     _centralised_pass(rnd, b, col, passes, fill=True)
 
 
-def warmup_stage(rnd: SwarmRound) -> Stage:
+def warmup_stage(rnd: RoundState) -> Stage:
     """Spray items first (they ride in the owners' budgets), then the scheduler fills what is left."""
     b = StageBudget(rnd)
-    col = _Collector()
+    col = Collector()
     if rnd.spray["sender"].size:  # pre-round spray: the round proper (and the lag clock) starts after it
         _spray(rnd, b, col)
         s, r, c, kind, owned, buf = col.arrays()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import AllgatherOptions
 
 import fltorrent_hpc  # noqa: F401  (registers the backend, fills env:// variables under mpiexec)
-from fltorrent_hpc import backend as flb
+from fltorrent_hpc.api import bench, registration
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, ShapeMismatchError
 
@@ -143,7 +143,7 @@ def test_registration_and_identity(groups):
         pg = dist.group.WORLD
         if dist.get_backend() != "fltorrent" or pg.getBackendName() != "fltorrent" or pg.name() != "fltorrent":
             errs.append(f"backend name: {dist.get_backend()} {pg.getBackendName()}")
-        flb.register_backend()  # idempotent
+        registration.register_backend()  # idempotent
         if "FLTORRENT" not in dist.Backend._plugins:
             errs.append("not registered")
         if not pg.group_name:
@@ -946,7 +946,7 @@ def test_privacy_full_swarm_round(groups):
 
 
 def test_bench_hook(groups):
-    secs = flb.bench_backend_allgather(4096, iters=3)
+    secs = bench.bench_backend_allgather(4096, iters=3)
     all_ok(lambda: [] if secs > 0 else [f"bench returned {secs}"])
 
 

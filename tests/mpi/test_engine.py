@@ -11,10 +11,12 @@ import torch
 from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig
-from fltorrent_hpc.engine import Fault, SwarmEngine
 from fltorrent_hpc.errors import ShapeMismatchError
+from fltorrent_hpc.runtime.engine import SwarmEngine
 from fltorrent_hpc.swarm import SwarmRound
 from fltorrent_hpc.trace import merge_round, read_trace
+from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
+from fltorrent_hpc.transport.mpi import MPITransport
 
 pytestmark = [pytest.mark.mpi(min_size=1), pytest.mark.timeout(120)]
 
@@ -126,12 +128,19 @@ def test_paced_multi_stage_round_matches_simulator(tmp_path_factory, bt_decision
     assert agree(ok)
 
 
+def faulty_world(rank: int, *faults: Fault):
+    """COMM as a Transport; on `rank` wrapped so that its outgoing messages suffer `faults`."""
+    net = MPITransport(COMM)
+    return FaultyTransport(net, faults) if COMM.rank == rank else net
+
+
 def test_corrupted_chunk_is_caught_and_refetched():
-    eng = SwarmEngine(COMM, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, **PACED))
-    nb = 9 * C
     bad = 1 % COMM.size
-    fault = Fault(corrupt_at_stage=0) if COMM.rank == bad else None
-    res = eng.disseminate(payload_of(COMM.rank, nb, salt=3), privacy="none", fault=fault)
+    # flip one byte per chunk of every data message the bad rank sends at stage 0
+    net = faulty_world(bad, Fault("corrupt", channel="data", to_stage=0, stride=C))
+    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, **PACED))
+    nb = 9 * C
+    res = eng.disseminate(payload_of(COMM.rank, nb, salt=3), privacy="none")
     ok = all(np.array_equal(res.updates[u], payload_of(u, nb, salt=3)) for u in range(COMM.size))
     refetched = np.array([res.stats["refetched_chunks"]], dtype=np.int64)
     total = np.empty(1, dtype=np.int64)
@@ -140,17 +149,20 @@ def test_corrupted_chunk_is_caught_and_refetched():
         ok &= total[0] > 0
         if res.stats["refetched_chunks"]:
             ok &= res.stats["bad_senders"] == [bad]
+    if COMM.rank == bad and COMM.size > 1:
+        ok &= net.injected.get("corrupt", 0) > 0  # the fault really fired
     eng.close()
+    net.close()
     assert agree(ok)
 
 
 @pytest.mark.mpi(min_size=3)
 def test_silent_peer_is_excluded_and_the_rest_agree():
-    eng = SwarmEngine(COMM, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, **PACED))
-    nb = 30 * C
     silent = COMM.size - 1
-    fault = Fault(silent_from_stage=1) if COMM.rank == silent else None
-    res = eng.disseminate(payload_of(COMM.rank, nb, salt=5), privacy="none", fault=fault)
+    net = faulty_world(silent, Fault("silent", from_stage=1))  # stops sending anything from stage 1 on
+    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, **PACED))
+    nb = 30 * C
+    res = eng.disseminate(payload_of(COMM.rank, nb, salt=5), privacy="none")
     part = res.participants
     # identical participants and updates on every live rank; the silent rank is excluded
     buf = np.zeros(COMM.size, dtype=np.int64)
@@ -163,8 +175,11 @@ def test_silent_peer_is_excluded_and_the_rest_agree():
         ok &= res.stats["excluded"] == [silent]
         ok &= all(np.array_equal(res.updates[u], payload_of(u, nb, salt=5)) for u in part)
         ok &= set(live) <= set(part.tolist())
+    else:
+        ok &= res.stats["silent"]  # it learns from the end frame that it was excluded
     ok &= all(np.array_equal(allp[live[0]], allp[r]) for r in live)
     eng.close()
+    net.close()
     assert agree(ok)
 
 

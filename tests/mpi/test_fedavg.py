@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 import fltorrent_hpc
+from fltorrent_hpc.api.fedavg import FedAvgReport, _standalone_group
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import FLTorrentError, ShapeMismatchError
-from fltorrent_hpc.fedavg import FedAvgReport, _standalone_group
 
 pytestmark = [
     pytest.mark.mpi(min_size=1),
@@ -149,6 +149,27 @@ def test_unequal_weights_equal_hand_average_bit_exact(groups):
     assert all(b == blobs[0] for b in blobs)
 
 
+def silent_group(silent: int):
+    """A world-sized fltorrent group whose rank `silent` goes silent from stage 1 of every round: its engine
+    runs over a FaultyTransport (the test-only fault injection of the transport layer)."""
+    from fltorrent_hpc.api import group as flg
+    from fltorrent_hpc.runtime.engine import SwarmEngine
+    from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
+    from fltorrent_hpc.transport.mpi import MPITransport
+
+    def factory(comm, config):
+        net = MPITransport(comm, dup=False)
+        if dist.get_rank() == silent:
+            net = FaultyTransport(net, [Fault("silent", from_stage=1)])
+        return SwarmEngine(net, config)
+
+    flg._engine_factory = factory
+    try:
+        return dist.new_group(list(range(dist.get_world_size())), backend="fltorrent", pg_options=CFG)
+    finally:
+        flg._engine_factory = None
+
+
 def test_one_silent_peer_is_left_out_identically(groups):
     """The others average without the silent peer, bit-identically; the silent peer either holds the same
     result or (it stopped receiving too) keeps its own tensors with report.applied False."""
@@ -163,9 +184,10 @@ def test_one_silent_peer_is_left_out_identically(groups):
     xs = {r: tensors_for(r, 555, exact=False) for r in range(world)}
     mine = [t.clone() for t in xs[me]]
     box = {}
+    group = silent_group(silent)
 
     def body():
-        rep = fltorrent_hpc.fedavg_(mine, weight=ws[me], silent=(me == silent), group=world_group(groups))
+        rep = fltorrent_hpc.fedavg_(mine, weight=ws[me], group=group, privacy="full")
         box["rep"] = rep
         parts = [r for r in range(world) if r != silent]
         if me == silent and not rep.applied:

@@ -8,8 +8,9 @@ sits inside one chunk whenever `chunk_bytes` is a multiple of 16.
     flat[e.offset : e.offset + e.nbytes] == tensor_e.reshape(-1).view(uint8)      (little-endian)
     total_bytes = align16(end of the last entry)
 
-`pack` / `unpack` are the whole-buffer conveniences over `kernels.pack_segments` / `unpack_segments`,
-which also move byte ranges and choose the CuPy kernel or the torch fallback by device.
+Moving bytes between tensors and the flat buffer is `kernels.pack_segments` / `unpack_segments` (whole
+buffer or byte ranges, CuPy kernel or torch fallback by device); this module only describes the buffer, so
+it imports no kernels.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checksum import chunk_hash
-from .errors import ConfigError, ProtocolError, ShapeMismatchError
+from ..errors import ConfigError, ProtocolError, ShapeMismatchError
+from .digest import chunk_hash
 
 ALIGN = 16
 """Byte alignment of every entry inside the flat buffer."""
@@ -305,17 +306,3 @@ class Layout:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
-
-
-def pack(tensors: Sequence[torch.Tensor], layout: Layout, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Flatten tensors into one uint8 buffer of `layout.total_bytes` on their device (pads zero)."""
-    from .kernels import pack_segments
-
-    return pack_segments(tensors, layout, out)
-
-
-def unpack(flat: torch.Tensor, layout: Layout, tensors: Sequence[torch.Tensor]) -> None:
-    """Write a flat buffer made by `pack` back into the tensors, in place."""
-    from .kernels import unpack_segments
-
-    unpack_segments(flat, layout, tensors)

@@ -157,7 +157,7 @@ def _pool(threads: int) -> Any:
 
 # A cached kernel records the module that compiled it and imports it on load, so only the package module
 # writes to the cache (not a copy of this file loaded under another name, which would break the cache).
-_CACHEABLE = __name__ == "fltorrent_hpc.checksum"
+_CACHEABLE = __name__ == "fltorrent_hpc.chunks.digest"
 
 
 def _build_kernel(cache: bool) -> Any:

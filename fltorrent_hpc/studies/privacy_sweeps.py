@@ -17,9 +17,10 @@ Simulation defaults are the paper's (§6): 206 chunks of 256 KiB, uplink 15.5-25
 with a warm-up are simulated only up to the end of the warm-up (all the attacks look at); a round without
 one is simulated for `bt_window_stages` stages, enough for every peer to first hold k chunks.
 
-`register_studies` adds these sweeps to `fltorrent study` as the `privacy` study: one point per distinct
-simulated round and seed (runner `study_point`; the default round n = 100, m = 10, R = 0.2 is shared by every
-sweep and simulated once), rows in the study file, claims from `derive_privacy`, report section in report.py.
+`PRIVACY_STUDY` (registered by `grids.py`) runs these sweeps under `fltorrent study` as the `privacy` study:
+one point per distinct simulated round and seed (runner `study_point`; the default round n = 100, m = 10,
+R = 0.2 is shared by every sweep and simulated once), rows in the study file, claims from `derive_privacy`,
+report section in report.py.
 """
 
 from __future__ import annotations
@@ -32,42 +33,24 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SwarmConfig, parse_rate
+from ..privacy.attacks import ATTACKS
+from ..privacy.cli import evaluate_trace
 from ..trace import Trace, write_trace
-from .attacks import ATTACKS
-from .cli import evaluate_trace
+from .paper import (
+    ASR_ABLATION,
+    ASR_COALITION,
+    ASR_DEGREE,
+    ASR_PEERS,
+    ASR_SPRAY,
+    PAPER_CHUNK,
+    PAPER_CHUNKS,
+    PAPER_DOWNLINK,
+    PAPER_UPLINK,
+)
+from .registry import GridArgs, Point, Study, points_for
 
-PAPER_CHUNK = 256 * 1024
-PAPER_CHUNKS = 206
-PAPER_UPLINK = ("15.5Mbps", "25.3Mbps")
-PAPER_DOWNLINK = ("36.5Mbps", "121Mbps")
 NAN = float("nan")
-
-# PAPER.md §7.5 (Fig. 6, max ASR, n = 100, m = 10); "both" = pre-round + time-lag, which the paper's Fig. 7
-# calls full defences (11.25% at m = 10), so it is set beside our "full" (spray + lags + gating).
-PAPER_ABLATION: dict[str, tuple[float, float, float]] = {
-    "none": (1.00, 1.00, 1.00),
-    "spray": (0.141, 0.099, 0.133),
-    "lags": (0.689, 0.660, 0.557),
-    "full": (0.112, 0.068, 0.017),
-}
-# PAPER.md §7.6 (Fig. 7, full defences). (a) and (b) give one "max ASR" curve without naming the attack; it
-# matches Fig. 6's Sequence value at m = 10, so it is set beside Sequence.
-PAPER_DEGREE: dict[int, float] = {5: 0.2699, 10: 0.1125, 15: 0.0724, 20: 0.0520, 25: 0.0429}
-PAPER_SPRAY: dict[float, float] = {0.1: 0.1143, 0.2: 0.1125, 0.3: 0.1132, 0.4: 0.1119, 0.5: 0.1127}
-PAPER_PEERS: dict[int, tuple[float, float, float]] = {
-    100: (0.1090, 0.0558, 0.0153),
-    200: (0.1008, 0.0853, 0.0261),
-    300: (0.0940, 0.0787, 0.0414),
-    400: (0.0820, 0.0732, 0.0411),
-    500: (0.0731, 0.0678, 0.0417),
-}
-PAPER_COALITION: dict[int, tuple[float, float]] = {  # (any succeeds, per-attacker average)
-    5: (0.1356, 0.1131),
-    10: (0.1713, 0.1198),
-    15: (0.2096, 0.1256),
-    20: (0.2547, 0.1331),
-    25: (0.3082, 0.1432),
-}
+ABLATION_CONFIGS = ("none", "spray", "lags", "spray,lags", "gating", "full")  # Fig. 6: the defence configurations
 
 
 def simulate_round(
@@ -84,7 +67,7 @@ def simulate_round(
     **config: Any,
 ) -> tuple[Trace, float]:
     """One simulated round's trace (through its warm-up, or its cover-equivalent span) and the seconds it took."""
-    from ..transport.sim import simulate
+    from ..runtime.simulator import simulate
 
     cfg = SwarmConfig(
         chunk_bytes=chunk_bytes, privacy=privacy, degree=degree, spray_ratio=spray_ratio, seed=seed, **config
@@ -169,7 +152,7 @@ def _save(trace: Trace, trace_dir: str | Path | None, name: str) -> None:
 def privacy_ablation(
     peers: int = 100,
     seeds: Iterable[int] = (0,),
-    configs: Iterable[str] = ("none", "spray", "lags", "spray,lags", "gating", "full"),
+    configs: Iterable[str] = ABLATION_CONFIGS,
     trace_dir: str | Path | None = None,
     **sim: Any,
 ) -> list[dict[str, Any]]:
@@ -181,7 +164,7 @@ def privacy_ablation(
             _save(tr, trace_dir, f"ablation_{priv.replace(',', '+')}_n{peers}_s{seed}")
             row = _row("ablation", evaluate_trace(tr), privacy=priv, n=peers, m=sim.get("degree", 10), seed=seed)
             row |= {"R": sim.get("spray_ratio", 0.2), "a": 1, "sim_s": dt}
-            rows.append(_paper(row, PAPER_ABLATION.get(priv)))
+            rows.append(_paper(row, ASR_ABLATION.get(priv)))
     return rows
 
 
@@ -200,7 +183,7 @@ def sweep_degree(
             _save(tr, trace_dir, f"degree_m{m}_n{peers}_s{seed}")
             row = _row("degree", evaluate_trace(tr), privacy="full", n=peers, m=m, R=sim.get("spray_ratio", 0.2))
             row |= {"a": 1, "seed": seed, "sim_s": dt, "inv_m": 1 / m}
-            rows.append(_paper(row, (PAPER_DEGREE.get(m, NAN),)))
+            rows.append(_paper(row, (ASR_DEGREE.get(m, NAN),)))
     return rows
 
 
@@ -219,7 +202,7 @@ def sweep_spray(
             _save(tr, trace_dir, f"spray_R{int(round(100 * r))}_n{peers}_s{seed}")
             row = _row("spray", evaluate_trace(tr), privacy="full", n=peers, m=sim.get("degree", 10), R=r)
             row |= {"a": 1, "seed": seed, "sim_s": dt}
-            rows.append(_paper(row, (PAPER_SPRAY.get(round(r, 2), NAN),)))
+            rows.append(_paper(row, (ASR_SPRAY.get(round(r, 2), NAN),)))
     return rows
 
 
@@ -237,7 +220,7 @@ def sweep_peers(
             _save(tr, trace_dir, f"peers_n{n}_s{seed}")
             row = _row("peers", evaluate_trace(tr), privacy="full", n=n, m=sim.get("degree", 10))
             row |= {"R": sim.get("spray_ratio", 0.2), "a": 1, "seed": seed, "sim_s": dt}
-            rows.append(_paper(row, PAPER_PEERS.get(n)))
+            rows.append(_paper(row, ASR_PEERS.get(n)))
     return rows
 
 
@@ -259,7 +242,7 @@ def sweep_coalitions(
             row = _row(
                 "coalition", res, privacy="full", n=peers, m=sim.get("degree", 10), R=sim.get("spray_ratio", 0.2)
             )
-            any_p, member_p = PAPER_COALITION.get(a, (NAN, NAN))
+            any_p, member_p = ASR_COALITION.get(a, (NAN, NAN))
             row |= {"a": a, "seed": seed, "sim_s": dt, "paper_any": any_p, "paper_per_member": member_p}
             rows.append(_paper(row, None))
     return rows
@@ -284,21 +267,20 @@ def privacy_study(
 
 
 # ----------------------------------------------------------------------------------- `fltorrent study privacy`
-ABLATION_CONFIGS = ("none", "spray", "lags", "spray,lags", "gating", "full")
 SWEEP_KEYS: dict[str, str] = {"ablation": "privacy", "degree": "m", "spray": "R", "peers": "n", "coalition": "a"}
 
 
 def _paper_row(sweep: str, row: dict[str, Any]) -> dict[str, Any]:
     """The paper's value(s) for this row's place in `sweep` (NaN where the paper gives none)."""
     if sweep == "ablation":
-        return _paper(row, PAPER_ABLATION.get(row["privacy"]))
+        return _paper(row, ASR_ABLATION.get(row["privacy"]))
     if sweep == "degree":
-        return _paper(row, (PAPER_DEGREE.get(row["m"], NAN),))
+        return _paper(row, (ASR_DEGREE.get(row["m"], NAN),))
     if sweep == "spray":
-        return _paper(row, (PAPER_SPRAY.get(round(row["R"], 2), NAN),))
+        return _paper(row, (ASR_SPRAY.get(round(row["R"], 2), NAN),))
     if sweep == "peers":
-        return _paper(row, PAPER_PEERS.get(row["n"]))
-    any_p, member_p = PAPER_COALITION.get(row["a"], (NAN, NAN))
+        return _paper(row, ASR_PEERS.get(row["n"]))
+    any_p, member_p = ASR_COALITION.get(row["a"], (NAN, NAN))
     row |= {"paper_any": any_p, "paper_per_member": member_p}
     return _paper(row, None)
 
@@ -374,19 +356,17 @@ def _grid_spec(mini: bool) -> dict[str, Any]:
         "m": 10,
         "R": 0.2,
         "chunks": PAPER_CHUNKS,
-        "ablation": ("none", "spray", "lags", "spray,lags", "gating", "full"),
-        "degree": tuple(PAPER_DEGREE),
-        "spray": tuple(PAPER_SPRAY),
-        "peers": tuple(PAPER_PEERS),
-        "coalition": tuple(PAPER_COALITION),
+        "ablation": ABLATION_CONFIGS,
+        "degree": tuple(ASR_DEGREE),
+        "spray": tuple(ASR_SPRAY),
+        "peers": tuple(ASR_PEERS),
+        "coalition": tuple(ASR_COALITION),
         "coalitions": 20,
     }
 
 
-def privacy_grid(args: Any) -> list[Any]:
+def privacy_grid(args: GridArgs) -> list[Point]:
     """Points of the `privacy` study: one per distinct simulated round and seed (see `study_point`)."""
-    from ..study import points_for
-
     g = _grid_spec(bool(args.mini))
     base = {
         "update_bytes": g["chunks"] * PAPER_CHUNK,
@@ -412,7 +392,7 @@ def privacy_grid(args: Any) -> list[Any]:
         tags = {"privacy": priv, "n": n, "m": m, "R": r, "sweeps": sweeps}
         params = dict(base, sweeps=sweeps, privacy=priv, peers=n, degree=m, spray_ratio=r)
         for p in points_for(name, args, tags, **params):
-            pts.append(replace(p, runner="fltorrent_hpc.privacy.sweeps:study_point"))
+            pts.append(replace(p, runner="fltorrent_hpc.studies.privacy_sweeps:study_point"))
     return pts
 
 
@@ -514,7 +494,7 @@ def derive_privacy(recs: list[Any]) -> dict[str, Any]:
             f" (n={none['n']:.0f}, m={none['m']:.0f})",
         )
     if full is not None:
-        paper = PAPER_ABLATION["full"]
+        paper = ASR_ABLATION["full"]
         worst = max(full[f"{a}_max"] for a in ATTACKS)
         claim(
             f"full defences at n={full['n']:.0f}, m={full['m']:.0f}: max ASR <= 0.15 for every attack "
@@ -538,8 +518,8 @@ def derive_privacy(recs: list[Any]) -> dict[str, Any]:
         ms = sorted(deg)
         best = [max(deg[m][f"{a}_max"] for a in ATTACKS) for m in ms]
         fit = tracks_inverse_degree(ms, best)
-        pm = [m for m in ms if m in PAPER_DEGREE]
-        pfit = tracks_inverse_degree(pm, [PAPER_DEGREE[m] for m in pm])
+        pm = [m for m in ms if m in ASR_DEGREE]
+        pfit = tracks_inverse_degree(pm, [ASR_DEGREE[m] for m in pm])
         elim = tracks_inverse_degree(ms, [deg[m]["elimination_max"] for m in ms])
         out["inverse_degree"] = {"paper_attacks": fit, "paper": pfit, "elimination": elim}
         ref = f" (paper: slope {pfit['slope']:.2f}, m x ASR {pfit['m_asr_min']:.2f}-{pfit['m_asr_max']:.2f})"
@@ -560,16 +540,10 @@ def derive_privacy(recs: list[Any]) -> dict[str, Any]:
     return out
 
 
-def register_studies(register: Any) -> None:
-    """Hook called by `fltorrent_hpc.study.studies()`: adds the `privacy` study (Figs. 6-7)."""
-    from ..study import Study
-
-    register(
-        Study(
-            "privacy",
-            "Attribution attacks: defence ablation, degree m, spray ratio R, peers n, coalitions a",
-            "Figs. 6-7",
-            privacy_grid,
-            derive_privacy,
-        )
-    )
+PRIVACY_STUDY = Study(
+    "privacy",
+    "Attribution attacks: defence ablation, degree m, spray ratio R, peers n, coalitions a",
+    "Figs. 6-7",
+    privacy_grid,
+    derive_privacy,
+)

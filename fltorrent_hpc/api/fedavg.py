@@ -1,6 +1,7 @@
 """`fedavg_`: one federated round in place: pack -> swarm -> verify -> weighted FedAvg -> write back.
 
     report = fltorrent_hpc.fedavg_(model, weight=n_local_samples)
+    report = fltorrent_hpc.aggregate_(tensors, start, update, "median")     # a robust rule over the swarm
 
 Every rank packs its tensors by the layout table (layout.py), publishes the bytes with its FedAvg weight,
 and the engine swarms them; with consensus every rank ends with the same reconstructable set A.  Each rank
@@ -10,20 +11,26 @@ then runs the project's FedAvg kernels (kernels.py) on the tensors' own device:
     x   = dtype(fl32(acc / fl32(sum_{i in A} w_i)))
 
 Same bytes, same order, same ops: bit-identical on all ranks, CPU or GPU.  A peer that stays silent (or
-misses the deadline) is simply not in A; the others are averaged.
+misses the deadline) is simply not in A; the others are averaged.  The arithmetic is aggregate.py's (the one
+FedAvg of the project); `aggregate_` runs aggregate.py's robust rules over the same kind of swarm round.
+
+Settings: an explicit argument wins, then the group's SwarmConfig (from `FLTORRENT_*` variables unless the
+caller passed a config), then SwarmConfig's defaults; `privacy=None` and `deadline=None` mean "the config's".
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import FLTorrentError, IntegrityError
-from .layout import Layout
+from ..chunks.layout import Layout
+from ..config import SwarmConfig, parse_privacy
+from ..errors import FLTorrentError, IntegrityError, NothingToAverageError
+from . import aggregate as agg
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # kernels.ACC_DTYPES: accumulated in fp32
 _STANDALONE: dict[str, Any] = {}
@@ -50,10 +57,9 @@ def fedavg_(
     weight: float = 1.0,
     group: Any = None,
     deadline: float | None = None,
-    privacy: str | frozenset | None = "full",
+    privacy: str | frozenset | None = None,
     *,
     buffers: bool = True,
-    silent: bool = False,
     timeout: float | None = None,
 ) -> FedAvgReport:
     """Replace every tensor by the weighted FedAvg over the agreed set of peers; collective over `group`.
@@ -63,15 +69,15 @@ def fedavg_(
     weight: this peer's FedAvg weight (e.g. its sample count), >= 0 and finite.
     group: an "fltorrent" process group; None = the default group, or, when torch.distributed is not
         initialised, a private group over MPI COMM_WORLD.
-    deadline: wall-clock seconds for the swarm; peers not reconstructed by then are left out of A.
-    privacy: "full", "none", "spray,lags", ... (PAPER.md privacy mechanisms).
-    silent: fault injection for tests: this rank stops serving mid-round; the others average without it.
-        The silent rank itself usually cannot rebuild their set: it then keeps its tensors and gets a report
-        with applied=False.
+    deadline: wall-clock seconds for the swarm; peers not reconstructed by then are left out of A.  None: the
+        group config's `deadline_s` (FLTORRENT_DEADLINE_S); either way capped by the round's timeout.
+    privacy: "full", "none", "spray,lags", ... (PAPER.md privacy mechanisms); None: the group config's
+        (FLTORRENT_PRIVACY, default "full").
     timeout: bound on every wait of the round (default: the group's timeout).
     """
     pg = _resolve_group(group)
     try:  # a bad argument on one rank must not leave the others waiting: swarm_round tells them
+        mechanisms = resolve_privacy(privacy, pg.config)
         named = _named_tensors(model_or_tensors, buffers)
         w = float(weight)
         if not np.isfinite(w) or w < 0:
@@ -99,8 +105,8 @@ def fedavg_(
             round_s=float(st.get("round_s", 0.0)),
             stats=st,
         )
-        if (silent or st.get("silent")) and not parts:
-            report.applied = False  # it stopped serving mid-round, so it lacks the others' updates
+        if st.get("silent") and not parts:
+            report.applied = False  # the round went on without this rank, so it lacks the others' updates
             return report
         for r in parts:
             u = res.updates[r]
@@ -111,18 +117,19 @@ def fedavg_(
                 )
         total = float(sum(weights[r] for r in parts))
         if not parts or total <= 0:
-            raise FLTorrentError(
+            raise NothingToAverageError(
                 f"fedavg_: nothing to average (participants {parts}, total weight {total}); every rank raises this"
             )
-        _average_into(tensors, layout, device, [(res.updates[r], float(weights[r])) for r in parts], total)
+        agg.fedavg_packed_(tensors, layout, [res.updates[r] for r in parts], [float(weights[r]) for r in parts])
+        if device.type == "cuda":  # on the comm thread: finish before the caller's stream uses the tensors
+            torch.cuda.current_stream(device).synchronize()
         return report
 
     return pg.swarm_round(
         payload,
         weight=w,
-        privacy=privacy,
+        privacy=mechanisms,
         deadline_s=deadline,
-        silent=silent,
         timeout_s=timeout,
         digest=layout.fingerprint,
         consume=average,
@@ -156,7 +163,7 @@ def _named_tensors(obj: Any, buffers: bool) -> list[tuple[str, torch.Tensor]]:
 def _resolve_group(group: Any) -> Any:
     import torch.distributed as dist
 
-    from .backend import FLTorrentProcessGroup
+    from .group import FLTorrentProcessGroup
 
     if group is None:
         if dist.is_available() and dist.is_initialized():
@@ -176,8 +183,8 @@ def _standalone_group() -> Any:
     if "pg" not in _STANDALONE:
         from mpi4py import MPI
 
-        from .backend import FLTorrentProcessGroup
-        from .config import SwarmConfig
+        from ..config import SwarmConfig
+        from .group import FLTorrentProcessGroup
 
         cfg = SwarmConfig.from_env()
         _STANDALONE["pg"] = FLTorrentProcessGroup(MPI.COMM_WORLD, timeout_s=cfg.timeout_s, config=cfg, name="fedavg")
@@ -186,7 +193,7 @@ def _standalone_group() -> Any:
 
 def _pack(tensors: list[torch.Tensor], layout: Layout) -> np.ndarray:
     """Host uint8 payload in the layout's canonical form, packed on the tensors' device by kernels.py."""
-    from .kernels import pack_segments
+    from ..chunks.kernels import pack_segments
 
     if layout.total_bytes == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -194,28 +201,87 @@ def _pack(tensors: list[torch.Tensor], layout: Layout) -> np.ndarray:
     return flat.cpu().numpy()  # D2H for CUDA tensors (synchronous: ready when it returns)
 
 
-def _average_into(
-    tensors: list[torch.Tensor],
-    layout: Layout,
-    device: torch.device,
-    updates: list[tuple[np.ndarray, float]],
-    total: float,
-) -> None:
-    """The FedAvg of the module docstring: accumulate whole updates in rank order, then finalize in place."""
-    from .kernels import accumulate_, finalize_fedavg_
-
-    if layout.total_bytes == 0:
-        return
-    acc = torch.zeros(layout.numel, dtype=torch.float32, device=device)
-    C = layout.total_bytes  # one chunk per update: a multiple of 16, so no element straddles
-    for u, w in updates:
-        src = torch.from_numpy(_writable(u)).to(device)
-        accumulate_(acc, [0], src, w, layout, C)
-    with torch.no_grad():
-        finalize_fedavg_(acc, total, tensors, layout)
-    if device.type == "cuda":  # this runs on the comm thread: finish before the caller's stream uses the tensors
-        torch.cuda.current_stream(device).synchronize()
+def resolve_privacy(privacy: str | frozenset | set | None, config: SwarmConfig) -> frozenset[str]:
+    """The mechanisms a round uses: an explicit `privacy` wins, None means the group's config (which holds
+    FLTORRENT_PRIVACY when the group was built from the environment, else SwarmConfig's default "full")."""
+    return frozenset(config.privacy) if privacy is None else parse_privacy(privacy)
 
 
-def _writable(a: np.ndarray) -> np.ndarray:
-    return a if a.flags.writeable else a.copy()
+def aggregate_(
+    tensors: Sequence[torch.Tensor],
+    start: Sequence[torch.Tensor],
+    update: torch.Tensor,
+    rule: str,
+    weight: float = 1.0,
+    group: Any = None,
+    deadline: float | None = None,
+    privacy: str | frozenset | None = None,
+    *,
+    f: int = 1,
+    trim: int | None = None,
+    multi: int = 1,
+    timeout: float | None = None,
+) -> FedAvgReport:
+    """One FL round with an aggregation rule of aggregate.py (median, trimmed-mean, krum, fedavg); collective.
+
+    Every rank publishes its flat fp32 `update` (e.g. `aggregate.flat_update(tensors, start)`) in one swarm
+    round; every rank then applies `rule` over the agreed set A in rank order and sets
+    tensors <- start + aggregate (aggregate.apply_update_), so all ranks end with the same bits.
+    f, trim, multi: as in `aggregate.aggregate`.  group, deadline, privacy, timeout: as in `fedavg_`.
+    Raises NothingToAverageError on every rank when A is empty (the caller keeps `start`, for example).
+    """
+    from ..chunks.kernels import pack_segments
+
+    pg = _resolve_group(group)
+    try:
+        mechanisms = resolve_privacy(privacy, pg.config)
+        rule = agg.canonical_rule(rule)
+        if not isinstance(update, torch.Tensor) or update.dtype != torch.float32 or update.dim() != 1:
+            raise FLTorrentError("aggregate_: update must be a 1-D float32 tensor (aggregate.flat_update)")
+        w = float(weight)
+        if not np.isfinite(w) or w < 0:
+            raise FLTorrentError(f"aggregate_: weight must be finite and >= 0, got {weight}")
+        layout = Layout.from_specs([("update", "float32", (update.numel(),))])
+        payload = pack_segments([update.detach()], layout).cpu().numpy()
+    except Exception as e:
+        pg.swarm_round(np.zeros(0, dtype=np.uint8), reject=e, timeout_s=timeout)
+        raise
+    nb = update.numel() * 4
+
+    def consume(res: Any) -> tuple[list[int], list[np.ndarray], list[float], dict]:
+        """On the comm thread, while the engine's buffers are valid: copy the agreed updates out."""
+        parts = [int(r) for r in np.asarray(res.participants).tolist()]
+        for r in parts:
+            u = res.updates[r]
+            if u is None or u.size < nb:
+                raise IntegrityError(
+                    f"aggregate_: participant {r}'s update is {None if u is None else u.size} bytes, expected {nb}"
+                )
+        rows = [np.array(res.updates[r][:nb], copy=True).view(np.float32) for r in parts]
+        return parts, rows, [float(res.weights[r]) for r in parts], dict(res.stats or {})
+
+    parts, rows, weights, st = pg.swarm_round(
+        payload,
+        weight=w,
+        privacy=mechanisms,
+        deadline_s=deadline,
+        timeout_s=timeout,
+        digest=layout.fingerprint,
+        consume=consume,
+    )
+    if not parts:  # nobody's update was reconstructed everywhere by the deadline: every rank sees this
+        raise NothingToAverageError(f"aggregate_: nothing to aggregate with {rule} (the agreed set is empty)")
+    upd = torch.from_numpy(np.stack(rows)).to(update.device)
+    res = agg.aggregate(rule, upd, weights, f=f, trim=trim, multi=multi)
+    agg.apply_update_(tensors, start, res)
+    return FedAvgReport(
+        participants=parts,
+        weights=weights,
+        nbytes=nb,
+        bytes_sent=int(st.get("bytes_sent", 0)),
+        bytes_recv=int(st.get("bytes_recv", 0)),
+        warmup_s=float(st.get("warmup_s", 0.0)),
+        swarm_s=float(st.get("swarm_s", 0.0)),
+        round_s=float(st.get("round_s", 0.0)),
+        stats=st,
+    )

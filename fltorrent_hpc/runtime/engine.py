@@ -30,22 +30,21 @@ from typing import Any
 
 import numpy as np
 
-from .checksum import chunk_hashes
-from .config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
-from .errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
-from .swarm.bt_peer import pack_bits, unpack_bits
-from .swarm.round import BT, SPRAY, Stage, SwarmRound
-from .trace import Trace
-from .transport import mpi as tm
+from ..chunks.digest import chunk_hashes
+from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
+from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
+from ..swarm import rng
+from ..swarm.bt_peer import pack_bits, unpack_bits
+from ..swarm.budget import chunk_budgets
+from ..swarm.round import BT, SPRAY, Stage, SwarmRound
+from ..trace import Trace
+from ..transport import base as tb
+from ..transport.base import MAGIC, Transport, data_tag
+from ..transport.mpi import MPITransport
+from .recorder import RoundRecorder
 
 KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
-UNPACED_BUDGET = 1 << 30
-
-
-def chunk_budgets(rates: np.ndarray, chunk_bytes: int, slot_seconds: float) -> np.ndarray:
-    """Per-stage chunk budgets from link rates (bytes/s); an unpaced link (rate 0) gets UNPACED_BUDGET."""
-    b = np.where(rates > 0, np.floor(rates * slot_seconds / chunk_bytes), UNPACED_BUDGET)
-    return np.maximum(b, 1).astype(np.int64)
+TAG_DIRECTIVE, TAG_REPORT = 11, 12
 
 
 @dataclass
@@ -56,19 +55,6 @@ class RoundResult:
     weights: np.ndarray  # float64 [size]: the weight each rank published
     participants: np.ndarray  # int64 sorted ranks in the agreed reconstructable set
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Fault:
-    """Fault injection for tests and drills (only the rank that passes it misbehaves)."""
-
-    silent_from_stage: int = -1  # stop sending, receiving and reporting from this stage on
-    corrupt_at_stage: int = -1  # flip a byte in every chunk sent at this stage
-
-
-def data_tag(round_id: int, stage: int) -> int:
-    """Per-stage data tag (< 32767): a late message of a cancelled receive cannot match a later stage's."""
-    return tm.TAG_DATA + 1 + (round_id % 2) * 16000 + stage % 16000
 
 
 def _runs(peer: np.ndarray, chunk: np.ndarray, K: int) -> list[tuple[int, int, int, int]]:
@@ -83,25 +69,32 @@ def _runs(peer: np.ndarray, chunk: np.ndarray, K: int) -> list[tuple[int, int, i
 
 
 class SwarmEngine:
-    """Runs swarm rounds over an MPI communicator (collective: every rank calls the same methods)."""
+    """Runs swarm rounds over a Transport (collective: every rank calls the same methods).
 
-    def __init__(self, comm, config: SwarmConfig | None = None):
+    `net` is a Transport (MPI, NCCL, a fault-injecting wrapper) or an mpi4py communicator, which is wrapped
+    in an MPITransport.  The engine opens three contexts of its own on it: data, control, neighbour frames.
+    """
+
+    def __init__(self, net, config: SwarmConfig | None = None):
         self.cfg = config or SwarmConfig.from_env()
-        self.size = comm.Get_size()
-        self.rank = comm.Get_rank()
+        if not isinstance(net, Transport):
+            net = MPITransport(net, dup=False)
+        self.net = net
+        self.size = net.size
+        self.rank = net.rank
         if not 0 <= self.cfg.tracker_rank < self.size:
             raise ConfigError(f"tracker_rank {self.cfg.tracker_rank} is outside the communicator (size {self.size})")
         self.tracker = self.cfg.tracker_rank
-        self.data = comm.Dup()
-        self.ctrl = comm.Dup()
-        self.nbrc = comm.Dup()  # neighbour frames of decentralised BitTorrent stages (engine_bt.py)
-        self._share_cores(comm)
+        self.data = net.dup("data")
+        self.ctrl = net.dup("ctrl")
+        self.nbrc = net.dup("nbr")  # neighbour frames of decentralised BitTorrent stages (bt_stages.py)
+        self._share_cores(net)
         self.round_id = 0
         self._orphans: list = []  # sends to peers that went silent: kept alive with their buffers
         self.last_trace: Trace | None = None
 
     @staticmethod
-    def _share_cores(comm) -> None:
+    def _share_cores(net: Transport) -> None:
         """Compiled swarm passes (tracker side) get this rank's share of the node's cores, not all of them.
 
         Ranks sharing a node would otherwise oversubscribe it, and every parallel region of the tracker's
@@ -109,25 +102,18 @@ class SwarmEngine:
         """
         import numba
 
-        local = comm.Split_type(tm.mpi().COMM_TYPE_SHARED)
-        per_rank = max(1, (os.cpu_count() or 1) // local.Get_size())
-        local.Free()
+        per_rank = max(1, (os.cpu_count() or 1) // net.local_size())
         numba.set_num_threads(min(per_rank, numba.config.NUMBA_NUM_THREADS))
 
     def close(self) -> None:
         for c in (self.data, self.ctrl, self.nbrc):
             if c is not None:
-                c.Free()
+                c.close()
         self.data = self.ctrl = self.nbrc = None
 
     # ------------------------------------------------------------------ collectives on the control comm
     def _allgather(self, arr: np.ndarray, what: str) -> np.ndarray:
-        MPI = tm.mpi()
-        arr = np.ascontiguousarray(arr)
-        out = np.empty((self.size,) + arr.shape, dtype=arr.dtype)
-        req = self.ctrl.Iallgather([arr, MPI.BYTE], [out, MPI.BYTE])
-        tm.wait_all([req], self.cfg.timeout_s, lambda _: f"{what} (allgather over {self.size} ranks)")
-        return out
+        return tb.allgather(self.ctrl, arr, self.cfg.timeout_s, what)
 
     def agree(self, meta: np.ndarray) -> None:
         """Raise ShapeMismatchError on every rank unless every rank passed the same int64 `meta`."""
@@ -145,6 +131,29 @@ class SwarmEngine:
                 f"{allm[0].tolist()}"
             )
 
+    def round_meta(self, nbytes: int, cfg: SwarmConfig | None = None, consensus: bool = True, rid: int | None = None):
+        """The int64 words every rank must agree on before a round: its shape and the protocol knobs that
+        decide the schedule.  A caller with its own agreement folds these in and passes `agreed=True`."""
+        cfg = cfg or self.cfg
+        priv = sum(1 << i for i, m in enumerate(PRIVACY_MECHANISMS) if m in cfg.privacy)
+        return np.array(
+            [
+                MAGIC,
+                self.round_id if rid is None else rid,
+                nbytes,
+                cfg.chunk_bytes,
+                priv,
+                cfg.degree,
+                SCHEDULERS.index(cfg.scheduler),
+                cfg.tau,
+                int(consensus),
+                int(cfg.integrity == "hash"),
+                BT_DECISIONS.index(cfg.bt_decisions),
+                cfg.bt_passes,
+            ],
+            dtype=np.int64,
+        )
+
     # ------------------------------------------------------------------ the round
     def disseminate(
         self,
@@ -155,20 +164,18 @@ class SwarmEngine:
         seed: int | None = None,
         deadline_s: float | None = None,
         consensus: bool = True,
-        silent: bool = False,
-        fault: Fault | None = None,
         out: np.ndarray | None = None,
         trace: str | None = None,
+        agreed: bool = False,
     ) -> RoundResult:
         """One round: every rank's `payload` (1-D contiguous bytes, same size everywhere) reaches every rank.
 
-        `out` ([size, nbytes] uint8) receives the updates in place; `silent=True` makes this rank go
-        silent after the first stage (fault injection).  Returns this rank's RoundResult.
+        `out` ([size, nbytes] uint8) receives the updates in place.  Faults are injected through the
+        transport (transport/faulty.py), never through this call.  `agreed=True`: the caller already agreed on
+        `round_meta(...)` with the other ranks inside its own agreement (one agreement per collective).
+        Returns this rank's RoundResult.
         """
         cfg = self.cfg if privacy is None else self.cfg.replace(privacy=parse_privacy(privacy))
-        if silent and fault is None:
-            fault = Fault(silent_from_stage=1)
-        fault = fault or Fault()
         pay = np.asarray(payload)
         if not pay.flags.c_contiguous:
             raise ShapeMismatchError("payload must be C-contiguous bytes")
@@ -177,31 +184,13 @@ class SwarmEngine:
         self.round_id += 1
         C = cfg.chunk_bytes
         nbytes = int(pay.size)
-        priv = sum(1 << i for i, m in enumerate(PRIVACY_MECHANISMS) if m in cfg.privacy)
-        self.agree(
-            np.array(
-                [
-                    tm.MAGIC,
-                    rid,
-                    nbytes,
-                    C,
-                    priv,
-                    cfg.degree,
-                    SCHEDULERS.index(cfg.scheduler),
-                    cfg.tau,
-                    int(consensus),
-                    int(cfg.integrity == "hash"),
-                    BT_DECISIONS.index(cfg.bt_decisions),
-                    cfg.bt_passes,
-                ],
-                dtype=np.int64,
-            )
-        )
+        if not agreed:
+            self.agree(self.round_meta(nbytes, cfg, consensus, rid))
         t0 = time.monotonic()
         K = math.ceil(nbytes / C) if nbytes else 0
         verify = cfg.integrity == "hash"
         hashes = chunk_hashes(pay, C) if K and verify else np.zeros(K, np.uint64)
-        rseed = int(seed) if seed is not None else cfg.seed * 1_000_003 + rid
+        rseed = int(seed) if seed is not None else rng.round_seed(cfg.seed, rid)
         info = np.array([float(weight), cfg.uplink, cfg.downlink, float(rseed)], dtype=np.float64)
         all_info = self._allgather(info, "descriptors")
         all_hash = self._allgather(hashes, "chunk hashes") if K else np.zeros((n, 0), np.uint64)
@@ -236,7 +225,7 @@ class SwarmEngine:
                     "peer_decided_stages": 0,
                 },
             )
-        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, fault, all_info, rseed)
+        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed)
         if me == self.tracker:
             end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer).run()
         else:
@@ -257,12 +246,11 @@ class _PeerState:
         nbytes: int,
         bufs,
         all_hash,
-        fault: Fault,
         all_info: np.ndarray,
         seed: int,
     ):
         self.eng, self.cfg, self.rid, self.K, self.C, self.nbytes = eng, cfg, rid, K, C, nbytes
-        self.bufs, self.hashes, self.fault = bufs, all_hash, fault
+        self.bufs, self.hashes = bufs, all_hash
         self.all_info, self.seed = all_info, seed
         n = eng.size
         self.have = np.zeros((n, K), dtype=bool)
@@ -276,9 +264,7 @@ class _PeerState:
             k: [] for k in ("stage", "t_start", "t", "sender", "chunk", "phase", "bytes", "ok")
         }
         self.t0 = time.monotonic()
-        self.silent = False
-        MPI = tm.mpi()
-        self.BYTE = MPI.BYTE
+        self.silent = False  # set at the end of the round when the tracker excluded this rank
 
     def chunk_range(self, owner: int, first: int, count: int) -> tuple[int, int]:
         return first * self.C, min((first + count) * self.C, self.nbytes)
@@ -289,22 +275,21 @@ class _PeerState:
         while True:
             # a stage may spend up to ~2.5 stage timeouts excluding a silent peer before the next frame comes
             wait = self.cfg.timeout_s + 3 * self.cfg.stage_timeout_s
-            msg = tm.recv_control(eng.ctrl, eng.tracker, tm.TAG_DIRECTIVE, wait, f"round {self.rid} directive")
+            msg = tb.recv_frame(eng.ctrl, eng.tracker, TAG_DIRECTIVE, wait, f"round {self.rid} directive")
             if msg.size >= 4 and msg[3] == KIND_END:
-                tm.check_header(msg, self.rid, KIND_END, eng.tracker)
+                tb.check_header(msg, self.rid, KIND_END, eng.tracker)
                 return msg
             if msg.size >= 4 and msg[3] == KIND_BT_STAGE:
-                tm.check_header(msg, self.rid, KIND_BT_STAGE, eng.tracker)
+                tb.check_header(msg, self.rid, KIND_BT_STAGE, eng.tracker)
                 rep = self.bt_stage(msg)
             else:
-                tm.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker)
+                tb.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker)
                 rep = self.execute(msg)
-            if rep is not None:
-                eng.ctrl.Send([rep, tm.mpi().INT64_T], dest=eng.tracker, tag=tm.TAG_REPORT)
+            tb.send_frame(eng.ctrl, rep, eng.tracker, TAG_REPORT, self.cfg.timeout_s, f"round {self.rid} report")
 
-    def bt_stage(self, msg: np.ndarray) -> np.ndarray | None:
+    def bt_stage(self, msg: np.ndarray) -> np.ndarray:
         """A decentralised BitTorrent stage (engine_bt.py); returns the report frame."""
-        from .engine_bt import PeerStageRunner
+        from .bt_stages import PeerStageRunner
 
         n = self.eng.size
         stage, words = int(msg[2]), (n + 63) // 64
@@ -314,19 +299,16 @@ class _PeerState:
             unpack_bits(msg[5 : 5 + words].view(np.uint64), n),
             unpack_bits(msg[5 + words :].view(np.uint64), n),
         )
-        if self.fault.silent_from_stage >= 0 and stage >= self.fault.silent_from_stage:
-            self.silent = True
-            return None
         if self.runner is None:
             cfg, C = self.cfg, self.cfg.chunk_bytes
             up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
             down = chunk_budgets(self.all_info[:, 2], C, cfg.slot_seconds)
             self.runner = PeerStageRunner(self, cfg, self.rid, self.seed, up, down, self.got_from)
         body = self.runner.stage(self, stage, active, can_send)
-        head = [tm.MAGIC, self.rid, stage, KIND_REPORT]
+        head = [MAGIC, self.rid, stage, KIND_REPORT]
         return np.concatenate([head, body, np.array(sorted(self.bad_senders), dtype=np.int64)]).astype(np.int64)
 
-    def execute(self, msg: np.ndarray) -> np.ndarray | None:
+    def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
         eng, K = self.eng, self.K
         stage, ns, nr = int(msg[2]), int(msg[4]), int(msg[5])
@@ -341,13 +323,10 @@ class _PeerState:
         )
         if np.any((s_chunk < 0) | (s_chunk >= K * eng.size)) or np.any((r_chunk < 0) | (r_chunk >= K * eng.size)):
             raise ProtocolError(f"round {self.rid} stage {stage}: directive names chunks outside the round")
-        if self.fault.silent_from_stage >= 0 and stage >= self.fault.silent_from_stage:
-            self.silent = True
-            return None
         ok = self.move(stage, s_to, s_chunk, r_from, r_chunk, r_kind)
         return np.concatenate(
             [
-                [tm.MAGIC, self.rid, stage, KIND_REPORT, nr],
+                [MAGIC, self.rid, stage, KIND_REPORT, nr],
                 ok.astype(np.int64),
                 np.array(sorted(self.bad_senders), dtype=np.int64),
             ]
@@ -371,16 +350,13 @@ class _PeerState:
         rreq = []
         for src, owner, first, count in rruns:
             a, b = self.chunk_range(owner, first, count)
-            rreq.append(eng.data.Irecv([self.bufs[owner][a:b], self.BYTE], source=src, tag=tag))
+            rreq.append(eng.data.post_recv(self.bufs[owner][a:b], src, tag))
         sreq: list = []
         posts = []
         for dst, owner, first, count in _runs(s_to, s_chunk, K):
             a, b = self.chunk_range(owner, first, count)
             view = self.bufs[owner][a:b]
-            if stage == self.fault.corrupt_at_stage:
-                view = view.copy()
-                view[:: self.C] ^= 0xFF  # one byte per chunk
-            posts.append((lambda d=dst, v=view: eng.data.Isend([v, self.BYTE], dest=d, tag=tag), view.nbytes))
+            posts.append((lambda d=dst, v=view: eng.data.post_send(v, d, tag), view.nbytes))
             self.sent_bytes += view.nbytes
         ok = np.zeros(nr, dtype=bool)
         t_done = np.full(nr, np.nan)
@@ -406,14 +382,14 @@ class _PeerState:
                     self.refetched += int((~good).sum())
 
         early = np.zeros(len(rreq), dtype=bool)
-        tm.post_paced(posts, tm.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
+        tb.post_paced(eng.data, posts, tb.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
         arrived(np.flatnonzero(early).tolist())
         deadline = time.monotonic() + self.cfg.stage_timeout_s
-        done = tm.wait_until(
-            rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]), on_done=arrived
+        done = tb.wait_until(
+            eng.data, rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]), on_done=arrived
         )
         rdone, sdone = done[: len(rreq)], done[len(rreq) :]
-        tm.cancel([r for r, d in zip(rreq, rdone) if not d])
+        eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
         self.eng._orphans.extend(r for r, d in zip(sreq, sdone) if not d)
         t_end = time.monotonic() - self.t0
         t_done[np.isnan(t_done)] = t_end
@@ -438,6 +414,7 @@ class _PeerState:
         agreed = end[8 : 8 + n].astype(bool)
         left = end[8 + n : 8 + 2 * n].astype(bool)
         mine = self.have.all(axis=1)
+        self.silent = bool(left[eng.rank])
         part = agreed & mine if consensus else mine
         if consensus and not self.silent and not np.array_equal(agreed & mine, agreed):
             missing = np.flatnonzero(agreed & ~mine).tolist()
@@ -461,7 +438,7 @@ class _PeerState:
         if trace_path:
             self._write_trace(trace_path)
             if eng.rank == eng.tracker and eng.last_trace is not None:
-                from .trace import write_trace
+                from ..trace import write_trace
 
                 write_trace(trace_path, eng.last_trace)
         return RoundResult(
@@ -469,7 +446,7 @@ class _PeerState:
         )
 
     def _write_trace(self, path: str) -> None:
-        from .trace import write_trace
+        from ..trace import write_trace
 
         tr = Trace(
             attrs={
@@ -528,7 +505,7 @@ class _Tracker:
         ri = ri[np.lexsort((st.chunk[ri], st.sender[ri]))]
         msg = np.concatenate(
             [
-                [tm.MAGIC, self.rid, st.index, KIND_DIRECTIVE, si.size, ri.size],
+                [MAGIC, self.rid, st.index, KIND_DIRECTIVE, si.size, ri.size],
                 st.receiver[si],
                 st.chunk[si],
                 st.sender[ri],
@@ -566,7 +543,7 @@ class _Tracker:
 
     def _directed_stage(self, st: Stage) -> tuple[np.ndarray, list[int]]:
         """A tracker-decided stage: one directive per peer, then every peer's delivered mask."""
-        eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
+        eng, rnd = self.eng, self.rnd
         n, me = eng.size, eng.rank
         act = np.flatnonzero(rnd.active[:n])
         recv_idx: dict[int, np.ndarray] = {}
@@ -575,15 +552,14 @@ class _Tracker:
             msg, ri = self._directive(st, int(p))
             recv_idx[int(p)] = ri
             if p != me:
-                sends.append(eng.ctrl.Isend([msg, MPI.INT64_T], dest=int(p), tag=tm.TAG_DIRECTIVE))
+                sends.append(eng.ctrl.post_send(msg, int(p), TAG_DIRECTIVE))
             else:
                 own = msg
         delivered = np.zeros(st.size, dtype=bool)
         if rnd.active[me]:
             rep = self.peer.execute(own)
-            if rep is not None:
-                delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
-        tm.wait_all(sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
+            delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
+        tb.wait_all(eng.ctrl, sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
         reports, silent = self._collect_reports(act.tolist(), st.index, self.cfg.stage_timeout_s)
         for p, rep in reports.items():
             ri = recv_idx[p]
@@ -598,25 +574,23 @@ class _Tracker:
 
     def _peer_stage(self) -> tuple[Stage, np.ndarray, list[int]]:
         """A decentralised BitTorrent stage: clock it, then rebuild it from what each peer received."""
-        eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
+        eng, rnd = self.eng, self.rnd
         n, me, K = eng.size, eng.rank, self.K
         act = rnd.active[:n]
         can = rnd.may_send()
         frame = np.concatenate(
             [
-                [tm.MAGIC, self.rid, rnd.stage, KIND_BT_STAGE, n],
+                [MAGIC, self.rid, rnd.stage, KIND_BT_STAGE, n],
                 pack_bits(act).view(np.int64),
                 pack_bits(can).view(np.int64),
             ]
         ).astype(np.int64)
         peers = np.flatnonzero(act).tolist()
-        sends = [eng.ctrl.Isend([frame, MPI.INT64_T], dest=p, tag=tm.TAG_DIRECTIVE) for p in peers if p != me]
+        sends = [eng.ctrl.post_send(frame, p, TAG_DIRECTIVE) for p in peers if p != me]
         reports: dict[int, np.ndarray] = {}
         if act[me]:
-            own = self.peer.bt_stage(frame)
-            if own is not None:
-                reports[me] = own
-        tm.wait_all(sends, self.cfg.timeout_s, lambda p, s=rnd.stage: f"stage frames of stage {s}")
+            reports[me] = self.peer.bt_stage(frame)
+        tb.wait_all(eng.ctrl, sends, self.cfg.timeout_s, lambda p, s=rnd.stage: f"stage frames of stage {s}")
         # a peer spends up to one stage timeout on its neighbour exchanges, one on the data and one on the
         # have-deltas (engine_bt.PeerStageRunner.stage)
         got, silent = self._collect_reports(peers, rnd.stage, 3 * self.cfg.stage_timeout_s)
@@ -660,16 +634,16 @@ class _Tracker:
                 continue
             try:
                 wait_s = max(0.05, deadline - time.monotonic())
-                rep = tm.recv_control(eng.ctrl, p, tm.TAG_REPORT, wait_s, f"round {self.rid} stage {stage} report")
+                rep = tb.recv_frame(eng.ctrl, p, TAG_REPORT, wait_s, f"round {self.rid} stage {stage} report")
             except PeerTimeoutError:
                 silent.append(p)
                 continue
-            tm.check_header(rep, self.rid, KIND_REPORT, p)
+            tb.check_header(rep, self.rid, KIND_REPORT, p)
             reports[p] = rep
         return reports, silent
 
     def _end(self, warm_t: float) -> np.ndarray:
-        eng, rnd, MPI = self.eng, self.rnd, tm.mpi()
+        eng, rnd = self.eng, self.rnd
         n, me = eng.size, eng.rank
         A = rnd.reconstructable()
         act = rnd.active[:n]
@@ -678,7 +652,7 @@ class _Tracker:
         end = np.concatenate(
             [
                 [
-                    tm.MAGIC,
+                    MAGIC,
                     self.rid,
                     rnd.stage,
                     KIND_END,
@@ -691,67 +665,16 @@ class _Tracker:
                 left.astype(np.int64),
             ]
         ).astype(np.int64)
-        reqs = [eng.ctrl.Isend([end, MPI.INT64_T], dest=p, tag=tm.TAG_DIRECTIVE) for p in range(n) if p != me]
+        reqs = [eng.ctrl.post_send(end, p, TAG_DIRECTIVE) for p in range(n) if p != me]
         # a silent peer may never take its end frame; give live ones the normal timeout
-        done = tm.wait_until(reqs, time.monotonic() + self.cfg.timeout_s)
+        done = tb.wait_until(eng.ctrl, reqs, time.monotonic() + self.cfg.timeout_s)
         eng._orphans.extend(r for r, d in zip(reqs, done) if not d)
         self.eng.last_trace = self._trace(A, agreed)
         return end
 
     def _trace(self, A: np.ndarray, agreed: np.ndarray) -> Trace:
         rnd, cfg = self.rnd, self.cfg
-        tr = Trace()
-        tr.attrs.update(
-            source="mpi",
-            n_peers=rnd.n,
-            chunks_per_peer=rnd.K,
-            chunk_bytes=cfg.chunk_bytes,
-            cover_k=rnd.k,
-            kappa=cfg.kappa,
-            seed=rnd.seed,
-            slot_seconds=cfg.slot_seconds,
-            warmup_stages=max(rnd.s_bt, 0),
-            stages=rnd.stage,
-            warmup_failed_open=bool(rnd.warmup_failed_open),
-            config=cfg.to_dict(),
-        )
-        tr.peers = {
-            "up_budget": self.up,
-            "down_budget": self.down,
-            "lag": rnd.lag,
-            "active": rnd.active[: rnd.n],
-            "left_at": rnd.left_at,
-            "complete_stage": rnd.complete_stage,
-        }
-        tr.edges = rnd.overlay.edges
-        tr.overlay_attrs = {"kind": rnd.overlay.kind, "lambda2": float(rnd.overlay.lambda2)}
+        rec = RoundRecorder(rnd, cfg, "mpi", self.peer.nbytes, seed=rnd.seed, attrs={"config": cfg.to_dict()})
         for st, d in zip(self.stages, self.delivered):
-            if st.size:
-                tr.add_transfers(
-                    stage=np.full(st.size, st.index),
-                    sender=st.sender,
-                    receiver=st.receiver,
-                    owner=st.chunk // rnd.K,
-                    chunk=st.chunk,
-                    phase=st.kind,
-                    sender_owned=st.sender_owned,
-                    sender_buffer=st.sender_buffer,
-                    bytes=np.minimum((st.chunk % rnd.K + 1) * cfg.chunk_bytes, self.peer.nbytes)
-                    - (st.chunk % rnd.K) * cfg.chunk_bytes,
-                    ok=d,
-                )
-            tr.add_stage(
-                stage=[st.index],
-                phase=[st.phase],
-                transfers=[int(d.sum())],
-                capacity=[st.capacity],
-                utilization=[d.sum() / st.capacity if st.capacity else 0.0],
-                maxflow=[st.maxflow],
-            )
-            if st.release_peer.size:
-                tr.add_gate_releases(
-                    stage=np.full(st.release_peer.size, st.index), peer=st.release_peer, chunk=st.release_chunk
-                )
-        tr.reconstructable = A
-        tr.agreed = agreed
-        return tr
+            rec.stage(st, d)
+        return rec.finish(A, agreed, max(rnd.s_bt, 0), rnd.stage)

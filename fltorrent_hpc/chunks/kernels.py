@@ -33,12 +33,25 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .checksum import GOLDEN, LEN_SALT, MIX1, MIX2
-from .errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
+from .digest import GOLDEN, LEN_SALT, MIX1, MIX2
 from .layout import Layout, torch_dtype
 
-KERNEL_DIR = Path(os.environ.get("FLTORRENT_KERNELS_DIR") or Path(__file__).resolve().parent.parent / "kernels")
-"""Where the .cu sources live (the repository's kernels/; FLTORRENT_KERNELS_DIR overrides)."""
+
+def _kernel_dir() -> Path:
+    """FLTORRENT_KERNELS_DIR if set; else the package data of an installed wheel (fltorrent_hpc/chunks/cuda/,
+    which pyproject.toml maps to the repository's kernels/); else kernels/ of the source checkout that this
+    file lives in (editable install, PYTHONPATH).  The sources live only in the repository's kernels/."""
+    env = os.environ.get("FLTORRENT_KERNELS_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    packaged = here / "cuda"
+    return packaged if packaged.is_dir() else here.parents[1] / "kernels"
+
+
+KERNEL_DIR = _kernel_dir()
+"""Where the .cu sources live (see `_kernel_dir`; FLTORRENT_KERNELS_DIR overrides)."""
 
 KERNEL_FILES: dict[str, str] = {
     "flt_copy_segments": "pack.cu",

@@ -21,11 +21,12 @@ import time
 
 import numpy as np
 
-from .errors import ProtocolError
-from .swarm.bt_peer import PeerBT, pack_bits, unpack_bits
-from .swarm.overlay import build_overlay
-from .swarm.round import BT
-from .transport import mpi as tm
+from ..errors import ProtocolError
+from ..swarm.bt_peer import PeerBT, pack_bits, unpack_bits
+from ..swarm.overlay import build_overlay
+from ..swarm.round import BT
+from ..transport import base as tb
+from ..transport.base import MAGIC, Transport
 
 TAG_NBR = 100  # + (stage % 1000) * 32 + code; codes: 0 bitfield, 1 have, 2 + 4 * pass + step
 BITFIELD, HAVE = 0, 1
@@ -40,32 +41,32 @@ class NeighbourLink:
     """Frame exchanges with a set of neighbours, each bounded by a deadline (no collective: a silent
     neighbour must cost a timeout, not a hang)."""
 
-    def __init__(self, comm, rid: int):
-        self.comm, self.rid = comm, rid
+    def __init__(self, net: Transport, rid: int):
+        self.net, self.rid = net, rid
         self.sends: list = []  # (request, buffer) kept alive until the stage ends
 
     def exchange(self, stage: int, code: int, frames: dict[int, np.ndarray], deadline: float) -> dict[int, np.ndarray]:
         """Send frames[w] to every w and receive one frame from each; returns those that came in time."""
-        MPI = tm.mpi()
         tag = _tag(stage, code)
-        head = np.array([tm.MAGIC, self.rid, stage, code], dtype=np.int64)
+        head = np.array([MAGIC, self.rid, stage, code], dtype=np.int64)
         for w, body in frames.items():
             buf = np.concatenate([head, np.asarray(body, dtype=np.int64)])
-            self.sends.append((self.comm.Isend([buf, MPI.INT64_T], dest=int(w), tag=tag), buf))
+            self.sends.append((self.net.post_send(buf, int(w), tag), buf))
         out: dict[int, np.ndarray] = {}
         pending = set(frames)
-        st = MPI.Status()
         idle = 0
         while pending:
             moved = False
             for w in sorted(pending):
-                if not self.comm.Iprobe(source=w, tag=tag, status=st):
+                try:
+                    buf = self.net.poll_frame(w, tag)
+                except ProtocolError:
+                    moved = True
+                    continue  # not whole int64 words: never one of ours
+                if buf is None:
                     continue
                 moved = True
-                nbytes = st.Get_count(MPI.BYTE)
-                buf = np.empty(max(nbytes, 0) // 8, dtype=np.int64)
-                self.comm.Recv([buf, MPI.INT64_T], source=w, tag=tag)
-                if nbytes % 8 or buf.size < 4 or not np.array_equal(buf[:4], head):
+                if buf.size < 4 or not np.array_equal(buf[:4], head):
                     continue  # a stale frame of an earlier round on the same tag: not ours
                 out[w] = buf[4:]
                 pending.discard(w)
@@ -75,13 +76,13 @@ class NeighbourLink:
                 if time.monotonic() > deadline:
                     break
                 idle += 1
-                tm.pause(idle)
+                tb.pause(idle)
         return out
 
     def settle_sends(self, deadline: float, orphans: list) -> None:
         """Complete this stage's frame sends; those to peers that stopped listening become orphans."""
         reqs = [r for r, _ in self.sends]
-        done = tm.wait_until(reqs, deadline)
+        done = tb.wait_until(self.net, reqs, deadline)
         orphans.extend(pair for pair, d in zip(self.sends, done) if not d)
         self.sends = []
 

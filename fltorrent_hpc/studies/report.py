@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from . import paper_figures as paper
-from .study import Record, groups, load_records, mean_std, studies
+from . import paper
+from .derive import groups, mean_std
+from .grids import studies
+from .registry import Record
+from .store import load_records
 
 NAN = float("nan")
 
@@ -93,6 +96,11 @@ def claims_md(derived: dict[str, Any]) -> list[str]:
 
 def _mean(rs: Sequence[Record], key: str) -> float:
     return mean_std(rs, key)[0]
+
+
+def _mbps(lo_hi: Sequence[str]) -> str:
+    """("15.5Mbps", "25.3Mbps") -> "15.5–25.3 Mbps" (the paper's link ranges, as written in its text)."""
+    return "–".join(x.removesuffix("Mbps") for x in lo_hi) + " Mbps"
 
 
 def _plt():
@@ -183,9 +191,10 @@ def render_table3(ld: Loaded, ctx: Ctx) -> list[str]:
         md += [
             "",
             "Uplink bound = K(n−1)·n / Σ_v u_v, the round time if every uplink were busy every stage "
-            "(per-stage budgets u_v = ⌊U_v·1 s / 256 KiB⌋ of the same drawn links). The paper's T_round is "
-            f"below this bound at n = {', '.join(str(n) for n in below)}, so its T_round and util columns "
-            "cannot both hold for the stated 15.5–25.3 Mbps uplinks; our warm-up share is measured against "
+            f"(per-stage budgets u_v = ⌊U_v·1 s / {paper.PAPER_CHUNK // 1024} KiB⌋ of the same drawn links). "
+            f"The paper's T_round is below this bound at n = {', '.join(str(n) for n in below)}, so its T_round "
+            f"and util columns cannot both hold for the stated {_mbps(paper.PAPER_UPLINK)} uplinks; our warm-up "
+            "share is measured against "
             "a round that respects the bound.",
         ]
     fit = ld.derived.get("round_fit", {})
@@ -589,8 +598,8 @@ def render_beyond(ld: Loaded, ctx: Ctx) -> list[str]:
 
 def render_privacy(ld: Loaded, ctx: Ctx) -> list[str]:
     """Figs. 6-7: max ASR of the paper's three attacks (and our protocol-aware Elimination) beside the paper's."""
-    from .privacy.plots import plot_privacy
-    from .privacy.sweeps import PAPER_ABLATION, PAPER_COALITION, PAPER_DEGREE, PAPER_PEERS, PAPER_SPRAY, study_rows
+    from ..privacy.plots import plot_privacy
+    from .privacy_sweeps import study_rows
 
     sweeps = study_rows(ld.records)
     atts = ("sequence", "count", "cluster")
@@ -624,7 +633,7 @@ def render_privacy(ld: Loaded, ctx: Ctx) -> list[str]:
     if sweeps.get("ablation"):
         rows = []
         for priv, rs in by(sweeps["ablation"], "privacy"):
-            pv = PAPER_ABLATION.get(priv, (NAN, NAN, NAN))
+            pv = paper.ASR_ABLATION.get(priv, (NAN, NAN, NAN))
             rows.append(
                 [priv, *(f"{cell(rs, a + '_max')} ({pap(pv[i])})" for i, a in enumerate(atts))]
                 + [
@@ -663,7 +672,7 @@ def render_privacy(ld: Loaded, ctx: Ctx) -> list[str]:
                     f"{100 / m:.1f}",
                     cell(rs, "baseline"),
                     *(cell(rs, a + "_max") for a in atts),
-                    pap(PAPER_DEGREE.get(m, NAN)),
+                    pap(paper.ASR_DEGREE.get(m, NAN)),
                     f(m * best, "{:.2f}"),
                     f"{cell(rs, 'elimination_max')} / {cell(rs, 'elimination_mean')}",
                     cell(rs, "anonymity_set_mean", 1),
@@ -701,7 +710,7 @@ def render_privacy(ld: Loaded, ctx: Ctx) -> list[str]:
             [
                 f"{100 * r_:.0f}%",
                 *(cell(rs, a + "_max") for a in atts),
-                pap(PAPER_SPRAY.get(round(r_, 2), NAN)),
+                pap(paper.ASR_SPRAY.get(round(r_, 2), NAN)),
                 f"{cell(rs, 'elimination_max')} / {cell(rs, 'elimination_mean')}",
                 cell(rs, "anonymity_set_mean", 1),
                 cell(rs, "spray_revealed"),
@@ -727,7 +736,7 @@ def render_privacy(ld: Loaded, ctx: Ctx) -> list[str]:
     if sweeps.get("peers"):
         rows = []
         for n, rs in by(sweeps["peers"], "n"):
-            pv = PAPER_PEERS.get(n, (NAN, NAN, NAN))
+            pv = paper.ASR_PEERS.get(n, (NAN, NAN, NAN))
             rows.append(
                 [n, *(f"{cell(rs, a + '_max')} ({pap(pv[i])})" for i, a in enumerate(atts))]
                 + [
@@ -752,7 +761,7 @@ def render_privacy(ld: Loaded, ctx: Ctx) -> list[str]:
     if sweeps.get("coalition"):
         rows = []
         for a_, rs in by(sweeps["coalition"], "a"):
-            pa, pm = PAPER_COALITION.get(a_, (NAN, NAN))
+            pa, pm = paper.ASR_COALITION.get(a_, (NAN, NAN))
             rows.append(
                 [
                     a_,
@@ -878,9 +887,9 @@ def write_report(
         cmd,
         "```",
         "",
-        "Paper numbers come from `fltorrent_hpc/paper_figures.py` (PAPER.md; values read off plots are ±0.5% of the "
-        "axis). Ours are simulated rounds (`fltorrent_hpc.transport.sim`, 1 s slots, the paper's §6 defaults unless "
-        "stated). Mean ± std where a study ran several seeds.",
+        "Paper numbers come from `fltorrent_hpc/studies/paper.py` (PAPER.md; values read off plots are ±0.5% of "
+        "the axis). Ours are simulated rounds (`fltorrent_hpc.runtime.simulator`, 1 s slots, the paper's §6 defaults "
+        "unless stated). Mean ± std where a study ran several seeds.",
     ]
     names = [n for n in ORDER if n in loaded] + [n for n in loaded if n not in ORDER]
     for name in names:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import parse_bytes
-from .errors import ConfigError, ShapeMismatchError
+from ..config import parse_bytes
+from ..errors import ConfigError, ShapeMismatchError
 
 ARENA_ENV = "FLTORRENT_ARENA_BYTES"
 DEFAULT_ARENA_BYTES = 256 * 2**20

@@ -1,18 +1,19 @@
-"""torch.distributed backend "fltorrent": a thin ProcessGroup over the swarm engine and MPI point-to-point.
+"""The "fltorrent" ProcessGroup: a thin torch.distributed group over the swarm engine and MPI point-to-point.
 
-`import fltorrent_hpc` registers it; then `dist.init_process_group("fltorrent")` under mpiexec/srun runs
-existing torch code unchanged.  The group only validates, converts options, hands work to one
-communication thread and returns a Work:
+The group only validates, converts options, hands work to one communication thread and returns a Work
+(work.py):
 
 - dissemination-shaped collectives (all_gather*, broadcast, all_reduce, reduce) are swarm rounds of the
   engine: every rank publishes its tensor bytes, every rank receives all of them, reductions run locally in
-  rank order, so every rank gets bit-identical results;
+  rank order (reductions.py), so every rank gets bit-identical results;
 - the others (reduce_scatter, all_to_all, gather, scatter, barrier, send/recv) are direct MPI
   point-to-point exchanges on the group's own duplicated communicators.
 
 Every MPI wait is a Test loop bounded by the group timeout (or the op's `opts.timeout`) and fails with
 PeerTimeoutError naming the op and the peers still outstanding.  Before each collective the ranks agree
-on a fixed-width descriptor (op, dtype, shape, root, reduce op), so a mismatch raises on every rank.
+once on a fixed-width descriptor (wire.py: op, dtype, shape, root, reduce op and, for a swarm round, the
+engine's round words), so a mismatch raises on every rank and the engine does not agree a second time.
+Registration with torch is in registration.py.
 """
 
 from __future__ import annotations
@@ -22,362 +23,30 @@ import itertools
 import queue
 import threading
 import time
-import warnings
 import weakref
-import zlib
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import SwarmConfig
-from .errors import FLTorrentError, LaunchError, PeerTimeoutError, ShapeMismatchError
-from .transport.mpi import SPIN as _SPIN
-from .transport.mpi import pause as _pause
+from ..config import SwarmConfig, parse_privacy
+from ..errors import FLTorrentError, PeerTimeoutError, ShapeMismatchError, TruncationError, UnsupportedError
+from ..swarm.rng import round_seed
+from ..transport.mpi import SPIN as _SPIN
+from ..transport.mpi import pause as _pause
+from . import wire
+from .reductions import check_reduce, reduce_into, reduce_op
+from .work import P2P, STOP, FLTorrentWork, Job, unset_timeout
 
 BACKEND_NAME = "fltorrent"
-_REG_LOCK = threading.Lock()
-_ALIGN = 16  # byte alignment of tensors packed into one payload
 
-# Set by tests (or by a user who brings an engine) to replace `fltorrent_hpc.engine.SwarmEngine`.
+# Set by tests (or by a user who brings an engine) to replace `fltorrent_hpc.runtime.engine.SwarmEngine`.
 _engine_factory: Callable[..., Any] | None = None
 
 _LIVE_GROUPS: weakref.WeakSet = weakref.WeakSet()
-
-
-class UnsupportedError(FLTorrentError, ValueError):
-    """An op, dtype, device or argument the fltorrent backend does not implement."""
-
-
-# --------------------------------------------------------------------------------------------- registration
-
-
-def register_backend() -> None:
-    """Register "fltorrent" with torch.distributed once (devices cpu and cuda, extended API); idempotent."""
-    with _REG_LOCK:
-        if BACKEND_NAME.upper() in dist.Backend._plugins:
-            return
-        dist.Backend.register_backend(BACKEND_NAME, _create_process_group, extended_api=True, devices=["cpu", "cuda"])
-
-
-register = register_backend
-
-
-def _create_process_group(dist_opts: Any, backend_options: Any = None) -> FLTorrentProcessGroup:
-    """Creator called by torch for the default group and for every `new_group` member (non-members never are)."""
-    from mpi4py import MPI
-
-    from .launch import check_world
-
-    if backend_options is not None and not isinstance(backend_options, SwarmConfig):
-        raise UnsupportedError(f"fltorrent pg_options must be a SwarmConfig, got {type(backend_options).__name__}")
-    config = backend_options if backend_options is not None else SwarmConfig.from_env()
-    torch_timeout: timedelta = dist_opts.timeout
-    explicit = torch_timeout != dist.constants.default_pg_timeout
-    timeout_s = torch_timeout.total_seconds() if explicit else config.timeout_s
-    rank, size = int(dist_opts.group_rank), int(dist_opts.group_size)
-    ranks = [int(r) for r in dist_opts.global_ranks_in_group]
-    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-        raise LaunchError("fltorrent needs MPI_THREAD_MULTIPLE; unset MPI4PY_RC_THREAD_LEVEL or set it to 'multiple'")
-    if not ranks:  # the default group: torch's world must be MPI's world
-        check_world(rank, size)
-        comm = MPI.COMM_WORLD
-        ranks = list(range(size))
-    else:
-        world = MPI.COMM_WORLD
-        if dist.is_initialized() and dist.get_rank() != world.Get_rank():
-            raise LaunchError(
-                f"fltorrent subgroup: torch global rank {dist.get_rank()} != MPI rank {world.Get_rank()}; "
-                "launch with mpiexec/srun so torch rank r == MPI rank r"
-            )
-        _store_presence_barrier(dist_opts.store, rank, size, timeout_s)
-        tag = zlib.crc32(str(dist_opts.group_id).encode()) % 30000
-        comm = world.Create_group(world.Get_group().Incl(ranks), tag)
-        if comm.Get_rank() != rank or comm.Get_size() != size:
-            raise LaunchError(f"fltorrent subgroup {ranks}: MPI placed this rank at {comm.Get_rank()}, torch at {rank}")
-    return FLTorrentProcessGroup(
-        comm,
-        timeout_s=timeout_s,
-        config=config,
-        global_ranks=ranks,
-        name=str(dist_opts.group_id),
-        owns_comm=comm != MPI.COMM_WORLD,
-    )
-
-
-def _store_presence_barrier(store: Any, rank: int, size: int, timeout_s: float) -> None:
-    """Bounded check that every member arrived before the (unbounded) MPI_Comm_create_group."""
-    store.set(f"fltorrent/arrived/{rank}", "1")
-    keys = [f"fltorrent/arrived/{r}" for r in range(size)]
-    try:
-        store.wait(keys, timedelta(seconds=timeout_s))
-    except Exception as e:  # torch raises DistStoreError/RuntimeError on timeout
-        missing = [r for r in range(size) if not store.check([keys[r]])]
-        raise PeerTimeoutError(
-            f"fltorrent new_group: group ranks {missing} did not arrive within {timeout_s:.0f}s"
-        ) from e
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-_DTYPE_NAMES = (
-    "float32 float64 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex64 complex128 "
-    "uint16 uint32 uint64 float8_e4m3fn float8_e5m2"
-)
-_DTYPES = [getattr(torch, n) for n in _DTYPE_NAMES.split() if isinstance(getattr(torch, n, None), torch.dtype)]
-_DTYPE_CODE = {d: i + 1 for i, d in enumerate(_DTYPES)}
-
-_RED = dist.ReduceOp.RedOpType
-_OP_NAMES = (
-    "allreduce allreduce_coalesced allgather all_gather_single allgather_coalesced all_gather_single_coalesced "
-    "broadcast reduce reduce_scatter reduce_scatter_single reduce_scatter_single_coalesced alltoall "
-    "all_to_all_single gather scatter barrier swarm_round"
-).split()
-_OPCODE = {n: i + 1 for i, n in enumerate(_OP_NAMES)}
-_META_FIELDS = "magic seq op rejected dtype numel ndim dim0 dim1 dim2 dim3 dim4 dim5 shape_crc root redop".split()
-_META_W = len(_META_FIELDS)
-_MAGIC = 0x464C54  # "FLT"
-
-
-def _unset_timeout(td: Any) -> bool:
-    return td is None or td.total_seconds() <= 0
-
-
-def _reduce_op(opts: Any) -> tuple[Any, Any]:
-    """(RedOpType, premul factor) from a ReduceOp, a RedOpType or an options object with .reduceOp."""
-    if isinstance(opts, _RED):
-        return opts, None
-    op = opts if isinstance(opts, dist.ReduceOp) else getattr(opts, "reduceOp", dist.ReduceOp.SUM)
-    if isinstance(op, _RED):
-        return op, None
-    kind = op.op
-    factor = op.factor if kind == _RED.PREMUL_SUM else None
-    return kind, factor
-
-
-def _check_tensor(t: Any, what: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise UnsupportedError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise UnsupportedError(f"{what}: layout {t.layout} is not supported (dense tensors only)")
-    if t.device.type not in ("cpu", "cuda"):
-        raise UnsupportedError(f"{what}: device {t.device} is not supported (cpu and cuda only)")
-    if t.dtype not in _DTYPE_CODE:
-        raise UnsupportedError(f"{what}: dtype {t.dtype} is not supported")
-    return t
-
-
-def _one(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
-    if len(tensors) != 1:
-        raise UnsupportedError(f"{what}: expected exactly one tensor per call, got {len(tensors)}")
-    return _check_tensor(tensors[0], what)
-
-
-def _host_bytes(t: torch.Tensor) -> np.ndarray:
-    """A uint8 numpy view (CPU, contiguous) or copy (CUDA, non-contiguous) of t's bytes."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")  # synchronous D2H on the caller's current stream: the bytes are ready when it returns
-    t = t.contiguous().reshape(-1)
-    if t.numel() == 0:
-        return np.zeros(0, dtype=np.uint8)
-    return t.view(torch.uint8).numpy()
-
-
-def _from_bytes(buf: np.ndarray, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-    """A CPU tensor of dtype/shape over the bytes in buf (no copy unless buf is read-only)."""
-    if buf.size == 0:
-        return torch.empty(tuple(shape), dtype=dtype)
-    if not buf.flags.writeable:
-        buf = buf.copy()
-    return torch.from_numpy(buf).view(dtype).view(tuple(shape))
-
-
-def _write(out: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy a CPU result into an output tensor on its own device."""
-    if src is out:
-        return
-    with torch.no_grad():
-        out.copy_(src.view(out.shape) if src.shape != out.shape else src)
-
-
-def _aligned_layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
-    offs, pos = [], 0
-    for n in nbytes:
-        offs.append(pos)
-        pos += -(-n // _ALIGN) * _ALIGN
-    return offs, pos
-
-
-def _pack(tensors: Sequence[torch.Tensor]) -> tuple[np.ndarray, list[int]]:
-    """Concatenate tensors' bytes, each at a 16-byte aligned offset, into one uint8 payload.
-
-    A single tensor is not copied: the payload is a view of its bytes (CPU) or its host copy (CUDA).
-    """
-    if len(tensors) == 1:
-        return _host_bytes(tensors[0]), [0]
-    parts = [_host_bytes(t) for t in tensors]
-    offs, total = _aligned_layout([p.size for p in parts])
-    buf = np.zeros(total, dtype=np.uint8)
-    for o, p in zip(offs, parts):
-        buf[o : o + p.size] = p
-    return buf, offs
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _reduce_into(acc: torch.Tensor, parts: Sequence[torch.Tensor], kind: Any, factor: Any, n: int) -> torch.Tensor:
-    """Reduce parts (one per rank, rank order) in their own dtype; the same bits on every rank."""
-    with torch.no_grad():
-        if kind == _RED.PREMUL_SUM:
-            f = factor.item() if isinstance(factor, torch.Tensor) else factor
-            acc.copy_(parts[0] * f)
-            for p in parts[1:]:
-                acc.add_(p * f)
-            return acc
-        acc.copy_(parts[0])
-        for p in parts[1:]:
-            if kind in (_RED.SUM, _RED.AVG):
-                acc.add_(p)
-            elif kind == _RED.PRODUCT:
-                acc.mul_(p)
-            elif kind == _RED.MIN:
-                torch.minimum(acc, p, out=acc)
-            elif kind == _RED.MAX:
-                torch.maximum(acc, p, out=acc)
-            elif kind == _RED.BAND:
-                acc.bitwise_and_(p)
-            elif kind == _RED.BOR:
-                acc.bitwise_or_(p)
-            elif kind == _RED.BXOR:
-                acc.bitwise_xor_(p)
-        if kind == _RED.AVG:
-            acc.div_(n)
-        return acc
-
-
-def _check_reduce(kind: Any, factor: Any, dtype: torch.dtype, what: str) -> None:
-    floating = dtype.is_floating_point or dtype.is_complex
-    if kind in (_RED.AVG, _RED.PREMUL_SUM) and not floating:
-        raise UnsupportedError(f"{what}: ReduceOp.{kind.name} needs a floating dtype, got {dtype}")
-    if kind in (_RED.BAND, _RED.BOR, _RED.BXOR) and floating:
-        raise UnsupportedError(f"{what}: ReduceOp.{kind.name} needs an integer or bool dtype, got {dtype}")
-    if kind in (_RED.MIN, _RED.MAX) and dtype.is_complex:
-        raise UnsupportedError(f"{what}: ReduceOp.{kind.name} is undefined for complex dtype {dtype}")
-    if kind == _RED.PREMUL_SUM:
-        if factor is None or (isinstance(factor, torch.Tensor) and factor.numel() != 1):
-            raise UnsupportedError(f"{what}: PREMUL_SUM needs a scalar factor")
-    if kind not in _SUPPORTED_OPS:
-        raise UnsupportedError(f"{what}: unsupported ReduceOp {kind}")
-
-
-_SUPPORTED_OPS = frozenset(getattr(_RED, n) for n in "SUM AVG PRODUCT MIN MAX BAND BOR BXOR PREMUL_SUM".split())
-
-
-def _devices_of(tensors: Sequence[torch.Tensor]) -> list[torch.device]:
-    devs = sorted({t.device for t in tensors if t.device.type == "cuda"}, key=str)
-    return devs
-
-
-# --------------------------------------------------------------------------------------------- Work
-
-
-class FLTorrentWork(dist._Work):
-    """A Work whose future resolves to the output tensors once the comm thread wrote them (DDP needs this)."""
-
-    def __init__(self, name: str, outputs: list, devices: Sequence[torch.device], limit_s: float) -> None:
-        super().__init__()
-        self._name = name
-        self._outputs = outputs
-        self._fut: torch.futures.Future = torch.futures.Future(devices=list(devices) or None)
-        self._cuda = bool(devices)
-        self._done = threading.Event()
-        self._exc: BaseException | None = None
-        self._limit_s = limit_s  # watchdog for wait(): the comm thread itself enforces the op deadline
-        self._source = -1
-
-    # comm-thread side
-    def _finish(self, exc: BaseException | None = None) -> None:
-        if self._done.is_set():
-            return
-        self._exc = exc
-        try:
-            if exc is None:
-                self._fut.set_result(self._outputs)
-            else:
-                self._fut.set_exception(exc)
-        finally:
-            self._done.set()
-
-    # caller side
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        limit = self._limit_s if _unset_timeout(timeout) else timeout.total_seconds()
-        if not self._done.wait(limit):
-            raise PeerTimeoutError(f"fltorrent {self._name}: not completed within {limit:.1f}s")
-        if self._exc is not None:
-            raise self._exc
-        if self._cuda:
-            self._fut.wait()  # orders the caller's current CUDA stream after the comm thread's copies
-        return True
-
-    def synchronize(self) -> None:
-        self.wait()
-
-    def get_future(self) -> torch.futures.Future:
-        return self._fut
-
-    def is_completed(self) -> bool:
-        return self._done.is_set()
-
-    def is_success(self) -> bool:
-        return self._done.is_set() and self._exc is None
-
-    def exception(self) -> BaseException | None:
-        return self._exc
-
-    def result(self) -> list:
-        self.wait()
-        return self._outputs
-
-    def _source_rank(self) -> int:
-        return self._source
-
-    def source_rank(self) -> int:
-        return self._source
-
-    def __repr__(self) -> str:
-        state = "done" if self._done.is_set() else "pending"
-        return f"FLTorrentWork({self._name}, {state})"
-
-
-class _Job:
-    """One queued unit for the comm thread: `run(deadline)` does the MPI part; errors fail the Work."""
-
-    __slots__ = ("name", "run", "work", "timeout_s")
-
-    def __init__(self, name: str, run: Callable[[float], None], work: FLTorrentWork | None, timeout_s: float):
-        self.name, self.run, self.work, self.timeout_s = name, run, work, timeout_s
-
-
-class _P2P:
-    """An in-flight user send/recv, progressed by the comm thread between jobs."""
-
-    __slots__ = ("req", "work", "deadline", "what", "peer", "keep", "done_cb")
-
-    def __init__(self, req, work, deadline, what, peer, keep, done_cb=None):
-        self.req, self.work, self.deadline, self.what, self.peer = req, work, deadline, what, peer
-        self.keep, self.done_cb = keep, done_cb
-
-
-_STOP = object()
-
-
-# --------------------------------------------------------------------------------------------- the group
 
 
 class FLTorrentProcessGroup(dist.ProcessGroup):
@@ -413,7 +82,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         self._seq = itertools.count(1)
         self._submit_lock = threading.Lock()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._inflight: list[_P2P] = []
+        self._inflight: list[P2P] = []
         self._graveyard: list = []  # requests abandoned after a timeout, kept alive with their buffers
         self._broken: BaseException | None = None  # set by a timeout: the ranks may no longer be in step
         self._state = "running"  # running -> closing -> closed | aborted
@@ -472,7 +141,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                     item = self._q.get(timeout=min(2e-3, 1e-5 * 2 ** min(idle - _SPIN, 8)))
             except queue.Empty:
                 item = None
-            if item is _STOP:
+            if item is STOP:
                 break
             if item is not None:
                 self._run_job(item)
@@ -484,7 +153,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                     time.sleep(0)
         self._fail_inflight(FLTorrentError(f"fltorrent group {self._label} was shut down"))
 
-    def _run_job(self, job: _Job) -> None:
+    def _run_job(self, job: Job) -> None:
         if self._state == "aborted":
             if job.work is not None:
                 job.work._finish(FLTorrentError(f"fltorrent {job.name}: the group was aborted"))
@@ -590,7 +259,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
 
     def _timeout_of(self, opts: Any) -> float:
         td = getattr(opts, "timeout", None)
-        return self._timeout_s if _unset_timeout(td) else td.total_seconds()
+        return self._timeout_s if unset_timeout(td) else td.total_seconds()
 
     def _submit(
         self,
@@ -602,32 +271,44 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     ) -> FLTorrentWork:
         self._check_usable(name)
         work = FLTorrentWork(name, outputs, devices, limit_s=2 * timeout_s + 60.0)
-        self._q.put(_Job(name, run, work, timeout_s))
+        self._q.put(Job(name, run, work, timeout_s))
         return work
 
-    def _collective(
-        self,
-        name: str,
-        build: Callable[[], tuple[np.ndarray, Callable[[float], None], list, Sequence[torch.device]]],
-        opts: Any,
-    ) -> FLTorrentWork:
+    def _collective(self, name: str, build: Callable[[], _Plan], opts: Any) -> FLTorrentWork:
         """Run `build` (local validation) now; queue agreement + the op; on a local error tell the peers."""
         timeout_s = self._timeout_of(opts)
         with self._submit_lock:
             seq = next(self._seq)
             try:
-                meta, run, outputs, devices = build()
+                plan = build()
             except Exception as local_error:
-                reject = _meta(seq, name, rejected=True)
-                self._q.put(_Job(name, lambda dl: self._agree(reject, seq, name, dl), None, timeout_s))
+                reject = wire.meta(seq, name, rejected=True)
+                self._q.put(Job(name, lambda dl: self._agree(reject, seq, name, dl), None, timeout_s))
                 raise local_error
+            meta = plan.meta
             meta[1] = seq
 
             def job(deadline: float) -> None:
+                if plan.round is not None:  # on the comm thread: the engine's next round id is this op's
+                    meta[wire.OP_W :] = self._round_words(plan.round)
                 self._agree(meta, seq, name, deadline)
-                run(deadline, seq)
+                plan.run(deadline, seq)
 
-            return self._submit(name, job, outputs, timeout_s, devices)
+            return self._submit(name, job, plan.outputs, timeout_s, plan.devices)
+
+    def _round_words(self, rnd: _Round) -> np.ndarray:
+        """The engine's round_meta for the round `rnd` is about to run (-1s in a group of one: no engine)."""
+        if self._engine is None:
+            return np.full(len(wire.ROUND_FIELDS), -1, dtype=np.int64)
+        cfg = None if rnd.privacy is None else self._engine.cfg.replace(privacy=parse_privacy(rnd.privacy))
+        words = np.asarray(
+            self._engine.round_meta(rnd.payload.size, cfg, rnd.consensus, self._engine.round_id), dtype=np.int64
+        )
+        if words.size != len(wire.ROUND_FIELDS):
+            raise FLTorrentError(
+                f"the engine's round_meta has {words.size} words; wire.ROUND_FIELDS names {len(wire.ROUND_FIELDS)}"
+            )
+        return words
 
     def _agree(self, meta: np.ndarray, seq: int, name: str, deadline: float) -> None:
         """Every rank compares every rank's descriptor; any difference raises on every rank."""
@@ -635,7 +316,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             if meta[3]:
                 raise FLTorrentError(f"fltorrent {name} #{seq}: rejected locally")
             return
-        allm = np.empty((self._size, _META_W), dtype=np.int64)
+        allm = np.empty((self._size, wire.META_W), dtype=np.int64)
         req = self._coll.Iallgather(meta, allm)
         self._wait_reqs([req], ["all"], deadline, f"{name} #{seq} agreement", keep=(meta, allm))
         rejected = [r for r in range(self._size) if allm[r, 3]]
@@ -646,43 +327,34 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         bad = [r for r in range(self._size) if not np.array_equal(allm[r], allm[0])]
         if bad:
             r = bad[0]
-            diffs = [
-                f"{_META_FIELDS[i]}: rank 0 {_decode(i, allm[0, i])} vs rank {r} {_decode(i, allm[r, i])}"
-                for i in range(_META_W)
-                if allm[0, i] != allm[r, i]
-            ]
+            diffs = wire.differences(allm[0], allm[r], 0, r)
             raise ShapeMismatchError(
                 f"fltorrent {name} #{seq}: ranks {bad} disagree with rank 0 ({'; '.join(diffs)}); every rank must "
-                "call the same collective with the same shapes, dtypes, root and op"
+                "call the same collective with the same shapes, dtypes, root and op (and swarm settings)"
             )
 
     # ----------------------------------------------------------------- dissemination
 
-    def _disseminate(
-        self,
-        payload: np.ndarray,
-        seq: int,
-        deadline: float,
-        *,
-        weight: float = 1.0,
-        privacy: Any = None,
-        deadline_s: float | None = None,
-        silent: bool = False,
-        partial_ok: bool = False,
-        what: str = "round",
-    ) -> Any:
-        """One swarm round (comm thread only); unless partial_ok, every rank must be reconstructed."""
+    def _disseminate(self, rnd: _Round, seq: int, deadline: float, *, partial_ok: bool = False, what: str = "round"):
+        """One swarm round (comm thread only, already agreed in `_collective`); unless partial_ok, every rank
+        must be reconstructed.
+
+        The swarm deadline is the caller's `deadline_s` (else the config's `deadline_s`, else none), capped by
+        the time left before this op's own deadline (job start + the op's timeout): a round never runs past the
+        op, and ranks not reconstructed by then are left out of A instead of failing a later wait.
+        """
+        swarm_deadline = swarm_deadline_s(rnd.deadline_s, self._config.deadline_s, deadline - time.monotonic())
         if self._size == 1:
-            res = _LocalRound(payload, weight)
+            res = _LocalRound(rnd.payload, rnd.weight)
         else:
             res = self._engine.disseminate(
-                payload,
-                weight=weight,
-                privacy=privacy,
-                seed=(self._config.seed * 1_000_003 + seq) & 0x7FFFFFFF,
-                deadline_s=deadline_s,
-                consensus=True,
-                silent=silent,
+                rnd.payload,
+                weight=rnd.weight,
+                privacy=rnd.privacy,
+                seed=round_seed(self._config.seed, seq),
+                deadline_s=swarm_deadline,
+                consensus=rnd.consensus,
+                agreed=True,
             )
         self.last_round_stats = dict(getattr(res, "stats", {}) or {})
         if not partial_ok:
@@ -700,15 +372,17 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         weight: float = 1.0,
         privacy: Any = None,
         deadline_s: float | None = None,
-        silent: bool = False,
         timeout_s: float | None = None,
         digest: int = 0,
         reject: BaseException | None = None,
         consume: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """One FL round on the comm thread (used by fedavg_): blocks; returns consume(RoundResult) or the result.
+        """One FL round on the comm thread (used by fedavg_, aggregate_): blocks; returns consume(RoundResult) or
+        the result.
 
-        Ranks first agree on the payload size and `digest` (e.g. a layout hash), so a mismatch raises everywhere.
+        Ranks first agree on the payload size, `digest` (e.g. a layout hash) and the engine's round words, so a
+        mismatch raises everywhere.  privacy None: the group config's; deadline_s: see `_disseminate`; consensus:
+        the group config's `consensus` (False = each rank's own reconstructable set, the paper's semantics).
         `reject`: this rank's own argument error; it is raised here after the peers were told, so they raise too.
         `consume` runs on the comm thread before the next op, while the engine's update buffers are still valid.
         """
@@ -719,23 +393,15 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         def build():
             if reject is not None:
                 raise reject
-            meta = _meta(0, "swarm_round", numel=payload.size, crc=int(digest) & 0x7FFFFFFFFFFFFFFF)
+            mechanisms = None if privacy is None else parse_privacy(privacy)  # a bad value: the reject path
+            meta = wire.meta(0, "swarm_round", numel=payload.size, crc=int(digest) & 0x7FFFFFFFFFFFFFFF)
+            rnd = _Round(payload, weight, mechanisms, deadline_s, self._config.consensus)
 
             def run(deadline, seq):
-                res = self._disseminate(
-                    payload,
-                    seq,
-                    deadline,
-                    weight=weight,
-                    privacy=privacy,
-                    deadline_s=deadline_s,
-                    silent=silent,
-                    partial_ok=True,
-                    what="swarm_round",
-                )
+                res = self._disseminate(rnd, seq, deadline, partial_ok=True, what="swarm_round")
                 box.append(consume(res) if consume is not None else res)
 
-            return meta, run, [], ()
+            return _Plan(meta, run, [], (), rnd)
 
         self._collective("swarm_round", build, _Opts(timeout_s)).wait()
         return box[0]
@@ -754,29 +420,30 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         def build():
             ts = list(tensors)
             if name in ("allreduce", "reduce"):
-                _one(ts, name)
+                wire.one(ts, name)
             if not ts:
                 raise UnsupportedError(f"{name}: no tensors")
-            kind, factor = _reduce_op(opts)
+            kind, factor = reduce_op(opts)
             for t in ts:
-                _check_tensor(t, name)
-                _check_reduce(kind, factor, t.dtype, name)
+                wire.check_tensor(t, name)
+                check_reduce(kind, factor, t.dtype, name)
             if root >= self._size or root < -1:
                 raise UnsupportedError(f"{name}: root {root} out of range for a group of {self._size}")
-            payload, offs = _pack(ts)
-            meta = _meta_tensors(name, ts, root=root, redop=int(kind))
-            shapes = [(t.dtype, tuple(t.shape), _nbytes(t)) for t in ts]
+            payload, offs = wire.pack(ts)
+            meta = wire.meta_tensors(name, ts, root=root, redop=int(kind))
+            shapes = [(t.dtype, tuple(t.shape), wire.nbytes(t)) for t in ts]
+            rnd = _Round(payload)
 
             def run(deadline, seq):
-                res = self._disseminate(payload, seq, deadline, what=name)
+                res = self._disseminate(rnd, seq, deadline, what=name)
                 if root >= 0 and self._rank != root:
                     return
                 for t, off, (dt, shape, nb) in zip(ts, offs, shapes):
-                    parts = [_from_bytes(res.updates[r][off : off + nb], dt, shape) for r in range(self._size)]
+                    parts = [wire.from_bytes(res.updates[r][off : off + nb], dt, shape) for r in range(self._size)]
                     acc = torch.empty(shape, dtype=dt)
-                    _write(t, _reduce_into(acc, parts, kind, factor, self._size))
+                    wire.write(t, reduce_into(acc, parts, kind, factor, self._size))
 
-            return meta, run, ts, _devices_of(ts)
+            return _Plan(meta, run, ts, wire.devices_of(ts), rnd)
 
         return self._collective(name, build, opts)
 
@@ -790,7 +457,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None
     ) -> FLTorrentWork:
         def build():
-            inp = _one(input_tensors, "allgather")
+            inp = wire.one(input_tensors, "allgather")
             if len(output_tensors) != 1:
                 raise UnsupportedError(f"allgather: expected one output list, got {len(output_tensors)}")
             outs = list(output_tensors[0])
@@ -805,7 +472,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         """output_lists[r][j] receives rank r's input j (gloo's layout), all in one swarm round."""
 
         def build():
-            ins = [_check_tensor(t, "allgather_coalesced") for t in input_list]
+            ins = [wire.check_tensor(t, "allgather_coalesced") for t in input_list]
             if len(output_lists) != self._size or any(len(o) != len(ins) for o in output_lists):
                 raise UnsupportedError(
                     f"allgather_coalesced: need {self._size} output lists of {len(ins)} tensors (one list per rank)"
@@ -847,15 +514,15 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         if len(outs) != self._size:
             raise UnsupportedError(f"{name}: output list has {len(outs)} tensors for a group of {self._size}")
         for o in outs:
-            _check_tensor(o, name)
+            wire.check_tensor(o, name)
             if o.dtype != inp.dtype or o.numel() != inp.numel():
                 raise ShapeMismatchError(
                     f"{name}: output {tuple(o.shape)}/{o.dtype} does not match input {tuple(inp.shape)}/{inp.dtype}"
                 )
 
     def _check_flat(self, name: str, out: torch.Tensor, inp: torch.Tensor, n: int) -> None:
-        _check_tensor(out, name)
-        _check_tensor(inp, name)
+        wire.check_tensor(out, name)
+        wire.check_tensor(inp, name)
         if out.dtype != inp.dtype or out.numel() != n * inp.numel():
             raise ShapeMismatchError(
                 f"{name}: output {tuple(out.shape)}/{out.dtype} must hold {n} x input {tuple(inp.shape)}/{inp.dtype}"
@@ -873,23 +540,25 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     def _gather_like(
         self, name: str, ins: list[torch.Tensor], outs: list[list[torch.Tensor]], flat: list[torch.Tensor] | None = None
     ):
-        payload, offs = _pack(ins)
-        meta = _meta_tensors(name, ins)
-        shapes = [(t.dtype, _nbytes(t)) for t in ins]
+        payload, offs = wire.pack(ins)
+        meta = wire.meta_tensors(name, ins)
+        shapes = [(t.dtype, wire.nbytes(t)) for t in ins]
         result = flat if flat is not None else (outs[0] if len(outs) == 1 else [o for lst in outs for o in lst])
 
+        rnd = _Round(payload)
+
         def run(deadline, seq):
-            res = self._disseminate(payload, seq, deadline, what=name)
+            res = self._disseminate(rnd, seq, deadline, what=name)
             for k, (dt, nb) in enumerate(shapes):
                 for r in range(self._size):
                     o = outs[k][r]
-                    _write(o, _from_bytes(res.updates[r][offs[k] : offs[k] + nb], dt, o.shape))
+                    wire.write(o, wire.from_bytes(res.updates[r][offs[k] : offs[k] + nb], dt, o.shape))
                 if flat is not None:
                     base = outs[k][0]
                     if flat[k].device.type != "cpu" or not flat[k].is_contiguous():
-                        _write(flat[k], base._base if base._base is not None else torch.cat(outs[k]))
+                        wire.write(flat[k], base._base if base._base is not None else torch.cat(outs[k]))
 
-        return meta, run, result, _devices_of([*ins, *(flat or [])])
+        return _Plan(meta, run, result, wire.devices_of([*ins, *(flat or [])]), rnd)
 
     # ----------------------------------------------------------------- broadcast
 
@@ -901,18 +570,19 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             root = int(opts.rootRank)
 
         def build():
-            t = _one(tensors, "broadcast")
+            t = wire.one(tensors, "broadcast")
             if not 0 <= root < self._size:
                 raise UnsupportedError(f"broadcast: root {root} out of range for a group of {self._size}")
-            payload = _host_bytes(t)
-            meta = _meta_tensors("broadcast", [t], root=root)
+            payload = wire.host_bytes(t)
+            meta = wire.meta_tensors("broadcast", [t], root=root)
+            rnd = _Round(payload)
 
             def run(deadline, seq):
-                res = self._disseminate(payload, seq, deadline, what="broadcast")
+                res = self._disseminate(rnd, seq, deadline, what="broadcast")
                 if self._rank != root:
-                    _write(t, _from_bytes(res.updates[root], t.dtype, t.shape))
+                    wire.write(t, wire.from_bytes(res.updates[root], t.dtype, t.shape))
 
-            return meta, run, [t], _devices_of([t])
+            return _Plan(meta, run, [t], wire.devices_of([t]), rnd)
 
         return self._collective("broadcast", build, opts)
 
@@ -940,12 +610,12 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         opts = dist.ReduceScatterOptions() if opts is None else opts
 
         def build():
-            out = _one(output_tensors, "reduce_scatter")
+            out = wire.one(output_tensors, "reduce_scatter")
             if len(input_tensors) != 1 or len(input_tensors[0]) != self._size:
                 raise UnsupportedError(f"reduce_scatter: need one input list of {self._size} tensors")
             ins = list(input_tensors[0])
             self._check_outputs("reduce_scatter", ins, out)
-            return self._reduce_scatter("reduce_scatter", out, [_host_bytes(t) for t in ins], opts)
+            return self._reduce_scatter("reduce_scatter", out, [wire.host_bytes(t) for t in ins], opts)
 
         return self._collective("reduce_scatter", build, opts)
 
@@ -954,8 +624,8 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
 
         def build():
             self._check_flat("reduce_scatter_single", input, output, self._size)
-            b = _host_bytes(input)
-            nb = _nbytes(output)
+            b = wire.host_bytes(input)
+            nb = wire.nbytes(output)
             return self._reduce_scatter(
                 "reduce_scatter_single", output, [b[r * nb : (r + 1) * nb] for r in range(self._size)], opts
             )
@@ -984,13 +654,13 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 if w.exception() is not None:
                     raise w.exception()
 
-        return self._submit(name, run, outputs, self._timeout_of(opts), _devices_of(outputs))
+        return self._submit(name, run, outputs, self._timeout_of(opts), wire.devices_of(outputs))
 
     def _reduce_scatter(self, name: str, out: torch.Tensor, pieces: list[np.ndarray], opts: Any):
-        kind, factor = _reduce_op(opts)
-        _check_reduce(kind, factor, out.dtype, name)
-        meta = _meta_tensors(name, [out], redop=int(kind))
-        nb = _nbytes(out)
+        kind, factor = reduce_op(opts)
+        check_reduce(kind, factor, out.dtype, name)
+        meta = wire.meta_tensors(name, [out], redop=int(kind))
+        nb = wire.nbytes(out)
 
         def run(deadline, seq):
             recv = np.empty((self._size, nb), dtype=np.uint8)
@@ -1004,10 +674,10 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                     deadline,
                     f"{name} #{seq}",
                 )
-            parts = [_from_bytes(recv[r], out.dtype, out.shape) for r in range(self._size)]
-            _write(out, _reduce_into(torch.empty(out.shape, dtype=out.dtype), parts, kind, factor, self._size))
+            parts = [wire.from_bytes(recv[r], out.dtype, out.shape) for r in range(self._size)]
+            wire.write(out, reduce_into(torch.empty(out.shape, dtype=out.dtype), parts, kind, factor, self._size))
 
-        return meta, run, [out], _devices_of([out])
+        return _Plan(meta, run, [out], wire.devices_of([out]))
 
     def alltoall(
         self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor], opts: Any = None
@@ -1015,12 +685,12 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         def build():
             if len(output_tensors) != self._size or len(input_tensors) != self._size:
                 raise UnsupportedError(f"alltoall: need {self._size} input and output tensors")
-            ins = [_check_tensor(t, "alltoall") for t in input_tensors]
-            outs = [_check_tensor(t, "alltoall") for t in output_tensors]
+            ins = [wire.check_tensor(t, "alltoall") for t in input_tensors]
+            outs = [wire.check_tensor(t, "alltoall") for t in output_tensors]
             dt = ins[0].dtype
             if any(t.dtype != dt for t in [*ins, *outs]):
                 raise ShapeMismatchError("alltoall: all tensors must share one dtype")
-            send = [_host_bytes(t) for t in ins]
+            send = [wire.host_bytes(t) for t in ins]
             sizes = np.array([t.numel() for t in ins] + [t.numel() for t in outs], dtype=np.int64)
             return self._alltoall("alltoall", send, outs, None, sizes, dt)
 
@@ -1035,19 +705,19 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         opts: Any = None,
     ) -> FLTorrentWork:
         def build():
-            _check_tensor(output, "all_to_all_single")
-            _check_tensor(input, "all_to_all_single")
+            wire.check_tensor(output, "all_to_all_single")
+            wire.check_tensor(input, "all_to_all_single")
             if output.dtype != input.dtype:
                 raise ShapeMismatchError("all_to_all_single: input and output dtypes differ")
             n = self._size
-            ins = _splits(input, input_split_sizes, n, "input")
-            outs = _splits(output, output_split_sizes, n, "output")
+            ins = wire.splits(input, input_split_sizes, n, "input")
+            outs = wire.splits(output, output_split_sizes, n, "output")
             if input.dim() == 0 or output.dim() == 0:
                 raise UnsupportedError("all_to_all_single: tensors need at least one dimension")
             if input.shape[1:] != output.shape[1:]:
                 raise ShapeMismatchError("all_to_all_single: input and output differ beyond dim 0")
             row = int(np.prod(input.shape[1:], dtype=np.int64))
-            flat_in = _host_bytes(input)
+            flat_in = wire.host_bytes(input)
             esz = input.element_size() * row
             offs = np.concatenate([[0], np.cumsum(ins)])
             send = [flat_in[offs[r] * esz : offs[r + 1] * esz] for r in range(n)]
@@ -1065,7 +735,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     alltoall_base = all_to_all_single
 
     def _alltoall(self, name, send, outs, final, sizes, dtype):
-        meta = _meta(0, name, dtype=_DTYPE_CODE[dtype], numel=self._size)
+        meta = wire.meta(0, name, dtype=wire.DTYPE_CODE[dtype], numel=self._size)
         n = self._size
 
         def run(deadline, seq):
@@ -1083,19 +753,19 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                     f"fltorrent {name} #{seq}: rank {r} sends {allsz[r, s]} elements to rank {s}, which expects "
                     f"{allsz[s, n + r]}"
                 )
-            recv = {r: np.empty(_nbytes(outs[r]), dtype=np.uint8) for r in range(n) if r != self._rank}
+            recv = {r: np.empty(wire.nbytes(outs[r]), dtype=np.uint8) for r in range(n) if r != self._rank}
             sendd = {r: send[r] for r in range(n) if r != self._rank and send[r].size}
             recv = {r: b for r, b in recv.items() if b.size}
             self._exchange(sendd, recv, self._tag(seq), deadline, f"{name} #{seq}")
             for r in range(n):
                 o = outs[r]
                 src = send[r] if r == self._rank else recv.get(r, np.zeros(0, dtype=np.uint8))
-                _write(o, _from_bytes(src, o.dtype, o.shape))
+                wire.write(o, wire.from_bytes(src, o.dtype, o.shape))
             if final is not None and final[0] is not final[1]:
-                _write(final[0], final[1])
+                wire.write(final[0], final[1])
 
         result = [final[0]] if final is not None else list(outs)
-        return meta, run, result, _devices_of(result)
+        return _Plan(meta, run, result, wire.devices_of(result))
 
     def gather(
         self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor], opts: Any = None
@@ -1104,7 +774,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         root = int(opts.rootRank)
 
         def build():
-            inp = _one(input_tensors, "gather")
+            inp = wire.one(input_tensors, "gather")
             if not 0 <= root < self._size:
                 raise UnsupportedError(f"gather: root {root} out of range")
             outs: list[torch.Tensor] = []
@@ -1115,8 +785,8 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 self._check_outputs("gather", outs, inp)
             elif output_tensors and any(len(o) for o in output_tensors):
                 raise UnsupportedError("gather: only the root passes output tensors")
-            mine = _host_bytes(inp)
-            meta = _meta_tensors("gather", [inp], root=root)
+            mine = wire.host_bytes(inp)
+            meta = wire.meta_tensors("gather", [inp], root=root)
 
             def run(deadline, seq):
                 if self._rank != root:
@@ -1127,9 +797,9 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 if mine.size:
                     self._exchange({}, recv, self._tag(seq), deadline, f"gather #{seq}")
                 for r, o in enumerate(outs):
-                    _write(o, _from_bytes(mine if r == root else recv[r], o.dtype, o.shape))
+                    wire.write(o, wire.from_bytes(mine if r == root else recv[r], o.dtype, o.shape))
 
-            return meta, run, outs, _devices_of([inp, *outs])
+            return _Plan(meta, run, outs, wire.devices_of([inp, *outs]))
 
         return self._collective("gather", build, opts)
 
@@ -1140,7 +810,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         root = int(opts.rootRank)
 
         def build():
-            out = _one(output_tensors, "scatter")
+            out = wire.one(output_tensors, "scatter")
             if not 0 <= root < self._size:
                 raise UnsupportedError(f"scatter: root {root} out of range")
             pieces: list[np.ndarray] = []
@@ -1149,43 +819,43 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                     raise UnsupportedError("scatter: the root needs exactly one input list")
                 ins = list(input_tensors[0])
                 self._check_outputs("scatter", ins, out)
-                pieces = [_host_bytes(t) for t in ins]
+                pieces = [wire.host_bytes(t) for t in ins]
             elif input_tensors and any(len(i) for i in input_tensors):
                 raise UnsupportedError("scatter: only the root passes input tensors")
-            meta = _meta_tensors("scatter", [out], root=root)
-            nb = _nbytes(out)
+            meta = wire.meta_tensors("scatter", [out], root=root)
+            nb = wire.nbytes(out)
 
             def run(deadline, seq):
                 if self._rank == root:
                     sends = {r: pieces[r] for r in range(self._size) if r != root}
                     if nb:
                         self._exchange(sends, {}, self._tag(seq), deadline, f"scatter #{seq}")
-                    _write(out, _from_bytes(pieces[root], out.dtype, out.shape))
+                    wire.write(out, wire.from_bytes(pieces[root], out.dtype, out.shape))
                 else:
                     buf = np.empty(nb, dtype=np.uint8)
                     if nb:
                         self._exchange({}, {root: buf}, self._tag(seq), deadline, f"scatter #{seq}")
-                    _write(out, _from_bytes(buf, out.dtype, out.shape))
+                    wire.write(out, wire.from_bytes(buf, out.dtype, out.shape))
 
-            return meta, run, [out], _devices_of([out])
+            return _Plan(meta, run, [out], wire.devices_of([out]))
 
         return self._collective("scatter", build, opts)
 
     def barrier(self, opts: Any = None) -> FLTorrentWork:
         def build():
-            meta = _meta(0, "barrier")
+            meta = wire.meta(0, "barrier")
 
             def run(deadline, seq):
                 if self._size > 1:
                     self._wait_reqs([self._coll.Ibarrier()], ["all"], deadline, f"barrier #{seq}")
 
-            return meta, run, [], ()
+            return _Plan(meta, run, [], ())
 
         return self._collective("barrier", build, opts)
 
     def monitored_barrier(self, timeout: timedelta | None = None, wait_all_ranks: bool = False) -> None:
         """Rank 0 collects a token from every rank, then releases them; names the ranks that never came."""
-        limit = self._timeout_s if _unset_timeout(timeout) else timeout.total_seconds()
+        limit = self._timeout_s if unset_timeout(timeout) else timeout.total_seconds()
         tag = self._tag_ub  # a tag user collectives never use (they stay < 32767)
         tag = min(tag, 32767)
 
@@ -1224,17 +894,17 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         return int(tag)
 
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int = 0) -> FLTorrentWork:  # noqa: N803
-        t = _one(tensors, "send")
+        t = wire.one(tensors, "send")
         dst = int(dstRank)
         if not 0 <= dst < self._size:
             raise UnsupportedError(f"send: destination {dst} out of range for a group of {self._size}")
         tag = self._check_tag(tag, "send")
-        buf = _host_bytes(t)
+        buf = wire.host_bytes(t)
         work = FLTorrentWork(f"send to {dst}", [t], (), limit_s=2 * self._timeout_s + 60)
 
         def post(deadline):
             req = self._p2p.Isend([buf, self._MPI.BYTE], dest=dst, tag=tag)
-            self._inflight.append(_P2P(req, work, deadline, f"send of {buf.size} B (tag {tag})", dst, buf))
+            self._inflight.append(P2P(req, work, deadline, f"send of {buf.size} B (tag {tag})", dst, buf))
 
         return self._post(work, post)
 
@@ -1248,12 +918,12 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         return self._recv(tensors, -1, tag)
 
     def _recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> FLTorrentWork:
-        t = _one(tensors, "recv")
+        t = wire.one(tensors, "recv")
         tag = self._check_tag(tag, "recv")
         direct = t.device.type == "cpu" and t.is_contiguous()
-        buf = _host_bytes(t) if direct else np.empty(_nbytes(t), dtype=np.uint8)
+        buf = wire.host_bytes(t) if direct else np.empty(wire.nbytes(t), dtype=np.uint8)
         work = FLTorrentWork(
-            f"recv from {src if src >= 0 else 'any'}", [t], _devices_of([t]), limit_s=2 * self._timeout_s + 60
+            f"recv from {src if src >= 0 else 'any'}", [t], wire.devices_of([t]), limit_s=2 * self._timeout_s + 60
         )
 
         def done(status):
@@ -1262,13 +932,13 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             if n != buf.size:
                 raise ShapeMismatchError(f"recv: got {n} bytes from rank {work._source}, expected {buf.size}")
             if not direct:
-                _write(t, _from_bytes(buf, t.dtype, t.shape))
+                wire.write(t, wire.from_bytes(buf, t.dtype, t.shape))
 
         def post(deadline):
             source = self._MPI.ANY_SOURCE if src < 0 else src
             req = self._p2p.Irecv([buf, self._MPI.BYTE], source=source, tag=tag)
             what = f"recv of {buf.size} B (tag {tag})"
-            self._inflight.append(_P2P(req, work, deadline, what, src if src >= 0 else "any", buf, done))
+            self._inflight.append(P2P(req, work, deadline, what, src if src >= 0 else "any", buf, done))
 
         return self._post(work, post)
 
@@ -1279,7 +949,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         def run(deadline):
             post(deadline)
 
-        self._q.put(_Job(work._name, run, None, self._timeout_s))
+        self._q.put(Job(work._name, run, None, self._timeout_s))
         return work
 
     # ----------------------------------------------------------------- lifecycle
@@ -1290,7 +960,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             return
         if self._state == "running":
             self._state = "closing"
-            self._q.put(_STOP)
+            self._q.put(STOP)
             self._thread.join(self._timeout_s + 5)
         self._release()
         self._state = "closed" if self._state != "aborted" else "aborted"
@@ -1300,7 +970,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         if self._state in ("aborted", "closed"):
             return
         self._state = "aborted"
-        self._q.put(_STOP)
+        self._q.put(STOP)
         self._thread.join(5.0)
         if not self._thread.is_alive():
             self._fail_inflight(FLTorrentError(f"fltorrent group {self._label} was aborted"))
@@ -1309,7 +979,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 item = self._q.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Job) and item.work is not None:
+            if isinstance(item, Job) and item.work is not None:
                 item.work._finish(FLTorrentError(f"fltorrent {item.name}: the group was aborted"))
 
     def _release(self) -> None:
@@ -1340,6 +1010,33 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
 # --------------------------------------------------------------------------------------------- internals
 
 
+class _Round:
+    """The swarm round an op runs: its payload and engine arguments (the collectives use the defaults)."""
+
+    __slots__ = ("payload", "weight", "privacy", "deadline_s", "consensus")
+
+    def __init__(
+        self,
+        payload: np.ndarray,
+        weight: float = 1.0,
+        privacy: Any = None,
+        deadline_s: float | None = None,
+        consensus: bool = True,
+    ) -> None:
+        self.payload, self.weight, self.privacy, self.deadline_s = payload, weight, privacy, deadline_s
+        self.consensus = consensus
+
+
+class _Plan(NamedTuple):
+    """What an op's local validation (`build`) hands the comm thread; `round` is None for direct ops."""
+
+    meta: np.ndarray
+    run: Callable[[float, int], None]
+    outputs: list
+    devices: Sequence[torch.device]
+    round: _Round | None = None
+
+
 class _Opts:
     def __init__(self, timeout_s: float) -> None:
         self.timeout = timedelta(seconds=timeout_s)
@@ -1355,82 +1052,20 @@ class _LocalRound:
         self.stats = {"bytes_sent": 0, "bytes_recv": 0, "warmup_s": 0.0, "swarm_s": 0.0, "round_s": 0.0}
 
 
+def swarm_deadline_s(deadline_s: float | None, config_deadline_s: float, left_s: float) -> float:
+    """Seconds the engine may run a round: the caller's deadline, else the config's (0 = none), never more than
+    `left_s`, the time left before the op's own deadline; at least 1 ms (the engine reads 0 as "no deadline")."""
+    asked = deadline_s if deadline_s is not None else (config_deadline_s or None)
+    left = max(float(left_s), 1e-3)
+    return left if asked is None else max(min(float(asked), left), 1e-3)
+
+
 def _make_engine(comm: Any, config: SwarmConfig) -> Any:
     if _engine_factory is not None:
         return _engine_factory(comm, config)
-    from .engine import SwarmEngine  # lazy: backend.py imports before the engine exists
+    from ..runtime.engine import SwarmEngine  # lazy: backend.py imports before the engine exists
 
     return SwarmEngine(comm, config)
-
-
-def _meta(
-    seq: int,
-    name: str,
-    *,
-    rejected: bool = False,
-    dtype: int = 0,
-    numel: int = 0,
-    shape: Sequence[int] = (),
-    root: int = -1,
-    redop: int = -1,
-    crc: int = 0,
-) -> np.ndarray:
-    m = np.full(_META_W, -1, dtype=np.int64)
-    m[0], m[1], m[2], m[3] = _MAGIC, seq, _OPCODE[name], int(rejected)
-    m[4], m[5], m[6] = dtype, numel, len(shape)
-    for i, d in enumerate(list(shape)[:6]):
-        m[7 + i] = d
-    m[13], m[14], m[15] = crc, root, redop
-    return m
-
-
-def _meta_tensors(name: str, ts: Sequence[torch.Tensor], *, root: int = -1, redop: int = -1) -> np.ndarray:
-    if len(ts) == 1:
-        t = ts[0]
-        shape = tuple(t.shape)
-        return _meta(
-            0,
-            name,
-            dtype=_DTYPE_CODE[t.dtype],
-            numel=t.numel(),
-            shape=shape,
-            root=root,
-            redop=redop,
-            crc=zlib.crc32(repr(shape).encode()),
-        )
-    desc = repr([(str(t.dtype), tuple(t.shape)) for t in ts]).encode()
-    return _meta(
-        0,
-        name,
-        dtype=zlib.crc32(desc),
-        numel=sum(t.numel() for t in ts),
-        shape=(len(ts),),
-        root=root,
-        redop=redop,
-        crc=zlib.crc32(desc[::-1]),
-    )
-
-
-def _decode(field: int, v: int) -> str:
-    if field == 2:
-        return _OP_NAMES[v - 1] if 1 <= v <= len(_OP_NAMES) else str(v)
-    if field == 4:
-        return str(_DTYPES[v - 1]) if 1 <= v <= len(_DTYPES) else str(v)
-    if field == 15 and v >= 0:
-        return _RED(v).name
-    return str(v)
-
-
-def _splits(t: torch.Tensor, splits: Sequence[int] | None, n: int, what: str) -> list[int]:
-    rows = t.shape[0] if t.dim() else 0
-    if splits is None or len(splits) == 0:
-        if rows % n:
-            raise ShapeMismatchError(f"all_to_all_single: {what} dim 0 ({rows}) is not divisible by {n}")
-        return [rows // n] * n
-    s = [int(x) for x in splits]
-    if len(s) != n or any(x < 0 for x in s) or sum(s) != rows:
-        raise ShapeMismatchError(f"all_to_all_single: {what} splits {s} do not cover dim 0 ({rows}) for {n} ranks")
-    return s
 
 
 def _cancel(req: Any) -> None:
@@ -1442,11 +1077,13 @@ def _cancel(req: Any) -> None:
         pass
 
 
-def _p2p_error(op: _P2P, e: Exception) -> Exception:
-    msg = str(e)
-    if "TRUNCATE" in msg.upper() or "truncat" in msg:
-        return ShapeMismatchError(f"fltorrent {op.what} from rank {op.peer}: message longer than the buffer")
-    return FLTorrentError(f"fltorrent {op.what} with rank {op.peer}: {msg}")
+def _p2p_error(op: P2P, e: Exception) -> Exception:
+    """An MPI failure of a user send/recv as an fltorrent error, classified by MPI's error class."""
+    from mpi4py import MPI
+
+    if isinstance(e, MPI.Exception) and e.Get_error_class() == MPI.ERR_TRUNCATE:
+        return TruncationError(f"fltorrent {op.what} from rank {op.peer}: message longer than the buffer")
+    return FLTorrentError(f"fltorrent {op.what} with rank {op.peer}: {e}")
 
 
 @atexit.register
@@ -1457,34 +1094,3 @@ def _shutdown_all() -> None:
             pg.shutdown()
         except Exception:  # noqa: BLE001
             pass
-
-
-# --------------------------------------------------------------------------------------------- benchmark hook
-
-
-def bench_backend_allgather(nbytes: int, iters: int = 20, *, warmup: int = 1, group: Any = None) -> float:
-    """Seconds per `dist.all_gather_into_tensor` through the fltorrent backend (max over ranks, mean of iters).
-
-    nbytes is the per-rank input size (MPI_Allgather's sendcount in bytes; nccl-tests' size = nbytes * world).
-    Collective; initialises the default group with "fltorrent" when torch.distributed is not initialised.
-    """
-    if not dist.is_initialized():
-        register_backend()
-        dist.init_process_group(BACKEND_NAME)
-    pg = group if group is not None else dist.group.WORLD
-    if dist.get_backend(pg) != BACKEND_NAME:
-        pg = dist.new_group(backend=BACKEND_NAME)
-    n = dist.get_world_size(pg)
-    inp = torch.full((int(nbytes),), dist.get_rank(pg) % 251, dtype=torch.uint8)
-    out = torch.empty(n * int(nbytes), dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # 2.13 prefers the name all_gather_single
-        for _ in range(warmup):
-            dist.all_gather_into_tensor(out, inp, group=pg)
-        dist.barrier(group=pg)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            dist.all_gather_into_tensor(out, inp, group=pg)
-    dt = torch.tensor([(time.perf_counter() - t0) / max(iters, 1)], dtype=torch.float64)
-    dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=pg)
-    return float(dt.item())

@@ -18,8 +18,10 @@ import numpy as np
 from ..config import SwarmConfig, privacy_label
 from ..errors import ConfigError
 from ..swarm import SwarmRound, rng
+from ..swarm.budget import chunk_budgets, too_slow
 from ..swarm.round import BT, WARMUP
 from ..trace import Trace
+from .recorder import RoundRecorder
 
 PAPER_UPLINK = ("15.5Mbps", "25.3Mbps")
 PAPER_DOWNLINK = ("36.5Mbps", "121Mbps")
@@ -42,11 +44,6 @@ def draw_links(
     up = gen.uniform(uplink[0], uplink[1], size=n) if uplink[1] > uplink[0] else np.full(n, uplink[0])
     down = gen.uniform(downlink[0], downlink[1], size=n) if downlink[1] > downlink[0] else np.full(n, downlink[0])
     return up, down
-
-
-def budgets(rate: np.ndarray, chunk_bytes: int, slot_seconds: float) -> np.ndarray:
-    """Per-slot chunk budgets floor(rate * Δ / C) (PAPER.md §1.1)."""
-    return np.floor(rate * slot_seconds / chunk_bytes + 1e-9).astype(np.int64)
 
 
 def _peak_rss() -> int:
@@ -77,16 +74,29 @@ def simulate(
     C = config.chunk_bytes
     K = max(1, math.ceil(update_bytes / C)) if update_bytes > 0 else 0
     up_rate, down_rate = draw_links(peers, uplink, downlink, config.seed)
-    ub, db = budgets(up_rate, C, config.slot_seconds), budgets(down_rate, C, config.slot_seconds)
-    if np.any(ub < 1) or np.any(db < 1):
+    slow = too_slow(up_rate, C, config.slot_seconds) | too_slow(down_rate, C, config.slot_seconds)
+    if np.any(slow) or np.any(up_rate <= 0) or np.any(down_rate <= 0):
         raise ConfigError(
             f"a link of {min(up_rate.min(), down_rate.min()):.0f} B/s moves less than one {C}-byte chunk per "
             f"{config.slot_seconds}s slot; raise --slot-seconds or lower --chunk-bytes"
         )
+    ub, db = chunk_budgets(up_rate, C, config.slot_seconds), chunk_budgets(down_rate, C, config.slot_seconds)
     rnd = SwarmRound(config, peers, K, ub, db, seed=config.seed, compute_maxflow=maxflow, maxflow_every=maxflow_every)
     s_max = rnd.deadline()
-    tr = _new_trace(rnd, config, up_rate, down_rate, update_bytes) if trace else None
-    last_bytes = update_bytes - (K - 1) * C if K else 0
+    rec = None
+    if trace:
+        rec = RoundRecorder(
+            rnd,
+            config,
+            "sim",
+            update_bytes,
+            seed=config.seed,
+            attrs={
+                "update_bytes": int(update_bytes),
+                "config": {**config.to_dict(), "update_bytes": int(update_bytes)},
+            },
+            peers={"uplink": up_rate, "downlink": down_rate, "weight": np.ones(rnd.n)},
+        )
     leavers = np.zeros(0, dtype=np.int64)
     if leave_fraction > 0:
         gen = rng.generator(config.seed, rng.LEAVE)
@@ -112,8 +122,9 @@ def simulate(
                 if st.maxflow >= 0:
                     mf_sum += st.maxflow
                     mf_gff += int(np.count_nonzero(st.kind == WARMUP))
-            if tr is not None:
-                _record(tr, st, rnd, C, last_bytes, config.slot_seconds)
+            if rec is not None:
+                dt = config.slot_seconds
+                rec.stage(st, t_start=st.index * dt, t=(st.index + 1) * dt)
             if bar is not None and bar.due(st.index):
                 bar.update(int(rnd.held[rnd.active[: rnd.n]].sum()), rnd.stage)
     finally:
@@ -172,8 +183,9 @@ def simulate(
             )
             summary["maxflow_warmup_stages"] = ref.summary["warmup_stages"]
             summary["maxflow_makespan_ratio"] = ref.summary["warmup_stages"] / max(s_bt, 1)
-    if tr is not None:
-        _finish_trace(tr, rnd, A, summary)
+    tr = None
+    if rec is not None:
+        tr = rec.finish(A, A[act].all(axis=0) if act.any() else np.ones(rnd.n, dtype=bool), s_bt, stages)
     return SimResult(summary, tr, rnd)
 
 
@@ -227,77 +239,3 @@ class _Lines:
 
     def stop(self) -> None:
         pass
-
-
-def _new_trace(rnd: SwarmRound, cfg: SwarmConfig, up: np.ndarray, down: np.ndarray, update_bytes: int) -> Trace:
-    tr = Trace()
-    tr.attrs.update(
-        source="sim",
-        n_peers=rnd.n,
-        chunks_per_peer=rnd.K,
-        chunk_bytes=cfg.chunk_bytes,
-        cover_k=rnd.k,
-        kappa=cfg.kappa,
-        seed=cfg.seed,
-        slot_seconds=cfg.slot_seconds,
-        update_bytes=int(update_bytes),
-        config={**cfg.to_dict(), "update_bytes": int(update_bytes)},
-    )
-    tr.peers = {
-        "uplink": up,
-        "downlink": down,
-        "up_budget": rnd.up,
-        "down_budget": rnd.down,
-        "lag": rnd.lag,
-        "weight": np.ones(rnd.n),
-    }
-    tr.edges = rnd.overlay.edges
-    tr.overlay_attrs = {"kind": rnd.overlay.kind, "lambda2": float(rnd.overlay.lambda2)}
-    return tr
-
-
-def _record(tr: Trace, st, rnd: SwarmRound, C: int, last_bytes: int, dt: float) -> None:
-    if st.size:
-        K = max(rnd.K, 1)
-        nbytes = np.where(st.chunk % K == K - 1, last_bytes, C)
-        tr.add_transfers(
-            stage=np.full(st.size, st.index),
-            t=np.full(st.size, (st.index + 1) * dt),
-            t_start=np.full(st.size, st.index * dt),
-            sender=st.sender,
-            receiver=st.receiver,
-            owner=st.chunk // K,
-            chunk=st.chunk,
-            phase=st.kind,
-            sender_owned=st.sender_owned,
-            sender_buffer=st.sender_buffer,
-            bytes=nbytes,
-            ok=np.ones(st.size, bool),
-        )
-    tr.add_stage(
-        stage=[st.index],
-        phase=[st.phase],
-        transfers=[st.size],
-        capacity=[st.capacity],
-        utilization=[st.size / st.capacity if st.capacity else 0.0],
-        maxflow=[st.maxflow],
-    )
-    if st.release_peer.size:
-        tr.add_gate_releases(
-            stage=np.full(st.release_peer.size, st.index), peer=st.release_peer, chunk=st.release_chunk
-        )
-
-
-def _finish_trace(tr: Trace, rnd: SwarmRound, A: np.ndarray, summary: dict[str, Any]) -> None:
-    act = rnd.active[: rnd.n]
-    tr.attrs.update(
-        warmup_stages=summary["warmup_stages"],
-        stages=summary["stages"],
-        warmup_failed_open=bool(rnd.warmup_failed_open),
-    )
-    tr.peers.update(active=act, left_at=rnd.left_at, complete_stage=rnd.complete_stage)
-    tr.reconstructable = A
-    agreed = np.ones(rnd.n, dtype=bool)
-    if act.any():
-        agreed = A[act].all(axis=0)
-    tr.agreed = agreed

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .layout import Layout
+from ..chunks.layout import Layout
 
 RULES = ("fedavg", "median", "trimmed-mean", "krum")
 _ALIASES = {"mean": "fedavg", "trimmed_mean": "trimmed-mean", "trim": "trimmed-mean", "trimmedmean": "trimmed-mean"}
@@ -77,7 +77,7 @@ def fedavg_packed_(
     This is `fedavg_`'s aggregation step (kernels.accumulate_ per whole update in rank order, then
     kernels.finalize_fedavg_), so a server computing it over the same payloads gets `fedavg_`'s bits.
     """
-    from .kernels import accumulate_, finalize_fedavg_
+    from ..chunks.kernels import accumulate_, finalize_fedavg_
 
     if len(payloads) != len(weights) or not payloads:
         raise ValueError(f"{len(payloads)} payloads for {len(weights)} weights (need >= 1 of each)")
@@ -100,7 +100,7 @@ def fedavg_packed_(
 
 def fedavg(updates: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted mean sum_u (w_u / W) * x_u of flat updates with fedavg_'s arithmetic; fp32 [numel]."""
-    from .kernels import pack_segments
+    from ..chunks.kernels import pack_segments
 
     x = _stack(updates)
     if len(weights) != x.shape[0]:

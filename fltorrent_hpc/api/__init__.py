@@ -1,0 +1,1 @@
+"""The torch-facing layer: the ProcessGroup "fltorrent", fedavg_ and the aggregation rules."""

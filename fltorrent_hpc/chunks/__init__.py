@@ -1,0 +1,1 @@
+"""Tensors to chunks and back: layout, pack/accumulate kernels, device arena, chunk digests."""

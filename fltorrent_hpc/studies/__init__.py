@@ -1,0 +1,1 @@
+"""Scaling and privacy studies, the report beside the paper's numbers, and training data."""

@@ -1,0 +1,210 @@
+"""A fault-injecting Transport wrapper: one rank misbehaves on purpose, the runtime cannot tell it apart.
+
+Wrap the transport of the rank that should misbehave and hand it to the engine:
+
+    net = FaultyTransport(MPITransport(comm), [Fault("silent", from_stage=1)])
+    engine = SwarmEngine(net, config)
+
+A `Fault` says what to do (drop, delay, duplicate, corrupt, silent), to which messages: a context
+("data", "ctrl", "nbr" or None for all), a peer (None: all), a round and a stage window.  The wrapper
+learns the current round from the control frames it sees pass (every frame starts MAGIC, round, stage,
+kind), and a data message's stage from its tag (`base.data_tag`), so a test names "round 1, stage 3"
+the way the trace does.  Requests of dropped sends complete at once, as if the bytes had left; a
+delayed send is posted when its time comes, during the wrapper's `test` calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from .base import MAGIC, Request, Transport, stage_of_data_tag
+
+ACTIONS = ("drop", "delay", "duplicate", "corrupt", "silent")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One misbehaviour of the wrapped rank's outgoing messages.
+
+    action: "drop" (never sent), "delay" (sent `delay_s` late), "duplicate" (sent twice), "corrupt" (one
+        byte flipped every `stride` bytes of a data message), "silent" (every message dropped: the rank
+        stops talking but keeps listening, so it still learns the round's outcome).
+    channel: "data", "ctrl", "nbr" (the engine's contexts) or None for every context.
+    peer: the destination it applies to, None for all.
+    round_id / from_stage / to_stage: the window (None: any round; stages inclusive).  A send that is no
+        control frame and no data message has no stage and matches only a fault for any round from stage
+        0.  All-gathers are never faulted: every rank takes part in them, they carry no peer's choice.
+    """
+
+    action: str
+    channel: str | None = None
+    peer: int | None = None
+    round_id: int | None = None
+    from_stage: int = 0
+    to_stage: int | None = None
+    delay_s: float = 0.0
+    stride: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ConfigError(f"Fault action {self.action!r}: choose one of {ACTIONS}")
+        if self.action == "delay" and self.delay_s <= 0:
+            raise ConfigError("a 'delay' Fault needs delay_s > 0")
+        if self.stride < 1:
+            raise ConfigError("Fault stride must be >= 1")
+
+    def matches(self, channel: str, dest: int, round_id: int | None, stage: int | None) -> bool:
+        if self.channel is not None and self.channel != channel:
+            return False
+        if self.peer is not None and self.peer != dest:
+            return False
+        if self.round_id is not None and round_id != self.round_id:
+            return False
+        if stage is None:
+            return self.from_stage <= 0 and self.round_id is None
+        return stage >= self.from_stage and (self.to_stage is None or stage <= self.to_stage)
+
+
+class _Done:
+    """A request that is already complete (a dropped send)."""
+
+    reported = False
+
+
+class _Later:
+    """A send to post at `when` (a delayed send); complete once the posted send is."""
+
+    def __init__(self, when: float, buf: np.ndarray, dest: int, tag: int):
+        self.when, self.buf, self.dest, self.tag = when, buf, dest, tag
+        self.inner: Request | None = None
+        self.reported = False
+
+
+class _Pair:
+    """Two inner sends (a duplicated message): complete when both are."""
+
+    def __init__(self, a: Request, b: Request):
+        self.reqs, self.done = [a, b], [False, False]
+        self.reported = False
+
+
+class _Epoch:
+    """What the wrapper has learned of the current round (shared by every context of one wrapper)."""
+
+    round_id: int | None = None
+
+
+class FaultyTransport(Transport):
+    """Wraps `inner`; the given faults apply to this rank's outgoing messages.  Counts what it did in
+    `injected` (action -> messages), so a test can check its fault really fired."""
+
+    def __init__(self, inner: Transport, faults: Sequence[Fault] = (), *, _epoch: _Epoch | None = None, _log=None):
+        self.inner = inner
+        self.faults = list(faults)
+        self.rank, self.size, self.name = inner.rank, inner.size, inner.name
+        self._epoch = _epoch or _Epoch()
+        self.injected: dict[str, int] = _log if _log is not None else {}
+
+    def dup(self, name: str) -> FaultyTransport:
+        return FaultyTransport(self.inner.dup(name), self.faults, _epoch=self._epoch, _log=self.injected)
+
+    # ----------------------------------------------------------------------------- what a message is
+    def _learn(self, buf: np.ndarray) -> int | None:
+        """The stage of a control frame (and its round, remembered); None when `buf` is no frame."""
+        if buf.dtype == np.int64 and buf.ndim == 1 and buf.size >= 4 and buf[0] == MAGIC:
+            self._epoch.round_id = int(buf[1])
+            return int(buf[2])
+        return None
+
+    def _stage_of(self, buf: np.ndarray, tag: int) -> int | None:
+        if self.name == "data":
+            return stage_of_data_tag(tag)
+        return self._learn(buf)
+
+    def _fault(self, buf: np.ndarray, dest: int, tag: int) -> Fault | None:
+        stage = self._stage_of(buf, tag)
+        for f in self.faults:
+            if f.matches(self.name, dest, self._epoch.round_id, stage):
+                return f
+        return None
+
+    # ----------------------------------------------------------------------------- Transport
+    def post_send(self, buf: np.ndarray, dest: int, tag: int) -> Request:
+        f = self._fault(buf, dest, tag)
+        if f is None:
+            return self.inner.post_send(buf, dest, tag)
+        self.injected[f.action] = self.injected.get(f.action, 0) + 1
+        if f.action in ("drop", "silent"):
+            return _Done()
+        if f.action == "delay":
+            return _Later(time.monotonic() + f.delay_s, buf, dest, tag)
+        if f.action == "duplicate":
+            return _Pair(self.inner.post_send(buf, dest, tag), self.inner.post_send(buf, dest, tag))
+        bad = np.array(buf, copy=True).reshape(-1).view(np.uint8)  # corrupt: the rank's own data stays intact
+        bad[:: f.stride] ^= 0xFF
+        return self.inner.post_send(bad, dest, tag)
+
+    def post_recv(self, buf: np.ndarray, source: int, tag: int) -> Request:
+        return self.inner.post_recv(buf, source, tag)
+
+    def test(self, reqs: Sequence[Request]) -> list[int]:
+        out: list[int] = []
+        plain = [(i, r) for i, r in enumerate(reqs) if not isinstance(r, (_Done, _Later, _Pair))]
+        if plain:
+            got = self.inner.test([r for _, r in plain])
+            out.extend(plain[j][0] for j in got)
+        now = time.monotonic()
+        for i, r in enumerate(reqs):
+            if isinstance(r, _Done) and not r.reported:
+                r.reported = True
+                out.append(i)
+            elif isinstance(r, _Later) and not r.reported:
+                if r.inner is None and now >= r.when:
+                    r.inner = self.inner.post_send(r.buf, r.dest, r.tag)
+                if r.inner is not None and self.inner.test([r.inner]):
+                    r.reported = True
+                    out.append(i)
+            elif isinstance(r, _Pair) and not r.reported:
+                for j, q in enumerate(r.reqs):
+                    if not r.done[j] and self.inner.test([q]):
+                        r.done[j] = True
+                if all(r.done):
+                    r.reported = True
+                    out.append(i)
+        return sorted(out)
+
+    def cancel(self, reqs: Sequence[Request]) -> None:
+        inner = []
+        for r in reqs:
+            if isinstance(r, _Later):
+                if r.inner is not None:
+                    inner.append(r.inner)
+                r.reported = True
+            elif isinstance(r, _Pair):
+                inner.extend(q for q, d in zip(r.reqs, r.done) if not d)
+                r.reported = True
+            elif isinstance(r, _Done):
+                r.reported = True
+            else:
+                inner.append(r)
+        self.inner.cancel(inner)
+
+    def poll_frame(self, source: int, tag: int) -> np.ndarray | None:
+        msg = self.inner.poll_frame(source, tag)
+        if msg is not None:
+            self._learn(msg)
+        return msg
+
+    def post_allgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
+        return self.inner.post_allgather(send, recv)
+
+    def local_size(self) -> int:
+        return self.inner.local_size()
+
+    def close(self) -> None:
+        self.inner.close()
