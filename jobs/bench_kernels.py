@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fltorrent_hpc import kernels as K  # noqa: E402
+from fltorrent_hpc.chunks import kernels as K  # noqa: E402
 from fltorrent_hpc.chunks.digest import chunk_hashes  # noqa: E402
 from fltorrent_hpc.chunks.layout import Layout  # noqa: E402
 from fltorrent_hpc.config import parse_bytes  # noqa: E402

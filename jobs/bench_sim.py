@@ -12,9 +12,12 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+
+from fltorrent_hpc.swarm.bt_kernel import compile_note
 
 ONE = """
 import json, sys
@@ -28,6 +31,29 @@ print(json.dumps(r.summary))
 """
 
 
+HEARTBEAT_S = 10.0
+
+
+def run_row(n: int, privacy: str, seed: int) -> str:
+    """One n in its own process; prints a heartbeat line every HEARTBEAT_S so logs show it is alive."""
+    t0 = time.monotonic()
+    with subprocess.Popen(
+        [sys.executable, "-c", ONE, str(n), privacy, str(seed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=HEARTBEAT_S)
+                break
+            except subprocess.TimeoutExpired:
+                print(f"  ... n={n} running, {time.monotonic() - t0:.0f}s", flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_sim: n={n} failed (exit {proc.returncode}):\n{err}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", default="100,200,500")
@@ -36,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     rows = []
+    note = compile_note()
+    if note:
+        print(note, flush=True)
+    print(f"(one row per n; a line every {HEARTBEAT_S:.0f}s while a row runs; n=500 takes minutes)", flush=True)
     print(f"{'peers':>6} {'stages':>7} {'transfers':>11} {'wall_s':>8} {'peak_MiB':>9} {'us/transfer':>12}")
     for n in [int(x) for x in a.peers.split(",")]:
-        out = subprocess.run(
-            [sys.executable, "-c", ONE, str(n), a.privacy, str(a.seed)], capture_output=True, text=True, check=True
-        )
-        s = json.loads(out.stdout.strip().splitlines()[-1])
+        s = json.loads(run_row(n, a.privacy, a.seed).strip().splitlines()[-1])
         rows.append(s)
         print(
             f"{n:>6} {s['stages']:>7} {s['transfers']:>11} {s['wall_s']:>8.1f} {s['peak_rss_bytes'] / 2**20:>9.0f} "

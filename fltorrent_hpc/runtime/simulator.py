@@ -63,8 +63,13 @@ def simulate(
     leave_stage: int | None = None,
     trace: bool = True,
     warmup_only: bool = False,
+    maxflow_every: int = 1,
 ) -> SimResult:
-    """Run one round in simulated time and summarise it (fields listed in docs/ARCHITECTURE.md)."""
+    """Run one round in simulated time and summarise it (fields listed in docs/ARCHITECTURE.md).
+
+    With `maxflow`, the stage bound is solved on every `maxflow_every`-th warm-up stage only (GFF / max-flow is
+    then the ratio over those stages), and a second, max-flow-scheduled warm-up gives the makespan ratio.
+    """
     t0 = time.perf_counter()
     C = config.chunk_bytes
     K = max(1, math.ceil(update_bytes / C)) if update_bytes > 0 else 0
@@ -76,7 +81,7 @@ def simulate(
             f"{config.slot_seconds}s slot; raise --slot-seconds or lower --chunk-bytes"
         )
     ub, db = chunk_budgets(up_rate, C, config.slot_seconds), chunk_budgets(down_rate, C, config.slot_seconds)
-    rnd = SwarmRound(config, peers, K, ub, db, seed=config.seed, compute_maxflow=maxflow)
+    rnd = SwarmRound(config, peers, K, ub, db, seed=config.seed, compute_maxflow=maxflow, maxflow_every=maxflow_every)
     s_max = rnd.deadline()
     rec = None
     if trace:
@@ -96,7 +101,7 @@ def simulate(
     if leave_fraction > 0:
         gen = rng.generator(config.seed, rng.LEAVE)
         leavers = np.sort(gen.choice(peers, size=int(round(leave_fraction * peers)), replace=False))
-    bar = _progress(progress, peers * rnd.N)
+    bar = _progress(progress, peers * rnd.N, "max-flow reference" if warmup_only else "swarm")
     moved = cap = wu_moved = wu_cap = 0
     mf_sum = mf_gff = 0
     try:
@@ -120,11 +125,11 @@ def simulate(
             if rec is not None:
                 dt = config.slot_seconds
                 rec.stage(st, t_start=st.index * dt, t=(st.index + 1) * dt)
-            if bar is not None and st.index % 10 == 0:
-                bar[0].update(bar[1], completed=int(rnd.held[rnd.active[: rnd.n]].sum()))
+            if bar is not None and bar.due(st.index):
+                bar.update(int(rnd.held[rnd.active[: rnd.n]].sum()), rnd.stage)
     finally:
         if bar is not None:
-            bar[0].stop()
+            bar.stop()
     stages = rnd.stage
     s_bt = rnd.s_bt if rnd.s_bt >= 0 else stages
     dt = config.slot_seconds
@@ -164,6 +169,7 @@ def simulate(
     if maxflow:
         summary["gff_maxflow_ratio"] = mf_gff / mf_sum if mf_sum else 1.0
         summary["maxflow_warmup_transfers"] = mf_sum
+        summary["maxflow_every"] = max(1, int(maxflow_every))
         if not warmup_only and config.scheduler != "maxflow" and rnd.privacy:
             ref = simulate(
                 config.replace(scheduler="maxflow"),
@@ -173,6 +179,7 @@ def simulate(
                 downlink,
                 trace=False,
                 warmup_only=True,
+                progress=progress,
             )
             summary["maxflow_warmup_stages"] = ref.summary["warmup_stages"]
             summary["maxflow_makespan_ratio"] = ref.summary["warmup_stages"] / max(s_bt, 1)
@@ -182,13 +189,53 @@ def simulate(
     return SimResult(summary, tr, rnd)
 
 
-def _progress(on: bool, total: int):
+def _progress(on: bool, total: int, label: str):
+    """A bar on a terminal; elsewhere (logs, pipes, batch jobs) a plain line every PROGRESS_EVERY_S."""
     if not on:
         return None
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    return _Bar(total, label) if sys.stderr.isatty() else _Lines(total, label)
 
-    p = Progress(
-        TextColumn("swarm"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), transient=True
-    )
-    p.start()
-    return p, p.add_task("swarm", total=total)
+
+PROGRESS_EVERY_S = 10.0
+
+
+class _Bar:
+    def __init__(self, total: int, label: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(
+            TextColumn(label), BarColumn(), TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), transient=True
+        )
+        self.p.start()
+        self.task = self.p.add_task(label, total=total)
+
+    def due(self, stage: int) -> bool:
+        return stage % 10 == 0
+
+    def update(self, held: int, stage: int) -> None:
+        self.p.update(self.task, completed=held)
+
+    def stop(self) -> None:
+        self.p.stop()
+
+
+class _Lines:
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = max(total, 1), label
+        self.t0 = time.monotonic()
+        self.next = self.t0 + PROGRESS_EVERY_S
+
+    def due(self, stage: int) -> bool:
+        return time.monotonic() >= self.next
+
+    def update(self, held: int, stage: int) -> None:
+        now = time.monotonic()
+        self.next = now + PROGRESS_EVERY_S
+        print(
+            f"{self.label}: {held / self.total:6.1%} of chunk copies held, stage {stage}, {now - self.t0:.0f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def stop(self) -> None:
+        pass

@@ -1,8 +1,11 @@
-"""What a running study shows: one line per finished point and a progress bar over points (rich)."""
+"""What a running study shows: one line per finished point and a progress bar over points (rich); without a
+terminal, plain lines and a heartbeat every HEARTBEAT_S."""
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from typing import Any
 
 from .registry import Point
@@ -25,11 +28,20 @@ def point_line(p: Point, res: dict[str, Any]) -> str:
 
 
 class StudyProgress:
-    """rich progress over points (plain lines when quiet or not a terminal)."""
+    """rich progress over points; without a terminal, plain lines, at least one every HEARTBEAT_S.
+
+    A point can run for minutes, so a log or pipe gets a heartbeat line between finished points too.
+    """
+
+    HEARTBEAT_S = 10.0
 
     def __init__(self, total: int, already: int, label: str, quiet: bool) -> None:
         self.total, self.already, self.label, self.quiet = total, already, label, quiet
         self.p = None
+        self.done = already
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def __enter__(self) -> StudyProgress:
         if not self.quiet:
@@ -44,7 +56,23 @@ class StudyProgress:
             )
             self.p.start()
             self.task = self.p.add_task(self.label, total=self.total, completed=self.already)
+            from ..swarm.bt_kernel import compile_note
+
+            note = compile_note()
+            if note:
+                self.note(note)
+            if self.p.disable:
+                self.note(
+                    f"study {self.label}: {self.total - self.already} point(s) to run; a line every "
+                    f"{self.HEARTBEAT_S:.0f}s"
+                )
+                self._beat = threading.Thread(target=self._heartbeat, name="study-heartbeat", daemon=True)
+                self._beat.start()
         return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            self.note(f"study {self.label}: {self.done}/{self.total} points done, {time.monotonic() - self.t0:.0f}s")
 
     def note(self, line: str) -> None:
         if self.quiet:
@@ -57,9 +85,13 @@ class StudyProgress:
             Console(stderr=True, highlight=False).print(line, soft_wrap=True)
 
     def advance(self) -> None:
+        self.done += 1
         if self.p is not None:
             self.p.advance(self.task)
 
     def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
         if self.p is not None:
             self.p.stop()

@@ -857,3 +857,16 @@ def _warm_any_sender(v, c, n, Kd, nbr, tbits, gated, in_window, can_send, up_lef
         if _warm_can(w, c, owner, tbits, gated, in_window, can_send, up_left, sent, sent_len):
             return True
     return False
+
+
+def compile_note() -> str | None:
+    """A line to print before the first simulated round, or None when numba's on-disk cache is filled.
+
+    Without the cache the first compiled call compiles every kernel first (about 30 s on 2 cores), which
+    would otherwise look like a hang.
+    """
+    from pathlib import Path
+
+    if any(Path(__file__).with_name("__pycache__").glob("bt_kernel.*.nbi")):
+        return None
+    return "compiling the simulator's numba kernels first (about 30 s, once; cached for later runs)"

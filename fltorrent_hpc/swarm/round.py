@@ -37,6 +37,7 @@ class SwarmRound:
         seed: int = 0,
         overlay: Overlay | None = None,
         compute_maxflow: bool = False,
+        maxflow_every: int = 1,
     ) -> None:
         n, K = int(n_peers), int(chunks_per_peer)
         if n < 1 or K < 0:
@@ -59,6 +60,7 @@ class SwarmRound:
         self.k = config.cover_threshold(n, K)
         self.kappa = config.kappa
         self.compute_maxflow = compute_maxflow
+        self.maxflow_every = max(1, int(maxflow_every))  # bound only every k-th stage: one solve costs ~1 s at n=100
         # have-state; row n is a sentinel peer that holds nothing (pads neighbour lists)
         self.have = np.zeros((n + 1, self.N), dtype=bool)
         own = np.arange(self.N) // max(K, 1)

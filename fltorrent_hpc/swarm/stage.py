@@ -72,6 +72,7 @@ class RoundState(Protocol):
     phase: int
     gating: bool
     compute_maxflow: bool
+    maxflow_every: int
     up: np.ndarray
     down: np.ndarray
     active: np.ndarray

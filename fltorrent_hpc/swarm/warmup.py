@@ -182,14 +182,15 @@ def warmup_stage(rnd: RoundState) -> Stage:
             capacity=rnd.capacity(),
         )
     n_spray = 0
-    snap = b.copy() if rnd.compute_maxflow else None
+    sample = rnd.compute_maxflow and rnd.stage % rnd.maxflow_every == 0
+    snap = b.copy() if sample else None
     _schedule(rnd, b, col)
     rel_p = rel_c = np.zeros(0, np.int64)
     act = rnd.active[: rnd.n]
     if len(col) == 0 and rnd.gating and np.any(rnd.received[act] < rnd.k):
         rel_p, rel_c = rnd.gated_release()
         if rel_p.size:
-            snap = b.copy() if rnd.compute_maxflow else None
+            snap = b.copy() if sample else None
             _schedule(rnd, b, col)
     mf = -1
     if snap is not None:

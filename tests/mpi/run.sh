@@ -9,14 +9,16 @@ fail=0
 passed=0
 run() {  # run NP FILE
   local np=$1 file=$2
+  local log="/tmp/fltorrent-mpi-$np-$(basename "$file" .py)"
   echo "=== mpiexec -n $np pytest --with-mpi $file"
-  timeout 900 "$BIN/mpiexec" -n "$np" "$BIN/python" -m pytest --with-mpi -q -p no:cacheprovider "$file" \
-    > "/tmp/fltorrent-mpi-$np-$(basename "$file").log" 2>&1
+  # rank 0 reports for all ranks (tests/mpi/conftest.py); ranks > 0 write $log.rankR.log
+  FLTORRENT_MPI_LOG="$log" timeout 900 "$BIN/mpiexec" -n "$np" "$BIN/python" -m pytest --with-mpi -q \
+    -p no:cacheprovider "$file" > "$log.log" 2>&1
   local rc=$?
-  # print one rank's summary (all ranks print the same closing line)
-  grep -E "passed|failed|error|skipped" "/tmp/fltorrent-mpi-$np-$(basename "$file").log" | tail -1
+  # the gathered line ("N ranks: ...") where there are several ranks, else pytest's own closing line
+  { grep -E "^[0-9]+ ranks: " "$log.log" || grep -E "passed|failed|error|skipped" "$log.log"; } | tail -1
   if [ $rc -ne 0 ]; then
-    echo "FAILED (rc=$rc): $file at $np ranks; log follows"; tail -80 "/tmp/fltorrent-mpi-$np-$(basename "$file").log"
+    echo "FAILED (rc=$rc): $file at $np ranks; rank 0's log follows"; tail -80 "$log.log"
     fail=$((fail + 1))
   else
     passed=$((passed + 1))
