@@ -9,11 +9,11 @@ Columns (one row per operation, payload = --bytes of update):
     time    median time per call, microseconds
     algbw   payload bytes / time  (GB/s, 1e9)
     busbw   memory traffic / time: every byte the operation must read or write once (copy, pack, unpack:
-            2x payload; hash: 1x; accumulate: payload + 8 B per element for the fp32 accumulator read and
+            2x payload; blake3: 1x; accumulate: payload + 8 B per element for the fp32 accumulator read and
             write; finalize: 8 B per element + the parameter write).  Compare it with the device's
             memory bandwidth; `copy` shows what this device reaches.
-    #wrong  elements (bytes for copy/pack/unpack, hashes for hash) that differ from an independent
-            reference computed once (torch/numpy whole-array ops, the host hash)
+    #wrong  elements (bytes for copy/pack/unpack, chunk digests for blake3) that differ from an independent
+            reference computed once (torch/numpy whole-array ops, the blake3 package)
 
 On a machine without CUDA the script runs the torch fallback on the CPU (the path CPU users run) and
 says so in the header and the JSON; the numbers are then CPU memory bandwidth, not GPU.
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fltorrent_hpc.chunks import kernels as K  # noqa: E402
-from fltorrent_hpc.chunks.digest import chunk_hashes  # noqa: E402
+from fltorrent_hpc.chunks.digest import chunk_digests, round_key  # noqa: E402
 from fltorrent_hpc.chunks.layout import Layout  # noqa: E402
 from fltorrent_hpc.config import parse_bytes  # noqa: E402
 
@@ -72,14 +72,16 @@ def make_tensors(total: int, n: int, dtype: torch.dtype, dev: torch.device, seed
 
 
 def bench_bytes(dev, backend: str, B: int, C: int, iters: int, warmup: int, row) -> None:
-    """copy (the device-to-device baseline) and hash, on B random bytes."""
+    """copy (the device-to-device baseline) and keyed BLAKE3 chunk digests, on B random bytes."""
     src = torch.randint(0, 256, (B,), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     t = timer(dev, lambda: dst.copy_(src), iters, warmup)
     row("copy", torch.uint8, B, t, 2 * B, int((dst != src).sum()))
-    t = timer(dev, lambda: K.chunk_hashes_t(src, C, backend=backend), iters, warmup)
-    got = K.hashes_to_numpy(K.chunk_hashes_t(src, C, backend=backend))
-    row("hash", torch.uint8, B, t, B, int((got != chunk_hashes(src.cpu().numpy(), C)).sum()))
+    key = round_key(0, 0, 0)
+    t = timer(dev, lambda: K.chunk_digests_t(src, C, key, backend=backend), iters, warmup)
+    got = K.digests_to_numpy(K.chunk_digests_t(src, C, key, backend=backend))
+    want = chunk_digests(src.cpu().numpy(), C, key)
+    row("blake3", torch.uint8, B, t, B, int((got != want).any(axis=1).sum()))
 
 
 def bench_layout(dev, backend: str, B: int, C: int, n_tensors: int, dtype, iters: int, warmup: int, row) -> None:
@@ -122,7 +124,7 @@ def bench_layout(dev, backend: str, B: int, C: int, n_tensors: int, dtype, iters
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bytes", default="256MiB", help="payload per operation (default 256MiB)")
-    ap.add_argument("--chunk", default="4MiB", help="chunk size for accumulate and hash (default 4MiB)")
+    ap.add_argument("--chunk", default="4MiB", help="chunk size for accumulate and digests (default 4MiB)")
     ap.add_argument("--tensors", type=int, default=64, help="tensors in the packed layout (default 64)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "cupy"])

@@ -1,7 +1,7 @@
 """Chunk kernels: torch fallback against references, and the CUDA kernels without a GPU.
 
 Three layers of evidence:
-* the torch fallback (the CPU path) against numpy references: the host hash bit for bit, FedAvg against
+* the torch fallback (the CPU path) against numpy references: chunk digests against the `blake3` package, FedAvg against
   float64 within fp32 rounding and against numpy float32 bit for bit;
 * kernels/*.cu compiled by g++ in host emulation (threads run one after another), driven by the very
   planners kernels.py uses for CUDA, compared bit for bit with the fallback; and nvcc compiling them;
@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fltorrent_hpc.chunks import kernels as K
-from fltorrent_hpc.chunks.digest import chunk_hashes
+from fltorrent_hpc.chunks.digest import chunk_digests, round_key
 from fltorrent_hpc.chunks.layout import Layout
 from fltorrent_hpc.errors import ConfigError, ShapeMismatchError
 
@@ -63,13 +63,13 @@ extern "C" void emu_flt_accumulate(unsigned g, unsigned b, float* acc, const lon
 extern "C" void emu_flt_finalize(unsigned g, unsigned b, float* acc, const long long* items, long long n, float t) {
   EMU_LOOP(flt_finalize(acc, items, n, t))
 }
-extern "C" void emu_flt_chunk_hash_partial(unsigned g, unsigned b, const unsigned char* buf, long long nbytes,
-    long long C, long long nch, long long parts, long long wpp, int aligned8, unsigned long long* h) {
-  EMU_LOOP(flt_chunk_hash_partial(buf, nbytes, C, nch, parts, wpp, aligned8, h))
+extern "C" void emu_flt_blake3_leaves(unsigned g, unsigned b, const unsigned char* buf, long long nbytes,
+    long long C, long long nch, long long lpc, const unsigned int* key, unsigned int* cv, unsigned int* d) {
+  EMU_LOOP(flt_blake3_leaves(buf, nbytes, C, nch, lpc, key, cv, d))
 }
-extern "C" void emu_flt_chunk_hash_final(unsigned g, unsigned b, unsigned long long* h, long long nbytes,
-    long long C, long long nch) {
-  EMU_LOOP(flt_chunk_hash_final(h, nbytes, C, nch))
+extern "C" void emu_flt_blake3_parents(unsigned g, unsigned b, long long nbytes, long long C, long long nch,
+    long long lpc, long long ppc, int level, const unsigned int* key, unsigned int* cv, unsigned int* d) {
+  EMU_LOOP(flt_blake3_parents(nbytes, C, nch, lpc, ppc, level, key, cv, d))
 }
 """
 
@@ -78,7 +78,7 @@ class EmuRunner:
     """KernelRunner that runs the .cu kernels on the host.
 
     A small grid exercises the grid-stride loops, and one-warp blocks make the kernels' 4-way unrolled
-    loops run on test-sized tiles (they are block-size agnostic; the hash needs a multiple of 32).
+    loops run on test-sized tiles (they are block-size agnostic).
     """
 
     def __init__(self, lib: ctypes.CDLL, max_grid: int = 3, block: int = 32):
@@ -132,50 +132,38 @@ update_specs = st.lists(st.tuples(st.integers(0, 300), st.sampled_from(FLOAT_DTY
 
 
 # ---------------------------------------------------------------------------------------------------
-# checksum
+# chunk digests (keyed BLAKE3)
 # ---------------------------------------------------------------------------------------------------
-@settings(max_examples=60, deadline=None)
+KEY = round_key(11, 2, 3)
+
+
+@settings(max_examples=30, deadline=None)
 @given(n=st.integers(0, 5000), chunk=st.integers(1, 2100), skew=st.integers(0, 7), seed=st.integers(0, 2**31))
-def test_hash_fallback_matches_host(n, chunk, skew, seed):
+def test_digest_fallback_matches_host(n, chunk, skew, seed):
     g = torch.Generator().manual_seed(seed)
     buf = torch.randint(0, 256, (n + skew,), dtype=torch.uint8, generator=g)[skew:]  # misaligned starts too
-    h = K.chunk_hashes_t(buf, chunk)
-    assert h.dtype == torch.int64 and h.numel() == -(-n // chunk)
-    assert np.array_equal(K.hashes_to_numpy(h), chunk_hashes(buf.numpy(), chunk))
-
-
-def test_hash_fallback_large_chunks_cross_cache_tiles():
-    g = torch.Generator().manual_seed(1)
-    n = 3 * (K._HASH_TILE_WORDS * 8) + 1000  # chunks longer than one cache tile, odd tail
-    buf = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-    for chunk in (n, K._HASH_TILE_WORDS * 8 + 16, (K._HASH_TILE_WORDS * 8) * 2 + 3):
-        assert np.array_equal(K.hashes_to_numpy(K.chunk_hashes_t(buf, chunk)), chunk_hashes(buf.numpy(), chunk))
-
-
-def test_hash_detects_single_bit_flip():
-    buf = torch.zeros(4096, dtype=torch.uint8)
-    h0 = K.hashes_to_numpy(K.chunk_hashes_t(buf, 1024))
-    buf[2048 + 5] ^= 1
-    h1 = K.hashes_to_numpy(K.chunk_hashes_t(buf, 1024))
-    assert (h0 != h1).tolist() == [False, False, True, False]
+    d = K.chunk_digests_t(buf, chunk, KEY)
+    assert d.dtype == torch.int64 and tuple(d.shape) == (-(-n // chunk), 2)
+    assert np.array_equal(K.digests_to_numpy(d), chunk_digests(buf.numpy(), chunk, KEY))
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 3000), chunk=st.integers(1, 1100), skew=st.integers(0, 7), seed=st.integers(0, 2**31))
-def test_hash_kernel_emulated_matches_host(emu, n, chunk, skew, seed):
+@given(n=st.integers(1, 9000), chunk=st.integers(1, 5000), skew=st.integers(0, 7), seed=st.integers(0, 2**31))
+def test_digest_kernel_emulated_matches_blake3(emu, n, chunk, skew, seed):
+    """kernels/blake3.cu (leaves, then one launch per tree level) gives the blake3 package's bits."""
     g = torch.Generator().manual_seed(seed)
     buf = torch.randint(0, 256, (n + skew,), dtype=torch.uint8, generator=g)[skew:]
-    h = K.chunk_hashes_t(buf, chunk, runner=emu)
-    assert np.array_equal(K.hashes_to_numpy(h), chunk_hashes(buf.numpy(), chunk))
+    d = K.chunk_digests_t(buf, chunk, KEY, runner=emu)
+    assert np.array_equal(K.digests_to_numpy(d), chunk_digests(buf.numpy(), chunk, KEY))
 
 
-def test_hash_kernel_emulated_multi_part_chunks(emu, monkeypatch):
-    monkeypatch.setattr(K, "HASH_WORDS_PER_PART", 5)  # many parts per chunk, partial last part
-    g = torch.Generator().manual_seed(2)
-    buf = torch.randint(0, 256, (10_000,), dtype=torch.uint8, generator=g)
-    for chunk in (8, 96, 1000, 1003, 4096):
-        h = K.chunk_hashes_t(buf, chunk, runner=emu)
-        assert np.array_equal(K.hashes_to_numpy(h), chunk_hashes(buf.numpy(), chunk))
+def test_digest_kernel_emulated_deep_trees_and_ragged_last_chunk(emu):
+    g = torch.Generator().manual_seed(5)
+    buf = torch.randint(0, 256, (3 * 33 * 1024 + 999,), dtype=torch.uint8, generator=g)
+    for chunk in (33 * 1024, 32 * 1024, 1024, 1025, 17 * 1024 + 3):  # 33 leaves (odd carries), powers of two
+        d = K.chunk_digests_t(buf, chunk, KEY, runner=emu)
+        assert np.array_equal(K.digests_to_numpy(d), chunk_digests(buf.numpy(), chunk, KEY)), chunk
+    assert "flt_blake3_parents" in emu.launched
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -571,7 +559,7 @@ def test_cuda_kernels_match_fallback_on_gpu():
     assert all(eq_bits(a, b) for a, b in zip(flats_c, flats_t))
     for f in flats_c:
         assert np.array_equal(
-            K.hashes_to_numpy(K.chunk_hashes_t(f, C, backend="cupy")), chunk_hashes(f.cpu().numpy(), C)
+            K.digests_to_numpy(K.chunk_digests_t(f, C, KEY, backend="cupy")), chunk_digests(f.cpu().numpy(), C, KEY)
         )
     acc_c = torch.zeros(lay.numel, device=dev)
     acc_t = torch.zeros(lay.numel, device=dev)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..chunks.layout import Layout
+from ..chunks.layout import Layout, torch_dtype
 from ..config import SwarmConfig, parse_privacy
 from ..errors import FLTorrentError, IntegrityError, NothingToAverageError
 from . import aggregate as agg
@@ -49,7 +49,38 @@ class FedAvgReport:
     swarm_s: float
     round_s: float
     applied: bool = True  # False only on a rank that went silent and could not rebuild the agreed set
+    # the senders this rank refused chunks from (they failed their digest), and owners left out of the average
+    # for a descriptor not bound to this round, or (config nonfinite="reject") for NaN/Inf in their update
+    banned: list[int] = field(default_factory=list)
+    bad_descriptors: list[int] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)
     stats: dict = field(default_factory=dict, repr=False)
+
+
+def finite_update(update: np.ndarray, layout: Layout) -> bool:
+    """Whether every float of a packed update (layout form) is finite.  Every rank holds the same bytes of an
+    agreed update, so every rank reaches the same verdict without exchanging a word."""
+    for e in layout.entries:
+        if e.numel and not bool(torch.from_numpy(update[e.offset : e.end]).view(torch_dtype(e.dtype)).isfinite().all()):
+            return False
+    return True
+
+
+def _report(parts: list[int], weights: list[float], nbytes: int, st: dict) -> FedAvgReport:
+    return FedAvgReport(
+        participants=parts,
+        weights=weights,
+        nbytes=nbytes,
+        bytes_sent=int(st.get("bytes_sent", 0)),
+        bytes_recv=int(st.get("bytes_recv", 0)),
+        warmup_s=float(st.get("warmup_s", 0.0)),
+        swarm_s=float(st.get("swarm_s", 0.0)),
+        round_s=float(st.get("round_s", 0.0)),
+        banned=list(st.get("bad_senders", [])),
+        bad_descriptors=list(st.get("bad_descriptors", [])),
+        nonfinite=list(st.get("nonfinite", [])),
+        stats=st,
+    )
 
 
 def fedavg_(
@@ -94,18 +125,8 @@ def fedavg_(
         parts = [int(r) for r in np.asarray(res.participants).tolist()]
         weights = np.asarray(res.weights, dtype=np.float64)
         st = dict(res.stats or {})
-        report = FedAvgReport(
-            participants=parts,
-            weights=[float(x) for x in weights],
-            nbytes=layout.total_bytes,
-            bytes_sent=int(st.get("bytes_sent", 0)),
-            bytes_recv=int(st.get("bytes_recv", 0)),
-            warmup_s=float(st.get("warmup_s", 0.0)),
-            swarm_s=float(st.get("swarm_s", 0.0)),
-            round_s=float(st.get("round_s", 0.0)),
-            stats=st,
-        )
         if st.get("silent") and not parts:
+            report = _report(parts, [float(x) for x in weights], layout.total_bytes, st)
             report.applied = False  # the round went on without this rank, so it lacks the others' updates
             return report
         for r in parts:
@@ -115,6 +136,10 @@ def fedavg_(
                     f"fedavg_: participant {r}'s update is {None if u is None else u.size} bytes, "
                     f"expected {layout.total_bytes}"
                 )
+        if pg.config.nonfinite == "reject":
+            st["nonfinite"] = [r for r in parts if not finite_update(res.updates[r], layout)]
+            parts = [r for r in parts if r not in st["nonfinite"]]
+        report = _report(parts, [float(x) for x in weights], layout.total_bytes, st)
         total = float(sum(weights[r] for r in parts))
         if not parts or total <= 0:
             raise NothingToAverageError(
@@ -257,8 +282,12 @@ def aggregate_(
                 raise IntegrityError(
                     f"aggregate_: participant {r}'s update is {None if u is None else u.size} bytes, expected {nb}"
                 )
+        st = dict(res.stats or {})
+        if pg.config.nonfinite == "reject":
+            st["nonfinite"] = [r for r in parts if not finite_update(res.updates[r][:nb], layout)]
+            parts = [r for r in parts if r not in st["nonfinite"]]
         rows = [np.array(res.updates[r][:nb], copy=True).view(np.float32) for r in parts]
-        return parts, rows, [float(res.weights[r]) for r in parts], dict(res.stats or {})
+        return parts, rows, [float(res.weights[r]) for r in parts], st
 
     parts, rows, weights, st = pg.swarm_round(
         payload,
@@ -274,14 +303,4 @@ def aggregate_(
     upd = torch.from_numpy(np.stack(rows)).to(update.device)
     res = agg.aggregate(rule, upd, weights, f=f, trim=trim, multi=multi)
     agg.apply_update_(tensors, start, res)
-    return FedAvgReport(
-        participants=parts,
-        weights=weights,
-        nbytes=nb,
-        bytes_sent=int(st.get("bytes_sent", 0)),
-        bytes_recv=int(st.get("bytes_recv", 0)),
-        warmup_s=float(st.get("warmup_s", 0.0)),
-        swarm_s=float(st.get("swarm_s", 0.0)),
-        round_s=float(st.get("round_s", 0.0)),
-        stats=st,
-    )
+    return _report(parts, weights, nb, st)

@@ -19,19 +19,11 @@ from __future__ import annotations
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-_SEED0 = np.uint64(0x243F6A8885A308D3)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+from . import rng
+
+_SEED0 = rng.SEED0
 _INV53 = 1.0 / 9007199254740992.0
-
-
-@njit(cache=True, inline="always")
-def _mix(z):
-    z = z + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
+_mix = njit(cache=True, inline="always")(rng.mix)  # the schedule's one mixer, compiled
 
 
 @njit(cache=True, inline="always")

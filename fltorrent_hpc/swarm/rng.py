@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import numpy as np
 
-_SEED0 = np.uint64(0x243F6A8885A308D3)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+SEED0 = np.uint64(0x243F6A8885A308D3)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
 
 # stream tags keep the uses of one seed apart
 OVERLAY, LAGS, SPRAY, RELEASE, WARMUP, BT, RATES, LEAVE = range(1, 9)
 
 
+def mix(z):
+    """The splitmix64 finaliser: the schedule's one mixer, independent of any chunk digest, so a change of
+    digest never changes a schedule.  Written once: numpy runs it on uint64 arrays (splitmix64 below), and
+    bt_kernel compiles this very function with numba for the compiled passes."""
+    z = z + GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return z ^ (z >> np.uint64(31))
+
+
 def splitmix64(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser on a uint64 array (wrapping arithmetic): the schedule's own mixer, so the
-    swarm's random draws do not hang on the chunk digest."""
+    """`mix` on a uint64 array or scalar (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
-        z = z + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return z ^ (z >> np.uint64(31))
+        return mix(z)
 
 
 def round_seed(seed: int, seq: int) -> int:
@@ -35,7 +41,7 @@ def round_seed(seed: int, seq: int) -> int:
 
 def hash_keys(*keys: int | np.ndarray) -> np.ndarray:
     """uint64 hash of broadcast integer keys (non-negative)."""
-    h = np.asarray(_SEED0, dtype=np.uint64)
+    h = np.asarray(SEED0, dtype=np.uint64)
     for k in keys:
         k = np.asarray(k)
         if k.dtype != np.uint64:
