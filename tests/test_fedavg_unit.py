@@ -98,3 +98,30 @@ def test_descriptor_names_the_engine_round_words():
     b[wire.OP_W :] = [1, 0, 64, 256, 0b011, 10, 0, 4, 1, 1, 0, 2]
     assert wire.differences(a, b, 0, 2) == ["privacy: rank 0 spray,lags,gating vs rank 2 spray,lags"]
     assert wire.META_W == len(wire.OP_FIELDS) + len(wire.ROUND_FIELDS)
+
+
+def test_finite_update_checks_every_float_of_every_dtype():
+    import math
+
+    from fltorrent_hpc.api.fedavg import finite_update
+    from fltorrent_hpc.chunks.kernels import pack_segments
+    from fltorrent_hpc.chunks.layout import Layout
+
+    ts = [torch.ones(5, dtype=torch.float32), torch.ones(3, dtype=torch.bfloat16), torch.ones(4, dtype=torch.float16)]
+    lay = Layout.from_tensors(ts)
+    assert finite_update(pack_segments(ts, lay).numpy(), lay)
+    for j, v in ((0, math.nan), (1, math.inf), (2, -math.inf)):
+        bad = [t.clone() for t in ts]
+        bad[j][-1] = v
+        assert not finite_update(pack_segments(bad, lay).numpy(), lay), (j, v)
+
+
+def test_integrity_and_nonfinite_options_are_checked():
+    from fltorrent_hpc.config import SwarmConfig
+    from fltorrent_hpc.errors import ConfigError
+
+    assert SwarmConfig().integrity == "blake3" and SwarmConfig().nonfinite == "reject"
+    with pytest.raises(ConfigError, match="could be forged"):
+        SwarmConfig(integrity="hash")
+    with pytest.raises(ConfigError, match="nonfinite"):
+        SwarmConfig(nonfinite="ignore")

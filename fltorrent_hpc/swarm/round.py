@@ -364,6 +364,13 @@ class SwarmRound:
 
         Only the edge goes, not the sender: one peer's report must not be able to exclude another peer.
         """
+        sp = self.spray  # a pending spray item of that pair would be retried, and refused, every stage
+        if sp["sender"].size:
+            keep = ~((sp["sender"] == sender) & (sp["receiver"] == receiver))
+            if not keep.all():
+                self.spray = {k: v[keep] for k, v in sp.items()}
+                if self.spray["sender"].size == 0:
+                    self.round_start = self.stage
         before = self.deg[: self.n] > 0
         ov = self.overlay.without_edges(np.array([[sender, receiver]]))
         if ov is self.overlay:

@@ -42,7 +42,8 @@ class Fault:
     round_id / from_stage / to_stage: the window (None: any round; stages inclusive).  A send that is no
         control frame and no data message has no stage and matches only a fault for any round from stage
         0.  All-gathers (the round's descriptors) are faulted only by "corrupt" (this rank's own
-        contribution, from byte `offset`) and "replay", in every round, whatever the window says.
+        contribution, from byte `offset`) and "replay", in every round, whatever the window says; `nbytes`
+        picks one kind of all-gather by its size (the engine's descriptors, not its shape agreement).
     """
 
     action: str
@@ -54,6 +55,7 @@ class Fault:
     delay_s: float = 0.0
     stride: int = 4096
     offset: int = 0
+    nbytes: int | None = None  # set: an all-gather fault, for contributions of this many bytes only
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -135,6 +137,8 @@ class FaultyTransport(Transport):
     def _fault(self, buf: np.ndarray, dest: int, tag: int) -> Fault | None:
         stage = self._stage_of(buf, tag)
         for f in self.faults:
+            if f.nbytes is not None or f.action == "replay":
+                continue  # all-gather faults
             if f.matches(self.name, dest, self._epoch.round_id, stage):
                 return f
         return None
@@ -216,6 +220,8 @@ class FaultyTransport(Transport):
             self._gathered[raw.size] = raw.copy()
         for f in self.faults:
             if f.channel not in (None, self.name) or f.action not in ("corrupt", "replay"):
+                continue
+            if f.nbytes is not None and f.nbytes != raw.size:
                 continue
             if f.action == "replay":
                 if earlier is None:

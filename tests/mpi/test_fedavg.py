@@ -352,3 +352,29 @@ def test_fedavg_cuda_parameters_stay_on_device(groups):
         return errs
 
     all_ok(body)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_a_non_finite_update_is_left_out_and_named_on_every_rank(groups, bad_value):
+    """One rank's update holds a NaN (or Inf): every rank leaves it out of the average (the same verdict
+    everywhere, from the same agreed bytes), names it in the report, and averages the others bit-identically."""
+    world = dist.get_world_size()
+    if world < 2:
+        pytest.skip("needs two ranks")
+    bad, me = world - 1, dist.get_rank()
+    ws = {r: float(r + 1) for r in range(world)}
+    xs = {r: tensors_for(r, 777, exact=False) for r in range(world)}
+    xs[bad][4][17] = bad_value  # one float32 of the 1200-element tensor
+    mine = [t.clone() for t in xs[me]]
+
+    def body():
+        rep = fltorrent_hpc.fedavg_(mine, weight=ws[me], group=world_group(groups))
+        parts = [r for r in range(world) if r != bad]
+        errs = [] if rep.participants == parts else [f"participants {rep.participants}, expected {parts}"]
+        errs += [] if rep.nonfinite == [bad] else [f"nonfinite {rep.nonfinite}, expected [{bad}]"]
+        for j, (a, b) in enumerate(zip(mine, by_hand(xs, ws, parts))):
+            if not same(a, b):
+                errs.append(f"tensor {j}: average differs from by-hand over {parts}")
+        return errs
+
+    all_ok(body)
