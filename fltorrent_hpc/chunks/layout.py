@@ -136,7 +136,7 @@ class Layout:
         if not (0 <= self.version < 2**62):
             raise ConfigError(f"layout: version {self.version} out of range")
         arr = self.to_array()
-        # the chunk hash of the wire form: stable across processes (unlike hash()) and vectorised
+        # BLAKE3 of the wire form: stable across processes (unlike hash())
         self._cache["fingerprint"] = fingerprint(arr.view(np.uint8))
         self._cache["array"] = arr
 
