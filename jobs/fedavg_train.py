@@ -106,9 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of baselines run in the same job: central (server FedAvg, bit-exact check), gossip",
     )
     g = ap.add_argument_group("swarm")
-    g.add_argument("--chunk-bytes", default="2KiB", help="swarm chunk size (the ~19 KB update becomes ~10 chunks)")
     g.add_argument(
-        "--degree", type=int, default=2, help="overlay degree m for the swarm and gossip (m >= n-1: complete graph)"
+        "--chunk-bytes",
+        default=None,
+        help="swarm chunk size (default: FLTORRENT_CHUNK_BYTES, else 2KiB: the ~19 KB update becomes ~10 chunks)",
+    )
+    g.add_argument(
+        "--degree",
+        type=int,
+        default=None,
+        help="overlay degree m for the swarm and gossip, m >= n-1: complete graph (default: FLTORRENT_DEGREE, else 2)",
     )
     g.add_argument(
         "--privacy",
@@ -116,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="full, none, or a list of spray,lags,gating (default: FLTORRENT_PRIVACY, else full)",
     )
     g.add_argument("--deadline", type=float, default=None, help="wall-clock swarm deadline per round (s)")
-    g.add_argument("--timeout", type=float, default=300.0, help="bound on every distributed wait (s)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="bound on every distributed wait, s (default: FLTORRENT_TIMEOUT_S, else 300)",
+    )
     g = ap.add_argument_group("outputs and checkpoints")
     g.add_argument("--out", default=None, help="run directory (default runs/train-YYYYmmdd-HHMMSS)")
     g.add_argument("--json", default=None, help="JSON summary path (default OUT/summary.json)")
@@ -137,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ranks only see a pipe, so auto means lines unless rank 0's stdout is a terminal)",
     )
     return ap
+
+
+JOB_DEFAULTS = {"chunk_bytes": "2KiB", "degree": 2, "timeout": 300.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,6 +180,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if a.poison < 0:
         raise SystemExit("--poison must be >= 0")
+    # swarm knobs: an explicit flag wins over FLTORRENT_*, which wins over this job's defaults
+    d = JOB_DEFAULTS
+    env = SwarmConfig.from_env(SwarmConfig(chunk_bytes=d["chunk_bytes"], degree=d["degree"], timeout_s=d["timeout"]))
+    a.chunk_bytes = a.chunk_bytes if a.chunk_bytes is not None else env.chunk_bytes
+    a.degree = a.degree if a.degree is not None else env.degree
+    a.timeout = a.timeout if a.timeout is not None else env.timeout_s
     return a
 
 
@@ -236,8 +257,12 @@ def get_group(a: argparse.Namespace, trace_path: str) -> Any:
             timeout_s=a.timeout,
             trace=trace_path,
         )
-        cfg = SwarmConfig.from_env(base)  # FLTORRENT_* variables win over this job's defaults
-        if a.privacy is not None:  # ... and an explicit --privacy over FLTORRENT_PRIVACY
+        # FLTORRENT_* fill every knob this job leaves open; the resolved flags (explicit > FLTORRENT_* > the
+        # job's defaults, see parse_args) and an explicit --privacy then win
+        cfg = SwarmConfig.from_env(base).replace(
+            chunk_bytes=parse_bytes(a.chunk_bytes), degree=a.degree, timeout_s=a.timeout
+        )
+        if a.privacy is not None:
             cfg = cfg.replace(privacy=a.privacy)
         dist.init_process_group("fltorrent", pg_options=cfg, timeout=timedelta(seconds=a.timeout))
     if dist.get_backend() != "fltorrent":
