@@ -41,14 +41,14 @@ class NeighbourLink:
     """Frame exchanges with a set of neighbours, each bounded by a deadline (no collective: a silent
     neighbour must cost a timeout, not a hang)."""
 
-    def __init__(self, net: Transport, rid: int):
-        self.net, self.rid = net, rid
+    def __init__(self, net: Transport, rid: int, magic: int = MAGIC):
+        self.net, self.rid, self.magic = net, rid, magic
         self.sends: list = []  # (request, buffer) kept alive until the stage ends
 
     def exchange(self, stage: int, code: int, frames: dict[int, np.ndarray], deadline: float) -> dict[int, np.ndarray]:
         """Send frames[w] to every w and receive one frame from each; returns those that came in time."""
         tag = _tag(stage, code)
-        head = np.array([MAGIC, self.rid, stage, code], dtype=np.int64)
+        head = np.array([self.magic, self.rid, stage, code], dtype=np.int64)
         for w, body in frames.items():
             buf = np.concatenate([head, np.asarray(body, dtype=np.int64)])
             self.sends.append((self.net.post_send(buf, int(w), tag), buf))
@@ -79,11 +79,14 @@ class NeighbourLink:
                 tb.pause(idle)
         return out
 
-    def settle_sends(self, deadline: float, orphans: list) -> None:
-        """Complete this stage's frame sends; those to peers that stopped listening become orphans."""
+    def settle_sends(self, deadline: float, eng) -> None:
+        """Complete this stage's frame sends; those to peers that stopped listening become the engine's
+        orphans (kept with their buffers until they complete)."""
         reqs = [r for r, _ in self.sends]
         done = tb.wait_until(self.net, reqs, deadline)
-        orphans.extend(pair for pair, d in zip(self.sends, done) if not d)
+        for (r, buf), d in zip(self.sends, done):
+            if not d:
+                eng.orphan(self.net, [r], buf)
         self.sends = []
 
 
@@ -100,15 +103,30 @@ class PeerStageRunner:
         n, K = eng.size, peer.K
         nbr = build_overlay(n, cfg.replace(seed=seed), seed).nbr.astype(np.int64)
         self.bt = PeerBT(cfg, eng.rank, nbr, K, up, down, seed, peer.have.reshape(-1), got_from)
-        self.link = NeighbourLink(eng.nbrc, rid)
+        self.link = NeighbourLink(eng.nbrc, rid, eng.magic)
         self.started = False
         self.stages = 0  # stages this rank decided itself
         self.N = n * K
+        self.down = np.asarray(down, dtype=np.int64)
 
-    def _chunks(self, w: int, body: np.ndarray, what: str, stage: int) -> np.ndarray:
+    def _chunks(self, w: int, body: np.ndarray, what: str, stage: int, most: int | None = None) -> np.ndarray:
+        """Chunk ids a neighbour sent: in range, no duplicates, at most `most` (what the protocol lets it
+        ask in a stage: its download budget).  Anything else is a ProtocolError naming the neighbour."""
         if np.any((body < 0) | (body >= self.N)):
             raise ProtocolError(f"rank {w} sent a {what} frame at stage {stage} naming chunks outside the round")
+        if most is not None and body.size > most:
+            raise ProtocolError(f"rank {w} sent {body.size} {what}s at stage {stage}, more than its budget {most}")
+        if np.unique(body).size != body.size:
+            raise ProtocolError(f"rank {w} sent a {what} frame at stage {stage} naming a chunk twice")
         return body
+
+    def _flags(self, w: int, body: np.ndarray, size: int, what: str, stage: int) -> np.ndarray | None:
+        """A 0/1 answer of the expected length, or None (a neighbour that did not answer in time)."""
+        if body is None:
+            return None
+        if body.size != size or np.any((body != 0) & (body != 1)):
+            raise ProtocolError(f"rank {w} sent a {what} frame of {body.size} words at stage {stage}, expected {size}")
+        return body.astype(bool)
 
     def stage(
         self, peer, stage: int, active: np.ndarray, can_send: np.ndarray, refuse: np.ndarray | None = None
@@ -119,15 +137,25 @@ class PeerStageRunner:
         pb, cfg, me = self.bt, self.cfg, peer.eng.rank
         deadline = time.monotonic() + cfg.stage_timeout_s
         alive = [int(w) for w in pb.neighbours if active[w]]
+
+        def misbehaved(w: int, err: ProtocolError) -> None:
+            """A neighbour whose frame does not fit the protocol is dropped for the stage and banned: the ban
+            goes to the tracker in this rank's report (evidence), never a reason for this rank to abort."""
+            peer.bad_senders.add(w)
+            peer.protocol_errors.setdefault(w, f"stage {stage}: {err}")
+            if w in alive:
+                alive.remove(w)
+
         if not self.started:  # bitfields: what each neighbour holds when the phase starts
             self.started = True
             mine = pack_bits(peer.have.reshape(-1)).view(np.int64)
             got = self.link.exchange(stage, BITFIELD, {w: mine for w in alive}, deadline)
             for w, body in got.items():
                 if body.size != mine.size:
-                    raise ProtocolError(f"rank {w} sent a bitfield of {body.size} words, expected {mine.size}")
+                    misbehaved(w, ProtocolError(f"rank {w} sent a bitfield of {body.size} words, not {mine.size}"))
+                    continue
                 pb.neighbour_has(w, np.flatnonzero(unpack_bits(body.view(np.uint64), self.N)))
-            alive = [w for w in alive if w in got]
+            alive[:] = [w for w in alive if w in got]
         pb.begin_stage(stage, active, can_send)
         self.stages += 1
         recv_s, recv_c, send_r, send_c = [], [], [], []
@@ -135,15 +163,24 @@ class PeerStageRunner:
             base = 2 + 4 * p
             if p:  # what each neighbour can still upload after the previous pass
                 got = self.link.exchange(stage, base + BUDGET, {w: pb.up_left[me : me + 1] for w in alive}, deadline)
-                for w in alive:
-                    pb.up_left[w] = int(got[w][0]) if w in got and got[w].size == 1 else 0
-                alive = [w for w in alive if w in got]
+                for w in list(alive):
+                    if w in got and (got[w].size != 1 or got[w][0] < 0):
+                        misbehaved(w, ProtocolError(f"rank {w} sent a budget frame {got[w][:4].tolist()}"))
+                    pb.up_left[w] = int(got[w][0]) if w in got and w in alive else 0
+                alive[:] = [w for w in alive if w in got]
             s, c, _j, _g = pb.requests(p)
             # an ask frame: what I miss, then the chunks I request of you
             frames = {w: np.concatenate([[pb.missing], c[s == w]]) for w in alive}
             got = self.link.exchange(stage, base + ASK, frames, deadline)
-            asks = {w: self._chunks(w, a[1:], "request", stage) for w, a in got.items() if a.size >= 1}
-            announced = {w: int(a[0]) for w, a in got.items() if a.size >= 1}
+            asks, announced = {}, {}
+            for w, a in got.items():
+                try:
+                    if a.size < 1 or a[0] < 0:
+                        raise ProtocolError(f"rank {w} sent an ask frame without its missing count at stage {stage}")
+                    asks[w] = self._chunks(w, a[1:], "request", stage, most=int(min(self.down[w], self.N)))
+                    announced[w] = int(a[0])
+                except ProtocolError as e:
+                    misbehaved(w, e)
             # a request for a chunk I do not hold (only a faulty peer sends one) is refused, not served
             held = {w: peer.have.reshape(-1)[a] for w, a in asks.items()}
             served = {w: a[held[w]] for w, a in asks.items() if held[w].any() and (refuse is None or not refuse[w])}
@@ -158,24 +195,32 @@ class PeerStageRunner:
             )
             granted = np.zeros(s.size, dtype=bool)
             for w in np.unique(s).tolist():
-                a = answers.get(w)
-                if a is not None and a.size == int(np.count_nonzero(s == w)):
-                    granted[s == w] = a.astype(bool)
+                try:
+                    a = self._flags(w, answers.get(w), int(np.count_nonzero(s == w)), "grant", stage)
+                except ProtocolError as e:
+                    misbehaved(w, e)
+                    continue
+                if a is not None and w in alive:
+                    granted[s == w] = a
             keep = pb.settle(p, granted)
             kept = self.link.exchange(stage, base + KEEP, {w: keep[s == w].astype(np.int64) for w in alive}, deadline)
             counts = {}
             for w, k in kept.items():
                 g = grants.get(w)
-                if g is None or k.size != g.size:
+                if g is None or w not in alive:
                     continue
-                k = k.astype(bool) & g
+                try:
+                    k = self._flags(w, k, g.size, "keep", stage) & g
+                except ProtocolError as e:
+                    misbehaved(w, e)
+                    continue
                 counts[w] = int(np.count_nonzero(k))
                 send_r.append(np.full(counts[w], w, dtype=np.int64))
                 send_c.append(asks[w][k])
             pb.commit(counts)
             recv_s.append(s[keep])
             recv_c.append(c[keep])
-            alive = [w for w in alive if w in asks and w in answers and w in kept]
+            alive[:] = [w for w in alive if w in asks and w in answers and w in kept]
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
         r_from, r_chunk, s_to, s_chunk = cat(recv_s), cat(recv_c), cat(send_r), cat(send_c)
         ro, so = np.lexsort((r_chunk, r_from)), np.lexsort((s_chunk, s_to))
@@ -185,8 +230,11 @@ class PeerStageRunner:
         fresh = r_chunk[ok]
         deltas = self.link.exchange(stage, HAVE, {w: fresh for w in alive}, time.monotonic() + cfg.stage_timeout_s)
         for w, d in deltas.items():
-            pb.neighbour_has(w, self._chunks(w, d, "have", stage))
+            try:
+                pb.neighbour_has(w, self._chunks(w, d, "have", stage))
+            except ProtocolError as e:
+                misbehaved(w, e)
         # live neighbours took every frame during the exchanges; one still pending after a short grace went
         # to a peer that stopped listening (the tracker's report wait leaves this grace in its margin)
-        self.link.settle_sends(time.monotonic() + min(1.0, cfg.stage_timeout_s), peer.eng._orphans)
+        self.link.settle_sends(time.monotonic() + min(1.0, cfg.stage_timeout_s), peer.eng)
         return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])

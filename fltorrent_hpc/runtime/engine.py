@@ -43,7 +43,7 @@ from ..transport.base import MAGIC, Transport, data_tag
 from ..transport.mpi import MPITransport
 from .recorder import RoundRecorder
 
-KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
+KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE, KIND_ACK = 1, 2, 3, 4, 5
 DESC_HEAD = 8  # descriptor words before the digests: MAGIC, round, owner, K, then 4 float64 (weight, links, seed)
 TAG_DIRECTIVE, TAG_REPORT = 11, 12
 
@@ -56,6 +56,15 @@ class RoundResult:
     weights: np.ndarray  # float64 [size]: the weight each rank published
     participants: np.ndarray  # int64 sorted ranks in the agreed reconstructable set
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+def stale(msg: np.ndarray, rid: int, stage: int | None = None, magic: int | None = None) -> bool:
+    """A well-headed control frame of an earlier round (or of an earlier stage of this round): discard it."""
+    if msg.size < 4 or (int(msg[0]) & 0xFFFFFFFF) != MAGIC:
+        return False
+    if magic is not None and msg[0] != magic:
+        return True  # a frame of an earlier engine on a communicator MPI recycled
+    return bool(msg[1] < rid or (stage is not None and msg[1] == rid and 0 <= msg[2] < stage))
 
 
 def _runs(peer: np.ndarray, chunk: np.ndarray, K: int) -> list[tuple[int, int, int, int]]:
@@ -90,13 +99,18 @@ class SwarmEngine:
         self.ctrl = net.dup("ctrl")
         self.nbrc = net.dup("nbr")  # neighbour frames of decentralised BitTorrent stages (bt_stages.py)
         self._share_cores(net)
-        # digest keys are salted with the tracker's seed, learned once: a descriptor of another job's round of
-        # the same number matches nothing here either
-        self.salt = int(
-            tb.allgather(self.ctrl, np.array([self.cfg.seed], np.int64), self.cfg.timeout_s, "seeds")[self.tracker, 0]
-        )
+        # the tracker's seed and a fresh nonce, learned once: digest keys are salted with both (a descriptor
+        # of another job's or engine's round of the same number matches nothing here), and every control
+        # frame starts with MAGIC | nonce << 32, so a frame left over from an earlier engine on a recycled
+        # communicator is told apart from this engine's and discarded
+        mine = np.array([self.cfg.seed % (1 << 31), int.from_bytes(os.urandom(4), "little") >> 1], np.int64)
+        seed, nonce = (int(x) for x in tb.allgather(self.ctrl, mine, self.cfg.timeout_s, "seeds")[self.tracker])
+        self.salt = (seed << 31) | nonce
+        self.magic = MAGIC | (nonce << 32)
         self.round_id = 0
-        self._orphans: list = []  # sends to peers that went silent: kept alive with their buffers
+        # requests a round could not complete (sends to peers that went silent): MPI may still read their
+        # buffers, so they stay referenced here until the transport reports them complete (`prune_orphans`)
+        self._orphans: list[tuple[Transport, Any, Any]] = []
         self.last_trace: Trace | None = None
 
     @staticmethod
@@ -111,7 +125,28 @@ class SwarmEngine:
         per_rank = max(1, (os.cpu_count() or 1) // net.local_size())
         numba.set_num_threads(min(per_rank, numba.config.NUMBA_NUM_THREADS))
 
+    def orphan(self, net: Transport, reqs: list, keep: Any = None) -> None:
+        """Park unfinished requests of `net` with what their buffers belong to, until they complete."""
+        self._orphans.extend((net, r, keep) for r in reqs)
+
+    def prune_orphans(self) -> int:
+        """Drop the parked requests that have completed; ask MPI to cancel the rest (a send whose receiver
+        is gone for good), so they complete too.  Returns how many are left."""
+        left: list = []
+        for net in {id(o[0]): o[0] for o in self._orphans}.values():
+            mine = [o for o in self._orphans if o[0] is net]
+            done = set(net.test([o[1] for o in mine]))
+            rest = [o for i, o in enumerate(mine) if i not in done]
+            net.abandon([o[1] for o in rest])
+            left.extend(rest)
+        self._orphans = left
+        return len(left)
+
     def close(self) -> None:
+        """Free the engine's contexts; parked requests are cancelled and given a moment to complete first."""
+        deadline = time.monotonic() + 1.0
+        while self.prune_orphans() and time.monotonic() < deadline:
+            time.sleep(0.01)
         for c in (self.data, self.ctrl, self.nbrc):
             if c is not None:
                 c.close()
@@ -188,6 +223,7 @@ class SwarmEngine:
         pay = pay.reshape(-1).view(np.uint8)
         n, me, rid = self.size, self.rank, self.round_id
         self.round_id += 1
+        self.prune_orphans()
         C = cfg.chunk_bytes
         nbytes = int(pay.size)
         if not agreed:
@@ -280,6 +316,8 @@ class _PeerState:
         self.sent_bytes = self.recv_bytes = 0
         self.refetched = 0
         self.bad_senders: set[int] = set()
+        self.protocol_errors: dict[int, str] = {}  # neighbours banned for a frame that does not fit the protocol
+        self.misbehaved: dict[int, str] = {}  # the tracker fills it: peers excluded for a bad report
         self.log: dict[str, list] = {
             k: [] for k in ("stage", "t_start", "t", "sender", "chunk", "phase", "bytes", "ok")
         }
@@ -295,15 +333,22 @@ class _PeerState:
         while True:
             # a stage may spend up to ~2.5 stage timeouts excluding a silent peer before the next frame comes
             wait = self.cfg.timeout_s + 3 * self.cfg.stage_timeout_s
-            msg = tb.recv_frame(eng.ctrl, eng.tracker, TAG_DIRECTIVE, wait, f"round {self.rid} directive")
+            try:
+                msg = tb.recv_frame(eng.ctrl, eng.tracker, TAG_DIRECTIVE, wait, f"round {self.rid} directive")
+            except PeerTimeoutError as e:
+                raise PeerTimeoutError(f"{e} (the tracker, rank {eng.tracker}, stalled or died)") from e
+            if stale(msg, self.rid, magic=eng.magic):
+                continue  # the end frame of a round this rank already gave up on
             if msg.size >= 4 and msg[3] == KIND_END:
-                tb.check_header(msg, self.rid, KIND_END, eng.tracker)
+                tb.check_header(msg, self.rid, KIND_END, eng.tracker, eng.magic)
+                ack = np.array([eng.magic, self.rid, msg[2], KIND_ACK], dtype=np.int64)
+                tb.send_frame(eng.ctrl, ack, eng.tracker, TAG_REPORT, self.cfg.timeout_s, f"round {self.rid} ack")
                 return msg
             if msg.size >= 4 and msg[3] == KIND_BT_STAGE:
-                tb.check_header(msg, self.rid, KIND_BT_STAGE, eng.tracker)
+                tb.check_header(msg, self.rid, KIND_BT_STAGE, eng.tracker, eng.magic)
                 rep = self.bt_stage(msg)
             else:
-                tb.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker)
+                tb.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker, eng.magic)
                 rep = self.execute(msg)
             tb.send_frame(eng.ctrl, rep, eng.tracker, TAG_REPORT, self.cfg.timeout_s, f"round {self.rid} report")
 
@@ -329,7 +374,7 @@ class _PeerState:
         banned = np.zeros(n, dtype=bool)
         banned[list(self.bad_senders)] = True
         body = self.runner.stage(self, stage, active, can_send & ~banned, refuse=banned)
-        head = [MAGIC, self.rid, stage, KIND_REPORT]
+        head = [self.eng.magic, self.rid, stage, KIND_REPORT]
         return np.concatenate([head, body, np.array(sorted(self.bad_senders), dtype=np.int64)]).astype(np.int64)
 
     def execute(self, msg: np.ndarray) -> np.ndarray:
@@ -350,7 +395,7 @@ class _PeerState:
         ok = self.move(stage, s_to, s_chunk, r_from, r_chunk, r_kind)
         return np.concatenate(
             [
-                [MAGIC, self.rid, stage, KIND_REPORT, nr],
+                [self.eng.magic, self.rid, stage, KIND_REPORT, nr],
                 ok.astype(np.int64),
                 np.array(sorted(self.bad_senders), dtype=np.int64),
             ]
@@ -377,10 +422,12 @@ class _PeerState:
             rreq.append(eng.data.post_recv(self.bufs[owner][a:b], src, tag))
         sreq: list = []
         posts = []
+        sviews: list = []  # each send's buffer: kept with its request if the round ends before it completes
         for dst, owner, first, count in _runs(s_to, s_chunk, K):
             a, b = self.chunk_range(owner, first, count)
             view = self.bufs[owner][a:b]
             posts.append((lambda d=dst, v=view: eng.data.post_send(v, d, tag), view.nbytes))
+            sviews.append((view, dst))
             self.sent_bytes += view.nbytes
         ok = np.zeros(nr, dtype=bool)
         t_done = np.full(nr, np.nan)
@@ -420,7 +467,9 @@ class _PeerState:
         )
         rdone, sdone = done[: len(rreq)], done[len(rreq) :]
         eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
-        self.eng._orphans.extend(r for r, d in zip(sreq, sdone) if not d)
+        for r, v, d in zip(sreq, [v for v, _ in sviews], sdone):
+            if not d:
+                self.eng.orphan(eng.data, [r], v)
         t_end = time.monotonic() - self.t0
         t_done[np.isnan(t_done)] = t_end
         # receive lists are sorted by (sender, chunk), the order runs were built in
@@ -462,6 +511,8 @@ class _PeerState:
             "refused_bytes": self.refused_bytes,
             "bad_senders": sorted(self.bad_senders),
             "bad_descriptors": list(self.bad_desc),
+            "protocol_errors": dict(self.protocol_errors),  # neighbour -> what its frame got wrong
+            "misbehaved": dict(self.misbehaved),  # tracker only: peer -> the report that got it excluded
             "excluded": np.flatnonzero(left).tolist(),
             "silent": self.silent,
             "warmup_failed_open": bool(failed_open),
@@ -526,6 +577,8 @@ class _Tracker:
         self.eng, self.cfg, self.rid, self.K, self.peer = eng, cfg, rid, K, peer
         self.bad_desc = bad_desc
         self.bans: list[tuple[int, int, int]] = []  # (stage, sender, receiver): receiver refused sender's chunks
+        self.misbehaved: dict[int, str] = peer.misbehaved  # peers excluded for a report that does not fit
+        self.timed_out: set[int] = set()  # peers excluded for not answering in time
         self._banned: set[tuple[int, int]] = set()
         self._new_bans: list[tuple[int, int]] = []
         n, C = eng.size, cfg.chunk_bytes
@@ -544,7 +597,7 @@ class _Tracker:
         ri = ri[np.lexsort((st.chunk[ri], st.sender[ri]))]
         msg = np.concatenate(
             [
-                [MAGIC, self.rid, st.index, KIND_DIRECTIVE, si.size, ri.size],
+                [self.eng.magic, self.rid, st.index, KIND_DIRECTIVE, si.size, ri.size],
                 st.receiver[si],
                 st.chunk[si],
                 st.sender[ri],
@@ -576,6 +629,7 @@ class _Tracker:
             rnd.complete(st, delivered)
             if silent:
                 rnd.leave(silent)
+                self.timed_out.update(p for p in silent if p not in self.misbehaved)
             self._apply_bans(st.index)
             self.stages.append(st)
             self.delivered.append(delivered)
@@ -606,10 +660,17 @@ class _Tracker:
         reports, silent = self._collect_reports(act.tolist(), st.index, self.cfg.stage_timeout_s)
         for p, rep in reports.items():
             ri = recv_idx[p]
-            if rep[4] != ri.size or rep.size < 5 + ri.size:
-                raise ProtocolError(f"rank {p} reported {rep[4]} receives for stage {st.index}, expected {ri.size}")
-            delivered[ri] = rep[5 : 5 + ri.size].astype(bool)
-            self._note_bans(p, rep[5 + ri.size :])
+            try:
+                if rep.size < 5 or rep[4] != ri.size or rep.size < 5 + ri.size:
+                    raise ProtocolError(f"rank {p} reported {rep[4:5].tolist()} receives, expected {ri.size}")
+                ok = rep[5 : 5 + ri.size]
+                if np.any((ok != 0) & (ok != 1)):
+                    raise ProtocolError(f"rank {p} reported delivery flags other than 0/1")
+                self._note_bans(p, rep[5 + ri.size :])
+            except ProtocolError as e:  # a report that does not fit: its sender is excluded, the round goes on
+                self._misbehaved(p, st.index, e, silent)
+                continue
+            delivered[ri] = ok.astype(bool)
         # transfers from or to a silent peer did not happen
         if silent:
             gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
@@ -624,7 +685,7 @@ class _Tracker:
         can = rnd.may_send()
         frame = np.concatenate(
             [
-                [MAGIC, self.rid, rnd.stage, KIND_BT_STAGE, n],
+                [eng.magic, self.rid, rnd.stage, KIND_BT_STAGE, n],
                 pack_bits(act).view(np.int64),
                 pack_bits(can).view(np.int64),
             ]
@@ -642,14 +703,22 @@ class _Tracker:
         parts = []
         for p in sorted(reports):
             rep = reports[p]
-            nr = int(rep[4]) if rep.size > 4 else -1
-            if nr < 0 or rep.size < 5 + 3 * nr:
-                raise ProtocolError(f"rank {p} sent a malformed report for stage {rnd.stage}")
-            s, c, ok = rep[5 : 5 + nr], rep[5 + nr : 5 + 2 * nr], rep[5 + 2 * nr : 5 + 3 * nr].astype(bool)
-            self._note_bans(p, rep[5 + 3 * nr :])
-            if np.any((s < 0) | (s >= n)) or np.any((c < 0) | (c >= n * K)):
-                raise ProtocolError(f"rank {p} reported receives outside the round at stage {rnd.stage}")
-            parts.append((s, np.full(nr, p, dtype=np.int64), c, ok))
+            try:
+                nr = int(rep[4]) if rep.size > 4 else -1
+                if nr < 0 or rep.size < 5 + 3 * nr:
+                    raise ProtocolError(f"rank {p} sent a malformed report for stage {rnd.stage}")
+                s, c, okw = rep[5 : 5 + nr], rep[5 + nr : 5 + 2 * nr], rep[5 + 2 * nr : 5 + 3 * nr]
+                if np.any((s < 0) | (s >= n) | (s == p)) or np.any((c < 0) | (c >= n * K)):
+                    raise ProtocolError(f"rank {p} reported receives outside the round at stage {rnd.stage}")
+                if np.any((okw != 0) & (okw != 1)):
+                    raise ProtocolError(f"rank {p} reported delivery flags other than 0/1")
+                self._note_bans(p, rep[5 + 3 * nr :])
+            except ProtocolError as e:
+                if p == me:
+                    raise
+                self._misbehaved(p, rnd.stage, e, silent)
+                continue
+            parts.append((s, np.full(nr, p, dtype=np.int64), c, okw.astype(bool)))
         cat = lambda i: np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64)  # noqa: E731
         s, r, c, ok = cat(0), cat(1), cat(2), cat(3).astype(bool)
         st = Stage(
@@ -667,11 +736,18 @@ class _Tracker:
             ok &= ~np.isin(s, silent)
         return st, ok, silent
 
+    def _misbehaved(self, p: int, stage: int, err: Exception, silent: list[int]) -> None:
+        """A peer whose frame does not fit the protocol is excluded like a silent one, never a reason for the
+        honest ranks to abort; the round's stats name it."""
+        self.misbehaved.setdefault(p, f"stage {stage}: {err}")
+        if p not in silent:
+            silent.append(p)
+
     def _note_bans(self, receiver: int, senders: np.ndarray) -> None:
         """The senders `receiver` reports it banned (the tail of its report: every ban of the round so far)."""
         n = self.eng.size
-        if np.any((senders < 0) | (senders >= n)):
-            raise ProtocolError(f"rank {receiver} reported banned senders outside the round: {senders.tolist()}")
+        if np.any((senders < 0) | (senders >= n) | (senders == receiver)) or np.unique(senders).size != senders.size:
+            raise ProtocolError(f"rank {receiver} reported banned senders that cannot be: {senders[:8].tolist()}")
         for s in senders.tolist():
             if (s, receiver) not in self._banned:
                 self._banned.add((s, receiver))
@@ -694,14 +770,27 @@ class _Tracker:
         for p in peers:
             if p == eng.rank:
                 continue
-            try:
-                wait_s = max(0.05, deadline - time.monotonic())
-                rep = tb.recv_frame(eng.ctrl, p, TAG_REPORT, wait_s, f"round {self.rid} stage {stage} report")
-            except PeerTimeoutError:
-                silent.append(p)
-                continue
-            tb.check_header(rep, self.rid, KIND_REPORT, p)
-            reports[p] = rep
+            while True:
+                try:
+                    wait_s = max(0.05, deadline - time.monotonic())
+                    rep = tb.recv_frame(eng.ctrl, p, TAG_REPORT, wait_s, f"round {self.rid} stage {stage} report")
+                except PeerTimeoutError:
+                    silent.append(p)
+                    break
+                except ProtocolError as e:  # not whole int64 words
+                    self._misbehaved(p, stage, e, silent)
+                    break
+                if stale(rep, self.rid, stage, eng.magic):
+                    continue  # a late report of an earlier stage or round (a peer that slept): not this one
+                try:
+                    tb.check_header(rep, self.rid, KIND_REPORT, p, eng.magic)
+                    if rep[2] != stage:
+                        raise ProtocolError(f"rank {p} sent a report for stage {rep[2]} during stage {stage}")
+                except ProtocolError as e:
+                    self._misbehaved(p, stage, e, silent)
+                    break
+                reports[p] = rep
+                break
         return reports, silent
 
     def _end(self, warm_t: float) -> np.ndarray:
@@ -714,7 +803,7 @@ class _Tracker:
         end = np.concatenate(
             [
                 [
-                    MAGIC,
+                    eng.magic,
                     self.rid,
                     rnd.stage,
                     KIND_END,
@@ -727,12 +816,43 @@ class _Tracker:
                 left.astype(np.int64),
             ]
         ).astype(np.int64)
-        reqs = [eng.ctrl.post_send(end, p, TAG_DIRECTIVE) for p in range(n) if p != me]
-        # a silent peer may never take its end frame; give live ones the normal timeout
-        done = tb.wait_until(eng.ctrl, reqs, time.monotonic() + self.cfg.timeout_s)
-        eng._orphans.extend(r for r, d in zip(reqs, done) if not d)
+        dests = [p for p in range(n) if p != me]
+        reqs = [eng.ctrl.post_send(end, p, TAG_DIRECTIVE) for p in dests]
         self.eng.last_trace = self._trace(A, agreed)
+        live = [p for p in dests if act[p]]
+        if n > 1 and not live and set(dests) <= self.timed_out:
+            # every other peer fell silent: far likelier the tracker stalled than all of them; it never
+            # reports success alone
+            eng.orphan(eng.ctrl, reqs, end)
+            raise PeerTimeoutError(
+                f"round {self.rid}: every other rank went silent on the tracker (rank {me}): the round failed"
+            )
+        # the live peers confirm the end; none confirming means they gave up on a stalled tracker, and the
+        # round fails here as it failed there (a peer that died after the end frame costs only itself)
+        acked = self._collect_acks(live, time.monotonic() + self.cfg.timeout_s)
+        done = tb.wait_until(eng.ctrl, reqs, time.monotonic() + 1.0)
+        eng.orphan(eng.ctrl, [r for r, d in zip(reqs, done) if not d], end)
+        if live and not acked:
+            raise PeerTimeoutError(
+                f"round {self.rid}: no rank confirmed the end of the round within {self.cfg.timeout_s:.1f}s "
+                "(they gave up waiting for the tracker): the round failed on every rank"
+            )
         return end
+
+    def _collect_acks(self, peers: list[int], deadline: float) -> list[int]:
+        """The peers among `peers` that confirmed this round's end frame by `deadline`."""
+        acked: list[int] = []
+        for p in peers:
+            while True:
+                try:
+                    wait_s = max(0.01, deadline - time.monotonic())
+                    msg = tb.recv_frame(self.eng.ctrl, p, TAG_REPORT, wait_s, f"round {self.rid} end confirmation")
+                except (PeerTimeoutError, ProtocolError):
+                    break
+                if msg.size == 4 and msg[0] == self.eng.magic and msg[1] == self.rid and msg[3] == KIND_ACK:
+                    acked.append(p)
+                    break  # anything else is a late report of this round: skip it
+        return acked
 
     def _trace(self, A: np.ndarray, agreed: np.ndarray) -> Trace:
         rnd, cfg = self.rnd, self.cfg
@@ -740,6 +860,7 @@ class _Tracker:
             "config": cfg.to_dict(),
             "bans": [list(b) for b in self.bans],  # (stage, sender, receiver)
             "bad_descriptors": list(self.bad_desc),
+            "misbehaved": {str(k): v for k, v in self.misbehaved.items()},  # peer -> why it was excluded
         }
         rec = RoundRecorder(rnd, cfg, "mpi", self.peer.nbytes, seed=rnd.seed, attrs=attrs)
         for st, d in zip(self.stages, self.delivered):

@@ -115,6 +115,7 @@ class SwarmRound:
         self.warmup_deadline = config.warmup_deadline_stages or 0
         self.releases = 0
         self.round_start = 0  # first stage after the pre-round spray; lags count from here
+        self.banned_by: dict[int, set[int]] | None = None  # sender -> receivers that refused its chunks (ban)
         self._refresh_windows()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -371,7 +372,10 @@ class SwarmRound:
                 self.spray = {k: v[keep] for k, v in sp.items()}
                 if self.spray["sender"].size == 0:
                     self.round_start = self.stage
-        before = self.deg[: self.n] > 0
+        if self.banned_by is None:  # first ban of the round: remember who neighboured whom
+            self.banned_by = {}
+            self._nbr0 = self.overlay.neighbors
+        self.banned_by.setdefault(int(sender), set()).add(int(receiver))
         ov = self.overlay.without_edges(np.array([[sender, receiver]]))
         if ov is self.overlay:
             return []
@@ -392,10 +396,15 @@ class SwarmRound:
         self.recip = recip
         if self.bt_want is not None:
             self.bt_want = request_pipeline(self.nbr, self.up, self.deg, self.n)
-        isolated = np.flatnonzero(before & (self.deg[: self.n] == 0) & self.active[: self.n])
-        if isolated.size:
-            self.leave(isolated)
-        return isolated.tolist()
+        # a peer every one of whose neighbours banned it (not one that banned its last neighbour itself)
+        out = [
+            u
+            for u, by in self.banned_by.items()
+            if self.active[u] and self._nbr0[u].size and set(self._nbr0[u].tolist()) <= by
+        ]
+        if out:
+            self.leave(out)
+        return out
 
     def deadline(self) -> int:
         """s_max in stages: the configured one, or 4x the uplink-bound ideal (at least 64 stages)."""

@@ -81,6 +81,10 @@ class Transport(ABC):
     def post_allgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
         """Start gathering every rank's `send` bytes into `recv` ([size, ...], rank order)."""
 
+    def abandon(self, reqs: Sequence[Request]) -> None:  # noqa: B027 - optional
+        """Ask the transport to cancel unfinished requests without waiting (sends to a peer gone for good);
+        they stay pending until `test` reports them, so their buffers must stay referenced until then."""
+
     def local_size(self) -> int:
         """Ranks of this context on this node (they share its cores)."""
         return 1
@@ -167,9 +171,10 @@ def allgather(t: Transport, arr: np.ndarray, timeout: float, what: str) -> np.nd
     return out
 
 
-def check_header(msg: np.ndarray, round_id: int, kind: int, src: int) -> None:
-    """A control frame starts (MAGIC, round, stage, kind): anything else is a protocol error."""
-    if msg.size < 4 or msg[0] != MAGIC or msg[1] != round_id or msg[3] != kind:
+def check_header(msg: np.ndarray, round_id: int, kind: int, src: int, magic: int = MAGIC) -> None:
+    """A control frame starts (magic, round, stage, kind): anything else is a protocol error.  `magic` is
+    MAGIC, or MAGIC with a session nonce in its high word (an engine's frames)."""
+    if msg.size < 4 or msg[0] != magic or msg[1] != round_id or msg[3] != kind:
         head = msg[:4].tolist()
         raise ProtocolError(f"rank {src} sent a bad control header {head} (want magic, round {round_id}, kind {kind})")
 

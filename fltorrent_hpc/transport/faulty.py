@@ -124,7 +124,7 @@ class FaultyTransport(Transport):
     # ----------------------------------------------------------------------------- what a message is
     def _learn(self, buf: np.ndarray) -> int | None:
         """The stage of a control frame (and its round, remembered); None when `buf` is no frame."""
-        if buf.dtype == np.int64 and buf.ndim == 1 and buf.size >= 4 and buf[0] == MAGIC:
+        if buf.dtype == np.int64 and buf.ndim == 1 and buf.size >= 4 and (int(buf[0]) & 0xFFFFFFFF) == MAGIC:
             self._epoch.round_id = int(buf[1])
             return int(buf[2])
         return None
@@ -206,6 +206,11 @@ class FaultyTransport(Transport):
             else:
                 inner.append(r)
         self.inner.cancel(inner)
+
+    def abandon(self, reqs: Sequence[Request]) -> None:
+        inner = [r.inner if isinstance(r, _Later) else r for r in reqs if not isinstance(r, (_Done, _Pair))]
+        inner += [q for r in reqs if isinstance(r, _Pair) for q in r.reqs]
+        self.inner.abandon([q for q in inner if q is not None])
 
     def poll_frame(self, source: int, tag: int) -> np.ndarray | None:
         msg = self.inner.poll_frame(source, tag)

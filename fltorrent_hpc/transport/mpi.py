@@ -80,6 +80,15 @@ class MPITransport(Transport):
             except self._MPI.Exception:
                 pass  # it completed with an error (a truncated receive): complete all the same
 
+    def abandon(self, reqs: Sequence[Request]) -> None:
+        null = self._MPI.REQUEST_NULL
+        for r in reqs:
+            try:
+                if r != null:
+                    r.Cancel()
+            except self._MPI.Exception:
+                pass  # completed meanwhile, or not cancellable: `test` reports it when it completes
+
     def poll_frame(self, source: int, tag: int) -> np.ndarray | None:
         if self.comm is None:
             raise TransportError(f"{self.name}: this transport is closed")
