@@ -273,7 +273,9 @@ def parse_directive(
     return Directive(h.stage, s_to, s_chunk, r_from, r_chunk, r_kind)
 
 
-def parse_bt_stage(frame, *, sender: int, round_id: int, n: int, stage: int | None = None, min_stage: int = 0) -> BTStage:
+def parse_bt_stage(
+    frame, *, sender: int, round_id: int, n: int, stage: int | None = None, min_stage: int = 0
+) -> BTStage:
     """A peer-decided BitTorrent stage's clock frame: n, then the active and may-send masks (W(n) words each)."""
     what = "BitTorrent stage"
     h = parse_header(
