@@ -22,11 +22,12 @@ import time
 import numpy as np
 
 from ..errors import ProtocolError
-from ..swarm.bt_peer import PeerBT, pack_bits, unpack_bits
+from ..swarm.bt_peer import PeerBT, pack_bits
 from ..swarm.overlay import build_overlay
 from ..swarm.round import BT
 from ..transport import base as tb
 from ..transport.base import MAGIC, Transport
+from .frames import parse_ask, parse_bitfield, parse_have, parse_neighbour_header
 
 TAG_NBR = 100  # + (stage % 1000) * 32 + code; codes: 0 bitfield, 1 have, 2 + 4 * pass + step
 BITFIELD, HAVE = 0, 1
@@ -66,9 +67,10 @@ class NeighbourLink:
                 if buf is None:
                     continue
                 moved = True
-                if buf.size < 4 or not np.array_equal(buf[:4], head):
-                    continue  # a stale frame of an earlier round on the same tag: not ours
-                out[w] = buf[4:]
+                try:
+                    out[w] = parse_neighbour_header(buf, sender=w, round_id=self.rid, stage=stage, code=code)
+                except ProtocolError:
+                    continue  # a stale frame of an earlier round or stage on the same tag (or a bad one): not ours
                 pending.discard(w)
             if moved:
                 idle = 0
@@ -105,11 +107,6 @@ class PeerStageRunner:
         self.stages = 0  # stages this rank decided itself
         self.N = n * K
 
-    def _chunks(self, w: int, body: np.ndarray, what: str, stage: int) -> np.ndarray:
-        if np.any((body < 0) | (body >= self.N)):
-            raise ProtocolError(f"rank {w} sent a {what} frame at stage {stage} naming chunks outside the round")
-        return body
-
     def stage(
         self, peer, stage: int, active: np.ndarray, can_send: np.ndarray, refuse: np.ndarray | None = None
     ) -> np.ndarray:
@@ -124,9 +121,7 @@ class PeerStageRunner:
             mine = pack_bits(peer.have.reshape(-1)).view(np.int64)
             got = self.link.exchange(stage, BITFIELD, {w: mine for w in alive}, deadline)
             for w, body in got.items():
-                if body.size != mine.size:
-                    raise ProtocolError(f"rank {w} sent a bitfield of {body.size} words, expected {mine.size}")
-                pb.neighbour_has(w, np.flatnonzero(unpack_bits(body.view(np.uint64), self.N)))
+                pb.neighbour_has(w, parse_bitfield(body, sender=w, round_id=self.rid, stage=stage, N=self.N).chunks)
             alive = [w for w in alive if w in got]
         pb.begin_stage(stage, active, can_send)
         self.stages += 1
@@ -140,10 +135,16 @@ class PeerStageRunner:
                 alive = [w for w in alive if w in got]
             s, c, _j, _g = pb.requests(p)
             # an ask frame: what I miss, then the chunks I request of you
-            frames = {w: np.concatenate([[pb.missing], c[s == w]]) for w in alive}
-            got = self.link.exchange(stage, base + ASK, frames, deadline)
-            asks = {w: self._chunks(w, a[1:], "request", stage) for w, a in got.items() if a.size >= 1}
-            announced = {w: int(a[0]) for w, a in got.items() if a.size >= 1}
+            ask_frames = {w: np.concatenate([[pb.missing], c[s == w]]) for w in alive}
+            got = self.link.exchange(stage, base + ASK, ask_frames, deadline)
+            # an ask over the requester's download budget (or of chunks outside the round) is a violation
+            parsed = {
+                w: parse_ask(a, sender=w, round_id=self.rid, stage=stage, N=self.N, max_count=int(pb.down[w]))
+                for w, a in got.items()
+                if a.size >= 1
+            }
+            asks = {w: a.chunks for w, a in parsed.items()}
+            announced = {w: a.missing for w, a in parsed.items()}
             # a request for a chunk I do not hold (only a faulty peer sends one) is refused, not served
             held = {w: peer.have.reshape(-1)[a] for w, a in asks.items()}
             served = {w: a[held[w]] for w, a in asks.items() if held[w].any() and (refuse is None or not refuse[w])}
@@ -185,7 +186,7 @@ class PeerStageRunner:
         fresh = r_chunk[ok]
         deltas = self.link.exchange(stage, HAVE, {w: fresh for w in alive}, time.monotonic() + cfg.stage_timeout_s)
         for w, d in deltas.items():
-            pb.neighbour_has(w, self._chunks(w, d, "have", stage))
+            pb.neighbour_has(w, parse_have(d, sender=w, round_id=self.rid, stage=stage, N=self.N))
         # live neighbours took every frame during the exchanges; one still pending after a short grace went
         # to a peer that stopped listening (the tracker's report wait leaves this grace in its margin)
         self.link.settle_sends(time.monotonic() + min(1.0, cfg.stage_timeout_s), peer.eng._orphans)

@@ -34,16 +34,17 @@ from ..chunks.digest import DIGEST_WORDS, chunk_digests, round_key
 from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
 from ..swarm import rng
-from ..swarm.bt_peer import pack_bits, unpack_bits
+from ..swarm.bt_peer import pack_bits
 from ..swarm.budget import chunk_budgets
 from ..swarm.round import BT, SPRAY, Stage, SwarmRound
 from ..trace import Trace
 from ..transport import base as tb
 from ..transport.base import MAGIC, Transport, data_tag
 from ..transport.mpi import MPITransport
+from . import frames
+from .frames import KIND_BT_STAGE, KIND_DIRECTIVE, KIND_END, KIND_REPORT
 from .recorder import RoundRecorder
 
-KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
 DESC_HEAD = 8  # descriptor words before the digests: MAGIC, round, owner, K, then 4 float64 (weight, links, seed)
 TAG_DIRECTIVE, TAG_REPORT = 11, 12
 
@@ -292,19 +293,21 @@ class _PeerState:
     def follow(self) -> np.ndarray:
         """Non-tracker ranks: execute directives until the end-of-round frame."""
         eng = self.eng
+        nxt = 0  # stages only move forward: a frame of a stage already run is stale (frames.py)
         while True:
             # a stage may spend up to ~2.5 stage timeouts excluding a silent peer before the next frame comes
             wait = self.cfg.timeout_s + 3 * self.cfg.stage_timeout_s
             msg = tb.recv_frame(eng.ctrl, eng.tracker, TAG_DIRECTIVE, wait, f"round {self.rid} directive")
-            if msg.size >= 4 and msg[3] == KIND_END:
-                tb.check_header(msg, self.rid, KIND_END, eng.tracker)
+            kinds = (KIND_END, KIND_BT_STAGE, KIND_DIRECTIVE)
+            h = frames.parse_header(msg, sender=eng.tracker, round_id=self.rid, kinds=kinds, min_stage=nxt)
+            if h.kind == KIND_END:
+                frames.parse_end(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, min_stage=nxt)
                 return msg
-            if msg.size >= 4 and msg[3] == KIND_BT_STAGE:
-                tb.check_header(msg, self.rid, KIND_BT_STAGE, eng.tracker)
+            if h.kind == KIND_BT_STAGE:
                 rep = self.bt_stage(msg)
             else:
-                tb.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker)
                 rep = self.execute(msg)
+            nxt = h.stage + 1
             tb.send_frame(eng.ctrl, rep, eng.tracker, TAG_REPORT, self.cfg.timeout_s, f"round {self.rid} report")
 
     def bt_stage(self, msg: np.ndarray) -> np.ndarray:
@@ -312,13 +315,7 @@ class _PeerState:
         from .bt_stages import PeerStageRunner
 
         n = self.eng.size
-        stage, words = int(msg[2]), (n + 63) // 64
-        if msg.size != 5 + 2 * words or msg[4] != n:
-            raise ProtocolError(f"round {self.rid} stage {stage}: BitTorrent stage frame has {msg.size} words")
-        active, can_send = (
-            unpack_bits(msg[5 : 5 + words].view(np.uint64), n),
-            unpack_bits(msg[5 + words :].view(np.uint64), n),
-        )
+        stage, active, can_send = frames.parse_bt_stage(msg, sender=self.eng.tracker, round_id=self.rid, n=n)
         if self.runner is None:
             cfg, C = self.cfg, self.cfg.chunk_bytes
             up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
@@ -335,19 +332,9 @@ class _PeerState:
     def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
         eng, K = self.eng, self.K
-        stage, ns, nr = int(msg[2]), int(msg[4]), int(msg[5])
-        body = msg[6:]
-        if body.size != 2 * ns + 3 * nr:
-            raise ProtocolError(f"round {self.rid} stage {stage}: directive body has {body.size} words")
-        s_to, s_chunk = body[:ns], body[ns : 2 * ns]
-        r_from, r_chunk, r_kind = (
-            body[2 * ns : 2 * ns + nr],
-            body[2 * ns + nr : 2 * ns + 2 * nr],
-            body[2 * ns + 2 * nr :],
-        )
-        if np.any((s_chunk < 0) | (s_chunk >= K * eng.size)) or np.any((r_chunk < 0) | (r_chunk >= K * eng.size)):
-            raise ProtocolError(f"round {self.rid} stage {stage}: directive names chunks outside the round")
-        ok = self.move(stage, s_to, s_chunk, r_from, r_chunk, r_kind)
+        d = frames.parse_directive(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank)
+        stage, nr = d.stage, d.r_from.size
+        ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind)
         return np.concatenate(
             [
                 [MAGIC, self.rid, stage, KIND_REPORT, nr],
@@ -440,9 +427,8 @@ class _PeerState:
 
     def finish(self, end: np.ndarray, weights: np.ndarray, consensus: bool, t0: float, trace_path: str) -> RoundResult:
         eng, n = self.eng, self.eng.size
-        stages, s_bt, warm_us, failed_open = (int(x) for x in end[4:8])
-        agreed = end[8 : 8 + n].astype(bool)
-        left = end[8 + n : 8 + 2 * n].astype(bool)
+        e = frames.parse_end(end, sender=eng.tracker, round_id=self.rid, n=n)
+        stages, s_bt, warm_us, failed_open, agreed, left = e.stages, e.s_bt, e.warm_us, e.failed_open, e.agreed, e.left
         mine = self.have.all(axis=1)
         self.silent = bool(left[eng.rank])
         part = agreed & mine if consensus else mine
@@ -599,17 +585,18 @@ class _Tracker:
                 own = msg
         delivered = np.zeros(st.size, dtype=bool)
         if rnd.active[me]:
-            rep = self.peer.execute(own)
-            delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
-            self._note_bans(me, rep[5 + recv_idx[me].size :])
+            rep = frames.parse_report(
+                self.peer.execute(own), sender=me, round_id=self.rid, n=n, expected=recv_idx[me].size, stage=st.index
+            )
+            delivered[recv_idx[me]] = rep.ok
+            self._note_bans(me, rep.banned)
         tb.wait_all(eng.ctrl, sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
         reports, silent = self._collect_reports(act.tolist(), st.index, self.cfg.stage_timeout_s)
-        for p, rep in reports.items():
+        for p, msg in reports.items():
             ri = recv_idx[p]
-            if rep[4] != ri.size or rep.size < 5 + ri.size:
-                raise ProtocolError(f"rank {p} reported {rep[4]} receives for stage {st.index}, expected {ri.size}")
-            delivered[ri] = rep[5 : 5 + ri.size].astype(bool)
-            self._note_bans(p, rep[5 + ri.size :])
+            rep = frames.parse_report(msg, sender=p, round_id=self.rid, n=n, expected=ri.size, stage=st.index)
+            delivered[ri] = rep.ok
+            self._note_bans(p, rep.banned)
         # transfers from or to a silent peer did not happen
         if silent:
             gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
@@ -641,14 +628,9 @@ class _Tracker:
         reports.update(got)
         parts = []
         for p in sorted(reports):
-            rep = reports[p]
-            nr = int(rep[4]) if rep.size > 4 else -1
-            if nr < 0 or rep.size < 5 + 3 * nr:
-                raise ProtocolError(f"rank {p} sent a malformed report for stage {rnd.stage}")
-            s, c, ok = rep[5 : 5 + nr], rep[5 + nr : 5 + 2 * nr], rep[5 + 2 * nr : 5 + 3 * nr].astype(bool)
-            self._note_bans(p, rep[5 + 3 * nr :])
-            if np.any((s < 0) | (s >= n)) or np.any((c < 0) | (c >= n * K)):
-                raise ProtocolError(f"rank {p} reported receives outside the round at stage {rnd.stage}")
+            rep = frames.parse_bt_report(reports[p], sender=p, round_id=self.rid, n=n, K=K, stage=rnd.stage)
+            s, c, ok, nr = rep.senders, rep.chunks, rep.ok, rep.senders.size
+            self._note_bans(p, rep.banned)
             parts.append((s, np.full(nr, p, dtype=np.int64), c, ok))
         cat = lambda i: np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64)  # noqa: E731
         s, r, c, ok = cat(0), cat(1), cat(2), cat(3).astype(bool)
@@ -700,7 +682,7 @@ class _Tracker:
             except PeerTimeoutError:
                 silent.append(p)
                 continue
-            tb.check_header(rep, self.rid, KIND_REPORT, p)
+            frames.parse_header(rep, sender=p, round_id=self.rid, kinds=KIND_REPORT, stage=stage, what="report")
             reports[p] = rep
         return reports, silent
 
