@@ -27,6 +27,11 @@ class ProtocolError(FLTorrentError):
     """A peer sent a control message that does not fit the protocol (bad header, bad ids)."""
 
 
+class StaleFrameError(ProtocolError):
+    """A well-formed control frame of an earlier round, or an earlier stage of this round: a late or replayed
+    frame that the reader discards (and keeps waiting), not a violation by a current peer."""
+
+
 class LaunchError(FLTorrentError):
     """fltorrent was started without an MPI launcher or with an inconsistent rank layout."""
 

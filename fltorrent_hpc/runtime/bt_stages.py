@@ -22,11 +22,12 @@ import time
 import numpy as np
 
 from ..errors import ProtocolError
-from ..swarm.bt_peer import PeerBT, pack_bits, unpack_bits
+from ..swarm.bt_peer import PeerBT, pack_bits
 from ..swarm.overlay import build_overlay
 from ..swarm.round import BT
 from ..transport import base as tb
 from ..transport.base import MAGIC, Transport
+from .frames import own_frame, parse_ask, parse_bitfield, parse_have, parse_neighbour_header
 
 TAG_NBR = 100  # + (stage % 1000) * 32 + code; codes: 0 bitfield, 1 have, 2 + 4 * pass + step
 BITFIELD, HAVE = 0, 1
@@ -66,9 +67,13 @@ class NeighbourLink:
                 if buf is None:
                     continue
                 moved = True
-                if buf.size < 4 or not np.array_equal(buf[:4], head):
-                    continue  # a stale frame of an earlier round on the same tag: not ours
-                out[w] = buf[4:]
+                buf = own_frame(buf, self.magic)
+                if buf is None:
+                    continue  # a frame of an earlier engine on a communicator MPI recycled
+                try:
+                    out[w] = parse_neighbour_header(buf, sender=w, round_id=self.rid, stage=stage, code=code)
+                except ProtocolError:
+                    continue  # a stale frame of an earlier round or stage on the same tag (or a bad one): not ours
                 pending.discard(w)
             if moved:
                 idle = 0
@@ -109,18 +114,7 @@ class PeerStageRunner:
         self.N = n * K
         self.down = np.asarray(down, dtype=np.int64)
 
-    def _chunks(self, w: int, body: np.ndarray, what: str, stage: int, most: int | None = None) -> np.ndarray:
-        """Chunk ids a neighbour sent: in range, no duplicates, at most `most` (what the protocol lets it
-        ask in a stage: its download budget).  Anything else is a ProtocolError naming the neighbour."""
-        if np.any((body < 0) | (body >= self.N)):
-            raise ProtocolError(f"rank {w} sent a {what} frame at stage {stage} naming chunks outside the round")
-        if most is not None and body.size > most:
-            raise ProtocolError(f"rank {w} sent {body.size} {what}s at stage {stage}, more than its budget {most}")
-        if np.unique(body).size != body.size:
-            raise ProtocolError(f"rank {w} sent a {what} frame at stage {stage} naming a chunk twice")
-        return body
-
-    def _flags(self, w: int, body: np.ndarray, size: int, what: str, stage: int) -> np.ndarray | None:
+    def _flags(self, w: int, body: np.ndarray | None, size: int, what: str, stage: int) -> np.ndarray | None:
         """A 0/1 answer of the expected length, or None (a neighbour that did not answer in time)."""
         if body is None:
             return None
@@ -151,10 +145,12 @@ class PeerStageRunner:
             mine = pack_bits(peer.have.reshape(-1)).view(np.int64)
             got = self.link.exchange(stage, BITFIELD, {w: mine for w in alive}, deadline)
             for w, body in got.items():
-                if body.size != mine.size:
-                    misbehaved(w, ProtocolError(f"rank {w} sent a bitfield of {body.size} words, not {mine.size}"))
+                try:
+                    have = parse_bitfield(body, sender=w, round_id=self.rid, stage=stage, N=self.N).chunks
+                except ProtocolError as e:
+                    misbehaved(w, e)
                     continue
-                pb.neighbour_has(w, np.flatnonzero(unpack_bits(body.view(np.uint64), self.N)))
+                pb.neighbour_has(w, have)
             alive[:] = [w for w in alive if w in got]
         pb.begin_stage(stage, active, can_send)
         self.stages += 1
@@ -170,17 +166,19 @@ class PeerStageRunner:
                 alive[:] = [w for w in alive if w in got]
             s, c, _j, _g = pb.requests(p)
             # an ask frame: what I miss, then the chunks I request of you
-            frames = {w: np.concatenate([[pb.missing], c[s == w]]) for w in alive}
-            got = self.link.exchange(stage, base + ASK, frames, deadline)
+            ask_frames = {w: np.concatenate([[pb.missing], c[s == w]]) for w in alive}
+            got = self.link.exchange(stage, base + ASK, ask_frames, deadline)
+            # chunks outside the round, a chunk twice, more than the asker misses or than its download budget
+            # lets it take this stage (a request flood): a violation, the asker is banned and not served
             asks, announced = {}, {}
             for w, a in got.items():
                 try:
-                    if a.size < 1 or a[0] < 0:
-                        raise ProtocolError(f"rank {w} sent an ask frame without its missing count at stage {stage}")
-                    asks[w] = self._chunks(w, a[1:], "request", stage, most=int(min(self.down[w], self.N)))
-                    announced[w] = int(a[0])
+                    most = int(min(self.down[w], self.N))
+                    ask = parse_ask(a, sender=w, round_id=self.rid, stage=stage, N=self.N, max_count=most)
                 except ProtocolError as e:
                     misbehaved(w, e)
+                    continue
+                asks[w], announced[w] = ask.chunks, ask.missing
             # a request for a chunk I do not hold (only a faulty peer sends one) is refused, not served
             held = {w: peer.have.reshape(-1)[a] for w, a in asks.items()}
             served = {w: a[held[w]] for w, a in asks.items() if held[w].any() and (refuse is None or not refuse[w])}
@@ -231,7 +229,7 @@ class PeerStageRunner:
         deltas = self.link.exchange(stage, HAVE, {w: fresh for w in alive}, time.monotonic() + cfg.stage_timeout_s)
         for w, d in deltas.items():
             try:
-                pb.neighbour_has(w, self._chunks(w, d, "have", stage))
+                pb.neighbour_has(w, parse_have(d, sender=w, round_id=self.rid, stage=stage, N=self.N))
             except ProtocolError as e:
                 misbehaved(w, e)
         # live neighbours took every frame during the exchanges; one still pending after a short grace went

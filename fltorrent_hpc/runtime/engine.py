@@ -34,16 +34,18 @@ from ..chunks.digest import DIGEST_WORDS, chunk_digests, round_key
 from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
 from ..swarm import rng
-from ..swarm.bt_peer import pack_bits, unpack_bits
+from ..swarm.bt_peer import pack_bits
 from ..swarm.budget import chunk_budgets
 from ..swarm.round import BT, SPRAY, Stage, SwarmRound
 from ..trace import Trace
 from ..transport import base as tb
 from ..transport.base import MAGIC, Transport, data_tag
 from ..transport.mpi import MPITransport
+from . import frames
+from .frames import KIND_BT_STAGE, KIND_DIRECTIVE, KIND_END, KIND_REPORT, own_frame
 from .recorder import RoundRecorder
 
-KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE, KIND_ACK = 1, 2, 3, 4, 5
+KIND_ACK = 5  # a follower's confirmation of the end frame (read here, not by frames.py)
 DESC_HEAD = 8  # descriptor words before the digests: MAGIC, round, owner, K, then 4 float64 (weight, links, seed)
 TAG_DIRECTIVE, TAG_REPORT = 11, 12
 
@@ -56,15 +58,6 @@ class RoundResult:
     weights: np.ndarray  # float64 [size]: the weight each rank published
     participants: np.ndarray  # int64 sorted ranks in the agreed reconstructable set
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def stale(msg: np.ndarray, rid: int, stage: int | None = None, magic: int | None = None) -> bool:
-    """A well-headed control frame of an earlier round (or of an earlier stage of this round): discard it."""
-    if msg.size < 4 or (int(msg[0]) & 0xFFFFFFFF) != MAGIC:
-        return False
-    if magic is not None and msg[0] != magic:
-        return True  # a frame of an earlier engine on a communicator MPI recycled
-    return bool(msg[1] < rid or (stage is not None and msg[1] == rid and 0 <= msg[2] < stage))
 
 
 def _runs(peer: np.ndarray, chunk: np.ndarray, K: int) -> list[tuple[int, int, int, int]]:
@@ -330,6 +323,7 @@ class _PeerState:
     def follow(self) -> np.ndarray:
         """Non-tracker ranks: execute directives until the end-of-round frame."""
         eng = self.eng
+        nxt = 0  # stages only move forward: a frame of a stage already run is stale (frames.py)
         while True:
             # a stage may spend up to ~2.5 stage timeouts excluding a silent peer before the next frame comes
             wait = self.cfg.timeout_s + 3 * self.cfg.stage_timeout_s
@@ -337,19 +331,24 @@ class _PeerState:
                 msg = tb.recv_frame(eng.ctrl, eng.tracker, TAG_DIRECTIVE, wait, f"round {self.rid} directive")
             except PeerTimeoutError as e:
                 raise PeerTimeoutError(f"{e} (the tracker, rank {eng.tracker}, stalled or died)") from e
-            if stale(msg, self.rid, magic=eng.magic):
-                continue  # the end frame of a round this rank already gave up on
-            if msg.size >= 4 and msg[3] == KIND_END:
-                tb.check_header(msg, self.rid, KIND_END, eng.tracker, eng.magic)
-                ack = np.array([eng.magic, self.rid, msg[2], KIND_ACK], dtype=np.int64)
+            msg = own_frame(msg, eng.magic)
+            if msg is None:
+                continue  # a frame of an earlier engine on a communicator MPI recycled
+            kinds = (KIND_END, KIND_BT_STAGE, KIND_DIRECTIVE)
+            try:
+                h = frames.parse_header(msg, sender=eng.tracker, round_id=self.rid, kinds=kinds, min_stage=nxt)
+            except frames.StaleFrame:
+                continue  # the end frame of a round this rank already gave up on, or a repeated stage
+            if h.kind == KIND_END:
+                frames.parse_end(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, min_stage=nxt)
+                ack = np.array([eng.magic, self.rid, h.stage, KIND_ACK], dtype=np.int64)
                 tb.send_frame(eng.ctrl, ack, eng.tracker, TAG_REPORT, self.cfg.timeout_s, f"round {self.rid} ack")
                 return msg
-            if msg.size >= 4 and msg[3] == KIND_BT_STAGE:
-                tb.check_header(msg, self.rid, KIND_BT_STAGE, eng.tracker, eng.magic)
+            if h.kind == KIND_BT_STAGE:
                 rep = self.bt_stage(msg)
             else:
-                tb.check_header(msg, self.rid, KIND_DIRECTIVE, eng.tracker, eng.magic)
                 rep = self.execute(msg)
+            nxt = h.stage + 1
             tb.send_frame(eng.ctrl, rep, eng.tracker, TAG_REPORT, self.cfg.timeout_s, f"round {self.rid} report")
 
     def bt_stage(self, msg: np.ndarray) -> np.ndarray:
@@ -357,13 +356,7 @@ class _PeerState:
         from .bt_stages import PeerStageRunner
 
         n = self.eng.size
-        stage, words = int(msg[2]), (n + 63) // 64
-        if msg.size != 5 + 2 * words or msg[4] != n:
-            raise ProtocolError(f"round {self.rid} stage {stage}: BitTorrent stage frame has {msg.size} words")
-        active, can_send = (
-            unpack_bits(msg[5 : 5 + words].view(np.uint64), n),
-            unpack_bits(msg[5 + words :].view(np.uint64), n),
-        )
+        stage, active, can_send = frames.parse_bt_stage(msg, sender=self.eng.tracker, round_id=self.rid, n=n)
         if self.runner is None:
             cfg, C = self.cfg, self.cfg.chunk_bytes
             up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
@@ -380,19 +373,9 @@ class _PeerState:
     def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
         eng, K = self.eng, self.K
-        stage, ns, nr = int(msg[2]), int(msg[4]), int(msg[5])
-        body = msg[6:]
-        if body.size != 2 * ns + 3 * nr:
-            raise ProtocolError(f"round {self.rid} stage {stage}: directive body has {body.size} words")
-        s_to, s_chunk = body[:ns], body[ns : 2 * ns]
-        r_from, r_chunk, r_kind = (
-            body[2 * ns : 2 * ns + nr],
-            body[2 * ns + nr : 2 * ns + 2 * nr],
-            body[2 * ns + 2 * nr :],
-        )
-        if np.any((s_chunk < 0) | (s_chunk >= K * eng.size)) or np.any((r_chunk < 0) | (r_chunk >= K * eng.size)):
-            raise ProtocolError(f"round {self.rid} stage {stage}: directive names chunks outside the round")
-        ok = self.move(stage, s_to, s_chunk, r_from, r_chunk, r_kind)
+        d = frames.parse_directive(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank)
+        stage, nr = d.stage, d.r_from.size
+        ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind)
         return np.concatenate(
             [
                 [self.eng.magic, self.rid, stage, KIND_REPORT, nr],
@@ -489,9 +472,8 @@ class _PeerState:
 
     def finish(self, end: np.ndarray, weights: np.ndarray, consensus: bool, t0: float, trace_path: str) -> RoundResult:
         eng, n = self.eng, self.eng.size
-        stages, s_bt, warm_us, failed_open = (int(x) for x in end[4:8])
-        agreed = end[8 : 8 + n].astype(bool)
-        left = end[8 + n : 8 + 2 * n].astype(bool)
+        e = frames.parse_end(end, sender=eng.tracker, round_id=self.rid, n=n)
+        stages, s_bt, warm_us, failed_open, agreed, left = e.stages, e.s_bt, e.warm_us, e.failed_open, e.agreed, e.left
         mine = self.have.all(axis=1)
         self.silent = bool(left[eng.rank])
         part = agreed & mine if consensus else mine
@@ -653,24 +635,27 @@ class _Tracker:
                 own = msg
         delivered = np.zeros(st.size, dtype=bool)
         if rnd.active[me]:
-            rep = self.peer.execute(own)
-            delivered[recv_idx[me]] = rep[5 : 5 + recv_idx[me].size].astype(bool)
-            self._note_bans(me, rep[5 + recv_idx[me].size :])
+            rep = frames.parse_report(
+                own_frame(self.peer.execute(own_frame(own, eng.magic)), eng.magic),
+                sender=me,
+                round_id=self.rid,
+                n=n,
+                expected=recv_idx[me].size,
+                stage=st.index,
+            )
+            delivered[recv_idx[me]] = rep.ok
+            self._note_bans(me, rep.banned)
         tb.wait_all(eng.ctrl, sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
         reports, silent = self._collect_reports(act.tolist(), st.index, self.cfg.stage_timeout_s)
-        for p, rep in reports.items():
+        for p, msg in reports.items():
             ri = recv_idx[p]
             try:
-                if rep.size < 5 or rep[4] != ri.size or rep.size < 5 + ri.size:
-                    raise ProtocolError(f"rank {p} reported {rep[4:5].tolist()} receives, expected {ri.size}")
-                ok = rep[5 : 5 + ri.size]
-                if np.any((ok != 0) & (ok != 1)):
-                    raise ProtocolError(f"rank {p} reported delivery flags other than 0/1")
-                self._note_bans(p, rep[5 + ri.size :])
+                rep = frames.parse_report(msg, sender=p, round_id=self.rid, n=n, expected=ri.size, stage=st.index)
+                self._note_bans(p, rep.banned)
             except ProtocolError as e:  # a report that does not fit: its sender is excluded, the round goes on
                 self._misbehaved(p, st.index, e, silent)
                 continue
-            delivered[ri] = ok.astype(bool)
+            delivered[ri] = rep.ok
         # transfers from or to a silent peer did not happen
         if silent:
             gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
@@ -694,7 +679,7 @@ class _Tracker:
         sends = [eng.ctrl.post_send(frame, p, TAG_DIRECTIVE) for p in peers if p != me]
         reports: dict[int, np.ndarray] = {}
         if act[me]:
-            reports[me] = self.peer.bt_stage(frame)
+            reports[me] = own_frame(self.peer.bt_stage(own_frame(frame, eng.magic)), eng.magic)
         tb.wait_all(eng.ctrl, sends, self.cfg.timeout_s, lambda p, s=rnd.stage: f"stage frames of stage {s}")
         # a peer spends up to one stage timeout on its neighbour exchanges, one on the data and one on the
         # have-deltas (engine_bt.PeerStageRunner.stage)
@@ -702,23 +687,16 @@ class _Tracker:
         reports.update(got)
         parts = []
         for p in sorted(reports):
-            rep = reports[p]
             try:
-                nr = int(rep[4]) if rep.size > 4 else -1
-                if nr < 0 or rep.size < 5 + 3 * nr:
-                    raise ProtocolError(f"rank {p} sent a malformed report for stage {rnd.stage}")
-                s, c, okw = rep[5 : 5 + nr], rep[5 + nr : 5 + 2 * nr], rep[5 + 2 * nr : 5 + 3 * nr]
-                if np.any((s < 0) | (s >= n) | (s == p)) or np.any((c < 0) | (c >= n * K)):
-                    raise ProtocolError(f"rank {p} reported receives outside the round at stage {rnd.stage}")
-                if np.any((okw != 0) & (okw != 1)):
-                    raise ProtocolError(f"rank {p} reported delivery flags other than 0/1")
-                self._note_bans(p, rep[5 + 3 * nr :])
+                rep = frames.parse_bt_report(reports[p], sender=p, round_id=self.rid, n=n, K=K, stage=rnd.stage)
+                self._note_bans(p, rep.banned)
             except ProtocolError as e:
                 if p == me:
                     raise
                 self._misbehaved(p, rnd.stage, e, silent)
                 continue
-            parts.append((s, np.full(nr, p, dtype=np.int64), c, okw.astype(bool)))
+            s, c, ok, nr = rep.senders, rep.chunks, rep.ok, rep.senders.size
+            parts.append((s, np.full(nr, p, dtype=np.int64), c, ok))
         cat = lambda i: np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64)  # noqa: E731
         s, r, c, ok = cat(0), cat(1), cat(2), cat(3).astype(bool)
         st = Stage(
@@ -780,12 +758,13 @@ class _Tracker:
                 except ProtocolError as e:  # not whole int64 words
                     self._misbehaved(p, stage, e, silent)
                     break
-                if stale(rep, self.rid, stage, eng.magic):
-                    continue  # a late report of an earlier stage or round (a peer that slept): not this one
+                rep = own_frame(rep, eng.magic)
+                if rep is None:
+                    continue  # a frame of an earlier engine on a communicator MPI recycled
                 try:
-                    tb.check_header(rep, self.rid, KIND_REPORT, p, eng.magic)
-                    if rep[2] != stage:
-                        raise ProtocolError(f"rank {p} sent a report for stage {rep[2]} during stage {stage}")
+                    frames.parse_header(rep, sender=p, round_id=self.rid, kinds=KIND_REPORT, stage=stage, what="report")
+                except frames.StaleFrame:
+                    continue  # a late report of an earlier stage or round (a peer that slept): not this one
                 except ProtocolError as e:
                     self._misbehaved(p, stage, e, silent)
                     break
@@ -837,7 +816,7 @@ class _Tracker:
                 f"round {self.rid}: no rank confirmed the end of the round within {self.cfg.timeout_s:.1f}s "
                 "(they gave up waiting for the tracker): the round failed on every rank"
             )
-        return end
+        return own_frame(end, eng.magic)  # as a follower reads it (MAGIC, not the session word)
 
     def _collect_acks(self, peers: list[int], deadline: float) -> list[int]:
         """The peers among `peers` that confirmed this round's end frame by `deadline`."""
