@@ -32,7 +32,7 @@ import numpy as np
 
 from ..chunks.digest import DIGEST_WORDS, chunk_digests, round_key
 from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
-from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError
+from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError, TransportError
 from ..swarm import rng
 from ..swarm.bt_peer import pack_bits
 from ..swarm.budget import chunk_budgets
@@ -101,6 +101,7 @@ class SwarmEngine:
         self.salt = (seed << 31) | nonce
         self.magic = MAGIC | (nonce << 32)
         self.round_id = 0
+        self.out_of_step = ""  # set when a collective timed out: every later round fails with it
         # requests a round could not complete (sends to peers that went silent): MPI may still read their
         # buffers, so they stay referenced here until the transport reports them complete (`prune_orphans`)
         self._orphans: list[tuple[Transport, Any, Any]] = []
@@ -147,7 +148,19 @@ class SwarmEngine:
 
     # ------------------------------------------------------------------ collectives on the control comm
     def _allgather(self, arr: np.ndarray, what: str) -> np.ndarray:
-        return tb.allgather(self.ctrl, arr, self.cfg.timeout_s, what)
+        """An all-gather on the control context.  One that times out leaves that context out of step for good
+        (a late rank's contribution would match the next one): the engine then fails every later call, the
+        same way on every rank, and the abandoned buffers stay parked for MPI to finish writing."""
+        if self.out_of_step:
+            raise TransportError(self.out_of_step)
+        try:
+            return tb.allgather(self.ctrl, arr, self.cfg.timeout_s, what)
+        except PeerTimeoutError as e:
+            self.out_of_step = (
+                f"rank {self.rank}: the control context fell out of step at round {self.round_id - 1} ({e}); "
+                "this group cannot run more rounds: create a new one"
+            )
+            raise
 
     def agree(self, meta: np.ndarray) -> None:
         """Raise ShapeMismatchError on every rank unless every rank passed the same int64 `meta`."""
@@ -426,6 +439,12 @@ class _PeerState:
                 p0 = starts[i]
                 t_done[p0 : p0 + count] = time.monotonic() - self.t0
                 self.recv_bytes += b - a
+                why = eng.data.failed(rreq[i])
+                if why:  # a message longer than the run it was granted for: refused whole, its sender banned
+                    self.bad_senders.add(src)
+                    self.protocol_errors.setdefault(src, f"stage {stage}: {why}")
+                    self.refused_bytes += b - a
+                    continue
                 if self.cfg.integrity == "none":
                     ok[p0 : p0 + count] = True
                     continue
@@ -808,12 +827,13 @@ class _Tracker:
             )
         # the live peers confirm the end; none confirming means they gave up on a stalled tracker, and the
         # round fails here as it failed there (a peer that died after the end frame costs only itself)
-        acked = self._collect_acks(live, time.monotonic() + self.cfg.timeout_s)
+        wait = min(self.cfg.timeout_s, max(2.0, 2 * self.cfg.stage_timeout_s))  # live peers answer at once
+        acked = self._collect_acks(live, time.monotonic() + wait)
         done = tb.wait_until(eng.ctrl, reqs, time.monotonic() + 1.0)
         eng.orphan(eng.ctrl, [r for r, d in zip(reqs, done) if not d], end)
         if live and not acked:
             raise PeerTimeoutError(
-                f"round {self.rid}: no rank confirmed the end of the round within {self.cfg.timeout_s:.1f}s "
+                f"round {self.rid}: no rank confirmed the end of the round within {wait:.1f}s "
                 "(they gave up waiting for the tracker): the round failed on every rank"
             )
         return own_frame(end, eng.magic)  # as a follower reads it (MAGIC, not the session word)

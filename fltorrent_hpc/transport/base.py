@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PeerTimeoutError, ProtocolError
+from ..errors import PeerTimeoutError, ProtocolError, TransportError
 
 MAGIC = 0x464C5452  # "FLTR": first word of every control frame
 POLL_S = 20e-6
@@ -33,6 +33,7 @@ SPIN = int(os.environ.get("FLTORRENT_POLL_SPIN", "200"))  # idle polls with only
 
 TAG_DATA = 22  # data tags: TAG_DATA + (round % 2) * 16000 + stage % 16000, all below 32767
 Request = Any  # an opaque handle of the transport that made it
+GRAVEYARD: list = []  # (transport, request, buffers...) of collectives abandoned on a timeout
 
 
 def data_tag(round_id: int, stage: int) -> int:
@@ -80,6 +81,11 @@ class Transport(ABC):
     @abstractmethod
     def post_allgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
         """Start gathering every rank's `send` bytes into `recv` ([size, ...], rank order)."""
+
+    def failed(self, req: Request) -> str | None:
+        """Why a request that `test` reported complete failed (e.g. a message longer than its receive buffer),
+        or None when it succeeded.  Asked once per request."""
+        return None
 
     def abandon(self, reqs: Sequence[Request]) -> None:  # noqa: B027 - optional
         """Ask the transport to cancel unfinished requests without waiting (sends to a peer gone for good);
@@ -141,6 +147,9 @@ def wait_all(t: Transport, reqs: Sequence[Request], timeout: float, describe: Ca
     if not done.all():
         pending = np.flatnonzero(~done).tolist()
         raise PeerTimeoutError(f"timed out after {timeout:.1f}s waiting for {describe(pending)}")
+    why = [w for w in (t.failed(r) for r in reqs) if w]
+    if why:
+        raise TransportError(f"{why[0]} ({describe([])})")
 
 
 def recv_frame(t: Transport, source: int, tag: int, timeout: float, what: str) -> np.ndarray:
@@ -167,7 +176,14 @@ def allgather(t: Transport, arr: np.ndarray, timeout: float, what: str) -> np.nd
     """Every rank's `arr` (same shape and dtype everywhere) stacked in rank order, bounded by `timeout`."""
     arr = np.ascontiguousarray(arr)
     out = np.empty((t.size,) + arr.shape, dtype=arr.dtype)
-    wait_all(t, [t.post_allgather(arr, out)], timeout, lambda _: f"{what} (allgather over {t.size} ranks)")
+    req = t.post_allgather(arr, out)
+    try:
+        wait_all(t, [req], timeout, lambda _: f"{what} (allgather over {t.size} ranks)")
+    except PeerTimeoutError:
+        # a collective cannot be cancelled: MPI may still write `out` when a late rank arrives, so the
+        # buffers stay referenced for the life of the process, never handed back to numpy
+        GRAVEYARD.append((t, req, arr, out))
+        raise
     return out
 
 

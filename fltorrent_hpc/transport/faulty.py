@@ -24,7 +24,8 @@ import numpy as np
 from ..errors import ConfigError
 from .base import MAGIC, Request, Transport, stage_of_data_tag
 
-ACTIONS = ("drop", "delay", "duplicate", "corrupt", "forge", "silent", "replay")
+ACTIONS = ("drop", "delay", "duplicate", "corrupt", "forge", "oversize", "truncate", "flood", "silent", "replay")
+FLOOD = 2000  # duplicate requests a "flood" fault appends to an ask frame
 FORGED_BYTE = 0x71  # a forged float32 reads 0x71717171, about 1.2e30: a chunk of the right length, poisoned
 
 
@@ -34,16 +35,18 @@ class Fault:
 
     action: "drop" (never sent), "delay" (sent `delay_s` late), "duplicate" (sent twice), "corrupt" (one
         byte flipped every `stride` bytes from byte `offset`), "forge" (every byte replaced: same length,
-        poisoned values), "silent" (every message dropped: the rank stops talking but keeps listening, so
-        it still learns the round's outcome), "replay" (all-gathers only: this rank contributes what it
-        contributed to the first all-gather of the same size, e.g. an earlier round's descriptor).
+        poisoned values), "oversize" (`stride` bytes appended), "truncate" (only the first half sent),
+        "flood" (neighbour ask frames: FLOOD duplicate requests appended), "silent" (every message dropped:
+        the rank stops talking but keeps listening, so it still learns the round's outcome), "replay"
+        (all-gathers only: this rank contributes what it contributed to the first all-gather of the same
+        size, e.g. an earlier round's descriptor).
     channel: "data", "ctrl", "nbr" (the engine's contexts) or None for every context.
     peer: the destination it applies to, None for all.
     round_id / from_stage / to_stage: the window (None: any round; stages inclusive).  A send that is no
         control frame and no data message has no stage and matches only a fault for any round from stage
         0.  All-gathers (the round's descriptors) are faulted only by "corrupt" (this rank's own
-        contribution, from byte `offset`) and "replay", in every round, whatever the window says; `nbytes`
-        picks one kind of all-gather by its size (the engine's descriptors, not its shape agreement).
+        contribution, from byte `offset`) and "replay", in every round, whatever the window says, and only
+        when `nbytes` names their size (the engine's descriptors, not its shape agreement).
     """
 
     action: str
@@ -155,6 +158,16 @@ class FaultyTransport(Transport):
             return _Later(time.monotonic() + f.delay_s, buf, dest, tag)
         if f.action == "duplicate":
             return _Pair(self.inner.post_send(buf, dest, tag), self.inner.post_send(buf, dest, tag))
+        if f.action == "flood":
+            if buf.dtype != np.int64 or buf.size < 5 or buf[3] % 4 != 3:
+                return self.inner.post_send(buf, dest, tag)  # only ask frames (code 2 + 4 * pass + 1)
+            first = buf[5] if buf.size > 5 else 0
+            return self.inner.post_send(np.concatenate([buf, np.full(FLOOD, first, np.int64)]), dest, tag)
+        raw = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+        if f.action == "oversize":
+            return self.inner.post_send(np.concatenate([raw, np.zeros(f.stride, np.uint8)]), dest, tag)
+        if f.action == "truncate":
+            return self.inner.post_send(raw[: raw.size // 2].copy(), dest, tag)
         bad = np.array(buf, copy=True).reshape(-1).view(np.uint8)  # the rank's own data stays intact
         if f.action == "forge":
             bad[:] = FORGED_BYTE
@@ -207,6 +220,11 @@ class FaultyTransport(Transport):
                 inner.append(r)
         self.inner.cancel(inner)
 
+    def failed(self, req: Request) -> str | None:
+        if isinstance(req, (_Done, _Pair)):
+            return None
+        return self.inner.failed(req.inner if isinstance(req, _Later) else req)
+
     def abandon(self, reqs: Sequence[Request]) -> None:
         inner = [r.inner if isinstance(r, _Later) else r for r in reqs if not isinstance(r, (_Done, _Pair))]
         inner += [q for r in reqs if isinstance(r, _Pair) for q in r.reqs]
@@ -226,7 +244,7 @@ class FaultyTransport(Transport):
         for f in self.faults:
             if f.channel not in (None, self.name) or f.action not in ("corrupt", "replay"):
                 continue
-            if f.nbytes is not None and f.nbytes != raw.size:
+            if f.nbytes != raw.size:  # all-gather faults name the size they target (None: sends only)
                 continue
             if f.action == "replay":
                 if earlier is None:

@@ -49,6 +49,7 @@ class MPITransport(Transport):
         self._owned = dup
         self.rank, self.size, self.name = self.comm.Get_rank(), self.comm.Get_size(), name
         self._status = self._MPI.Status()
+        self._failed: dict[int, str] = {}  # id(request) -> why it completed with an error
 
     def dup(self, name: str) -> MPITransport:
         return MPITransport(self.comm, name)
@@ -62,11 +63,25 @@ class MPITransport(Transport):
     def test(self, reqs: Sequence[Request]) -> list[int]:
         if not reqs:
             return []
-        try:
-            idx = self._MPI.Request.Testsome(list(reqs))
-        except self._MPI.Exception as e:
-            raise TransportError(f"MPI failed a request on {self.name}: {e.Get_error_string()}") from e
-        return list(idx) if idx else []
+        return self._test_one_by_one(reqs)
+
+    def _test_one_by_one(self, reqs: Sequence[Request]) -> list[int]:
+        """Test each request on its own.  Testsome would be one call, but when one request fails (a message
+        longer than its receive buffer: MPI_ERR_TRUNCATE) it raises and the other requests that completed in
+        the same call are freed unreported; one by one, each completion is seen and a failure is pinned on
+        its own request (`failed` says why)."""
+        out = []
+        for i, r in enumerate(reqs):
+            try:
+                if r != self._MPI.REQUEST_NULL and r.Test():
+                    out.append(i)
+            except self._MPI.Exception as e:
+                self._failed[id(r)] = f"MPI failed a request on {self.name}: {e.Get_error_string()}"
+                out.append(i)
+        return out
+
+    def failed(self, req: Request) -> str | None:
+        return self._failed.pop(id(req), None)
 
     def cancel(self, reqs: Sequence[Request]) -> None:
         null = self._MPI.REQUEST_NULL

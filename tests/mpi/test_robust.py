@@ -1,0 +1,201 @@
+"""A misbehaving, late or stalled rank costs itself, never the round (one test per way of misbehaving).
+
+Each fault is injected through the fault-injecting transport on one rank (BAD, never the tracker unless the
+tracker is the point).  Honest ranks must end the round with bit-identical results over the honest set, the
+misbehaving rank named, no wait past its bound, and the next round on the same engine must succeed (for a
+stalled tracker: every rank fails the round with the same error, then the next round succeeds).
+
+.venv/bin/mpiexec -n 4 .venv/bin/python -m pytest --with-mpi -q tests/mpi/test_robust.py   (run at 4 and 7)
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from fltorrent_hpc.config import SwarmConfig
+from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, TransportError
+from fltorrent_hpc.runtime.engine import SwarmEngine
+from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
+from fltorrent_hpc.transport.mpi import MPITransport
+
+pytestmark = [pytest.mark.mpi(min_size=3), pytest.mark.timeout(240)]
+
+COMM = MPI.COMM_WORLD
+R, N = COMM.Get_rank(), COMM.Get_size()
+BAD = N - 1
+HONEST = [r for r in range(N) if r != BAD]
+C = 1024
+NB = 12 * C
+PACED = dict(uplink=400e3, downlink=400e3, slot_seconds=0.01)  # 4 chunks a stage: several stages a round
+
+
+def agree(flag: bool) -> bool:
+    v = np.array([1 if flag else 0], dtype=np.int32)
+    out = np.empty(1, dtype=np.int32)
+    COMM.Allreduce(v, out, op=MPI.MIN)
+    return bool(out[0])
+
+
+def payload_of(rank: int, rnd: int) -> np.ndarray:
+    return np.random.default_rng(7000 + 100 * rnd + rank).integers(0, 256, NB, dtype=np.uint8)
+
+
+def engine(faults: list[Fault], who: int = BAD, **cfg) -> tuple[SwarmEngine, object, object]:
+    base = MPITransport(COMM)
+    net = FaultyTransport(base, faults) if R == who else base
+    kw = dict(chunk_bytes=C, timeout_s=30, stage_timeout_s=0.5, **PACED)
+    kw.update(cfg)
+    return SwarmEngine(net, SwarmConfig(**kw)), net, base
+
+
+def honest_identical(res, rnd: int, parts_must: list[int] | None = None) -> bool:
+    """The honest ranks hold the same participants (every honest rank among them) and true bytes."""
+    mask = np.zeros(N, dtype=np.int64)
+    if res is not None:
+        mask[res.participants] = 1
+    allm = np.empty((N, N), dtype=np.int64)
+    COMM.Allgather(mask, allm)
+    ok = all(np.array_equal(allm[HONEST[0]], allm[r]) for r in HONEST)
+    parts = np.flatnonzero(allm[HONEST[0]]).tolist()
+    ok &= set(HONEST) <= set(parts) and (parts_must is None or parts == parts_must)
+    if R in HONEST:
+        ok &= all(np.array_equal(res.updates[u], payload_of(u, rnd)) for u in parts)
+    return ok
+
+
+def named(res, keys=("bad_senders", "protocol_errors", "misbehaved", "excluded")) -> set[int]:
+    """Every rank id an honest rank names as banned, misbehaving or excluded (union over honest ranks)."""
+    mask = np.zeros(N, dtype=np.int64)
+    if R in HONEST and res is not None:
+        for k in keys:
+            mask[[int(x) for x in res.stats.get(k, [])]] = 1
+    tot = np.empty(N, dtype=np.int64)
+    COMM.Allreduce(mask, tot, op=MPI.SUM)
+    return set(np.flatnonzero(tot).tolist())
+
+
+def two_rounds(faults: list[Fault], privacy: str, **cfg):
+    """Round 0 with the faults (round_id 0 in them), round 1 clean; both results and round 0's wall time."""
+    eng, net, base = engine(faults, privacy=privacy, **cfg)
+    t0 = time.monotonic()
+    r0 = eng.disseminate(payload_of(R, 0))
+    dt = time.monotonic() - t0
+    r1 = eng.disseminate(payload_of(R, 1))
+    inj = dict(getattr(net, "injected", {}))
+    eng.close()
+    base.close()
+    return r0, r1, dt, inj
+
+
+PRIVACY = ["none", "full"]
+
+
+@pytest.mark.parametrize("privacy", PRIVACY)
+def test_a_request_flood_is_refused_not_served(privacy):
+    """Row: thousands of duplicate requests in ask frames.  Its neighbours ban the flooder; nobody's model
+    becomes its update, and the honest ranks agree bit for bit."""
+    r0, r1, dt, inj = two_rounds([Fault("flood", channel="nbr", round_id=0)], privacy)
+    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
+    flooded = np.array([inj.get("flood", 0) if R == BAD else 0], dtype=np.int64)
+    tot = np.empty(1, dtype=np.int64)
+    COMM.Allreduce(flooded, tot, op=MPI.SUM)
+    if tot[0]:  # the round reached a BitTorrent stage in which BAD asked for something
+        ok &= BAD in named(r0, ("bad_senders", "protocol_errors"))
+    ok &= dt < 30
+    assert agree(ok)
+
+
+@pytest.mark.parametrize("privacy", PRIVACY)
+def test_a_malformed_report_excludes_its_sender_and_nobody_aborts(privacy):
+    """Row: an out-of-range, negative, short or duplicate report.  The tracker excludes the liar like a silent
+    peer and the round completes over the rest."""
+    garble = Fault("corrupt", channel="ctrl", round_id=0, offset=8 * 5, stride=8)  # every word after the count
+    r0, r1, dt, inj = two_rounds([garble], privacy)
+    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
+    if inj.get("corrupt", 0) or R != BAD:
+        ok &= BAD in named(r0, ("misbehaved", "excluded"))
+    ok &= dt < 30
+    assert agree(ok)
+
+
+@pytest.mark.parametrize("privacy", PRIVACY)
+def test_a_rank_that_sleeps_in_a_stage_falls_behind_and_rejoins(privacy):
+    """Row: a rank asleep for several stage timeouts inside one stage.  It is excluded, learns so from the end
+    frame (silent), its late report is discarded as stale, and the next round includes it again."""
+    nap = Fault("delay", channel="ctrl", round_id=0, from_stage=1, to_stage=1, delay_s=5.0)
+    r0, r1, dt, inj = two_rounds([nap], privacy)
+    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
+    if R == BAD and inj.get("delay", 0):
+        ok &= r0.stats["silent"]  # it fell behind and knows it (fedavg_ reports applied=False)
+    ok &= dt < 30
+    assert agree(ok)
+
+
+def test_a_rank_silent_for_rounds_costs_nothing_and_leaves_no_state():
+    """Row: a rank silent round after round.  Each of those rounds excludes it; a later round includes it
+    again, and no unfinished request outlives the rounds on any rank."""
+    faults = [Fault("silent", round_id=r, from_stage=1) for r in (0, 1, 2)]
+    eng, net, base = engine(faults, privacy="full")
+    res = [eng.disseminate(payload_of(R, k)) for k in range(4)]
+    ok = all(honest_identical(res[k], k) for k in range(3)) and honest_identical(res[3], 3, list(range(N)))
+    left = np.array([eng.prune_orphans()], dtype=np.int64)
+    most = np.empty(1, dtype=np.int64)
+    COMM.Allreduce(left, most, op=MPI.MAX)
+    ok &= most[0] == 0
+    eng.close()
+    base.close()
+    assert agree(ok)
+
+
+def test_a_stalled_tracker_fails_the_round_the_same_way_everywhere():
+    """Row: the tracker stalls.  Followers give up on it with PeerTimeoutError naming it; the tracker, which no
+    follower confirmed, fails the same way instead of succeeding alone; the next round succeeds."""
+    stall = Fault("delay", channel="ctrl", round_id=0, from_stage=1, delay_s=4.0)
+    eng, net, base = engine([stall], who=0, timeout_s=2.0, privacy="full")
+    t0 = time.monotonic()
+    try:
+        eng.disseminate(payload_of(R, 0))
+        err = None
+    except PeerTimeoutError as e:
+        err = str(e)
+    dt = time.monotonic() - t0
+    ok = err is not None  # every rank fails with PeerTimeoutError: none succeeds alone
+    if R != 0:
+        ok &= "tracker" in err  # the followers name who stalled
+    ok &= dt < 2.0 + 3 * 0.5 + 5.0  # the follower's bound, plus the tracker's own stall
+    res = eng.disseminate(payload_of(R, 1))
+    ok &= res.participants.tolist() == list(range(N))
+    ok &= all(np.array_equal(res.updates[u], payload_of(u, 1)) for u in range(N))
+    eng.close()
+    base.close()
+    assert agree(ok)
+
+
+def test_a_rank_late_to_a_collective_cannot_corrupt_memory_and_the_group_fails_cleanly():
+    """Row: a rank reaches the round's all-gather after the others timed out.  Its late contribution lands in
+    buffers the others parked (canaries allocated after the timeout stay intact), and the group then fails
+    every later round the same way instead of reading out-of-step collectives."""
+    eng, net, base = engine([], timeout_s=1.0, privacy="none")
+    if R == BAD:
+        time.sleep(2.0)
+    canaries = []
+    try:
+        eng.disseminate(payload_of(R, 0))
+        first = None
+    except FLTorrentError as e:
+        first = e
+    canaries = [np.full(1 << 14, 0x5A, dtype=np.uint8) for _ in range(8)]
+    time.sleep(2.5)  # the late rank's contribution arrives while the canaries are live
+    ok = isinstance(first, PeerTimeoutError) if R != BAD else True
+    try:
+        eng.disseminate(payload_of(R, 1))
+        ok = False
+    except (TransportError, PeerTimeoutError):
+        pass
+    ok &= all(np.all(c == 0x5A) for c in canaries)
+    ok &= R == BAD or bool(eng.out_of_step)
+    assert agree(ok)
