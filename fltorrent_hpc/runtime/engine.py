@@ -92,6 +92,7 @@ class SwarmEngine:
         self.ctrl = net.dup("ctrl")
         self.nbrc = net.dup("nbr")  # neighbour frames of decentralised BitTorrent stages (bt_stages.py)
         self._share_cores(net)
+        _compile_once(self.cfg)
         # the tracker's seed and a fresh nonce, learned once: digest keys are salted with both (a descriptor
         # of another job's or engine's round of the same number matches nothing here), and every control
         # frame starts with MAGIC | nonce << 32, so a frame left over from an earlier engine on a recycled
@@ -290,6 +291,18 @@ class SwarmEngine:
         else:
             end = peer.follow()
         return peer.finish(end, weights, consensus, t0, trace or cfg.trace)
+
+
+_COMPILED: list[bool] = []
+
+
+def _compile_once(cfg: SwarmConfig) -> None:
+    """Compile the swarm kernels before the first round of this process, outside any stage clock."""
+    if not _COMPILED:
+        from ..swarm.bt_peer import compile_kernels
+
+        compile_kernels(cfg)
+        _COMPILED.append(True)
 
 
 class _PeerState:

@@ -235,3 +235,33 @@ class PeerBT:
             if not self.served[me, sl]:
                 self.served[me, sl] = True
                 self.tau_left[me] -= 1
+
+
+def compile_kernels(cfg: SwarmConfig) -> None:
+    """Compile (or load from numba's cache) every kernel a real round runs, by playing one tiny round in-process:
+    the tracker's passes (SwarmRound) and one peer's BitTorrent decisions (PeerBT).  A real round calls this
+    before its first stage, so a first-use compile (seconds; tens on a loaded node) never eats a stage timeout:
+    a peer that misses its neighbours' bitfields at the first BitTorrent stage cannot see what they held."""
+    from .overlay import build_overlay
+    from .round import SwarmRound
+
+    small = cfg.replace(seed=0, degree=1, overlay="random")
+    n, K = 3, 2
+    up, down = np.full(n, 2, dtype=np.int64), np.full(n, 2, dtype=np.int64)
+    rnd = SwarmRound(small, n, K, up, down, seed=0)
+    while not rnd.done and rnd.stage < 64:
+        rnd.complete(rnd.next_stage())
+    nbr = build_overlay(n, small, 0).nbr.astype(np.int64)
+    have = np.zeros(n * K, dtype=bool)
+    have[:K] = True
+    pb = PeerBT(small, 0, nbr, K, up, down, 0, have, np.zeros(n, dtype=np.int64))
+    for w in nbr[0][nbr[0] < n].tolist():
+        pb.neighbour_has(int(w), np.arange(w * K, (w + 1) * K, dtype=np.int64))
+    pb.begin_stage(0, np.ones(n, dtype=bool), np.ones(n, dtype=bool))
+    s, c, _j, _g = pb.requests(0)
+    askers = [int(w) for w in nbr[0][nbr[0] < n]]
+    grants = pb.grant(0, {w: np.arange(0, 1, dtype=np.int64) for w in askers}, {w: n * K for w in askers})
+    keep = pb.settle(0, np.ones(s.size, dtype=bool))
+    pb.commit({int(w): int(g.sum()) for w, g in grants.items()})
+    pb.received(s[keep], c[keep])
+    unpack_bits(pack_bits(np.ones(n, dtype=bool)), n)
