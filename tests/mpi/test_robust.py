@@ -95,6 +95,18 @@ PRIVACY = ["none", "full"]
 
 
 @pytest.mark.parametrize("privacy", PRIVACY)
+def test_a_message_longer_than_granted_is_refused_and_its_sender_banned(privacy):
+    """Row: one chunk too many in a data message.  The receive is posted for the granted run only, so MPI
+    refuses the rest (no write past the buffer); the receiver bans the sender and fetches the run elsewhere."""
+    r0, r1, dt, inj = two_rounds([Fault("oversize", channel="data", round_id=0, stride=C)], privacy)
+    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
+    ok &= BAD in named(r0, ("bad_senders", "protocol_errors"))
+    ok &= inj.get("oversize", 0) > 0 if R == BAD else True
+    ok &= dt < 30
+    assert agree(ok)
+
+
+@pytest.mark.parametrize("privacy", PRIVACY)
 def test_a_request_flood_is_refused_not_served(privacy):
     """Row: thousands of duplicate requests in ask frames.  Its neighbours ban the flooder; nobody's model
     becomes its update, and the honest ranks agree bit for bit."""
