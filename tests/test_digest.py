@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from fltorrent_hpc.chunks.digest import (
     DIGEST_BYTES,
     KEY_CONTEXT,
-    chunk_digest,
     chunk_digests,
     fingerprint,
     key_words,
@@ -58,14 +57,6 @@ def test_any_change_of_a_chunk_changes_its_digest_only():
     assert (chunk_digests(b, 1024, KEY) != d0).any(axis=1).tolist() == [False, False, True, False]
 
 
-def test_forged_float_chunks_do_not_pass():
-    """The word-sum this replaces let a relay forge a chunk of 1e30s with the right digest; BLAKE3 does not
-    (a sanity check, not a proof: what holds is BLAKE3's second-preimage resistance)."""
-    x = np.random.default_rng(1).standard_normal(1024).astype(np.float32)
-    forged = np.full(1024, 1e30, np.float32)
-    assert not np.array_equal(chunk_digests(x, 4096, KEY), chunk_digests(forged, 4096, KEY))
-
-
 def test_inputs_of_every_kind_and_small_cases():
     x = np.arange(60, dtype=np.float32)
     want = ref(x.tobytes(), 24, KEY)
@@ -73,14 +64,8 @@ def test_inputs_of_every_kind_and_small_cases():
         assert np.array_equal(chunk_digests(obj, 24, KEY), want), type(obj)
     assert np.array_equal(chunk_digests(x.reshape(6, 10).T, 24, KEY), ref(x.reshape(6, 10).T.tobytes(), 24, KEY))
     assert chunk_digests(b"", 8, KEY).shape == (0, 2)
-    assert np.array_equal(chunk_digest(b"", KEY), _empty(KEY))
-    assert np.array_equal(chunk_digest(x, KEY), ref(x.tobytes(), x.nbytes, KEY)[0])
     with pytest.raises(ValueError, match="positive"):
         chunk_digests(b"abc", 0, KEY)
-
-
-def _empty(key: bytes) -> np.ndarray:
-    return np.frombuffer(blake3.blake3(b"", key=key).digest(16), "<u8").astype(np.uint64)
 
 
 @pytest.mark.parametrize("threads", [2, 3])

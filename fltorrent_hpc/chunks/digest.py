@@ -91,20 +91,10 @@ def chunk_digests(
     return out
 
 
-def chunk_digest(chunk: np.ndarray | bytes | memoryview, key: bytes) -> np.ndarray:
-    """uint64 [2]: the keyed digest of one chunk of any length."""
-    b = _as_bytes(chunk)
-    return chunk_digests(b, max(b.size, 1), key)[0] if b.size else _empty_digest(key)
-
-
 def fingerprint(data: np.ndarray | bytes | memoryview) -> int:
     """A 63-bit fingerprint of small metadata (a layout table): unkeyed BLAKE3, first 8 bytes."""
     d = _blake3()(memoryview(_as_bytes(data))).digest(8)
     return int.from_bytes(d, "little") & 0x7FFFFFFFFFFFFFFF
-
-
-def _empty_digest(key: bytes) -> np.ndarray:
-    return np.frombuffer(_blake3()(b"", key=key).digest(DIGEST_BYTES), dtype="<u8").astype(np.uint64)
 
 
 def _as_bytes(buf: np.ndarray | bytes | memoryview) -> np.ndarray:

@@ -27,7 +27,7 @@ from ..swarm.overlay import build_overlay
 from ..swarm.round import BT
 from ..transport import base as tb
 from ..transport.base import MAGIC, Transport
-from .frames import own_frame, parse_ask, parse_bitfield, parse_have, parse_neighbour_header
+from .frames import own_frame, parse_ask, parse_bitfield, parse_grant, parse_have, parse_keep, parse_neighbour_header
 
 TAG_NBR = 100  # + (stage % 1000) * 32 + code; codes: 0 bitfield, 1 have, 2 + 4 * pass + step
 BITFIELD, HAVE = 0, 1
@@ -114,14 +114,6 @@ class PeerStageRunner:
         self.N = n * K
         self.down = np.asarray(down, dtype=np.int64)
 
-    def _flags(self, w: int, body: np.ndarray | None, size: int, what: str, stage: int) -> np.ndarray | None:
-        """A 0/1 answer of the expected length, or None (a neighbour that did not answer in time)."""
-        if body is None:
-            return None
-        if body.size != size or np.any((body != 0) & (body != 1)):
-            raise ProtocolError(f"rank {w} sent a {what} frame of {body.size} words at stage {stage}, expected {size}")
-        return body.astype(bool)
-
     def stage(
         self, peer, stage: int, active: np.ndarray, can_send: np.ndarray, refuse: np.ndarray | None = None
     ) -> np.ndarray:
@@ -193,13 +185,14 @@ class PeerStageRunner:
             )
             granted = np.zeros(s.size, dtype=bool)
             for w in np.unique(s).tolist():
+                if w not in answers or w not in alive:
+                    continue  # no answer in time: its requests count as refused
                 try:
-                    a = self._flags(w, answers.get(w), int(np.count_nonzero(s == w)), "grant", stage)
+                    a = parse_grant(answers[w], sender=w, round_id=self.rid, stage=stage, asked=int(np.sum(s == w)))
                 except ProtocolError as e:
                     misbehaved(w, e)
                     continue
-                if a is not None and w in alive:
-                    granted[s == w] = a
+                granted[s == w] = a
             keep = pb.settle(p, granted)
             kept = self.link.exchange(stage, base + KEEP, {w: keep[s == w].astype(np.int64) for w in alive}, deadline)
             counts = {}
@@ -208,7 +201,7 @@ class PeerStageRunner:
                 if g is None or w not in alive:
                     continue
                 try:
-                    k = self._flags(w, k, g.size, "keep", stage) & g
+                    k = parse_keep(k, sender=w, round_id=self.rid, stage=stage, granted=g)
                 except ProtocolError as e:
                     misbehaved(w, e)
                     continue

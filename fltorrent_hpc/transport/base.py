@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PeerTimeoutError, ProtocolError, TransportError
+from ..errors import PeerTimeoutError, TransportError
 
 MAGIC = 0x464C5452  # "FLTR": first word of every control frame
 POLL_S = 20e-6
@@ -185,14 +185,6 @@ def allgather(t: Transport, arr: np.ndarray, timeout: float, what: str) -> np.nd
         GRAVEYARD.append((t, req, arr, out))
         raise
     return out
-
-
-def check_header(msg: np.ndarray, round_id: int, kind: int, src: int, magic: int = MAGIC) -> None:
-    """A control frame starts (magic, round, stage, kind): anything else is a protocol error.  `magic` is
-    MAGIC, or MAGIC with a session nonce in its high word (an engine's frames)."""
-    if msg.size < 4 or msg[0] != magic or msg[1] != round_id or msg[3] != kind:
-        head = msg[:4].tolist()
-        raise ProtocolError(f"rank {src} sent a bad control header {head} (want magic, round {round_id}, kind {kind})")
 
 
 class Pacer:

@@ -128,3 +128,18 @@ def test_a_descriptor_replayed_from_an_earlier_round_is_refused(privacy):
     ok &= BAD in r1.stats["excluded"]
     ok &= inj.get("replay", 0) == 1 if R == BAD else True
     assert agree(ok)
+
+
+@pytest.mark.parametrize("privacy", ["none", "full"])
+def test_a_descriptor_with_a_non_finite_weight_leaves_its_owner_out(privacy):
+    """BAD publishes a NaN FedAvg weight: every rank sees the same descriptor and leaves BAD out (named),
+    instead of every rank raising; the honest ranks agree bit for bit."""
+    base = MPITransport(COMM)
+    eng = SwarmEngine(base, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, privacy=privacy))
+    res = eng.disseminate(payload_of(R), weight=float("nan") if R == BAD else 1.0)
+    ok, parts = honest_agree(res)
+    ok &= parts == HONEST and res.stats["bad_descriptors"] == [BAD]
+    ok &= bool(np.all(np.isfinite(res.weights)))
+    eng.close()
+    base.close()
+    assert agree(ok)

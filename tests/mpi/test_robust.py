@@ -112,11 +112,8 @@ def test_a_request_flood_is_refused_not_served(privacy):
     becomes its update, and the honest ranks agree bit for bit."""
     r0, r1, dt, inj = two_rounds([Fault("flood", channel="nbr", round_id=0)], privacy)
     ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
-    flooded = np.array([inj.get("flood", 0) if R == BAD else 0], dtype=np.int64)
-    tot = np.empty(1, dtype=np.int64)
-    COMM.Allreduce(flooded, tot, op=MPI.SUM)
-    if tot[0]:  # the round reached a BitTorrent stage in which BAD asked for something
-        ok &= BAD in named(r0, ("bad_senders", "protocol_errors"))
+    ok &= inj.get("flood", 0) > 0 if R == BAD else True  # the fault fired
+    ok &= BAD in named(r0, ("bad_senders", "protocol_errors"))
     ok &= dt < 30
     assert agree(ok)
 
@@ -128,8 +125,8 @@ def test_a_malformed_report_excludes_its_sender_and_nobody_aborts(privacy):
     garble = Fault("corrupt", channel="ctrl", round_id=0, offset=8 * 5, stride=8)  # every word after the count
     r0, r1, dt, inj = two_rounds([garble], privacy)
     ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
-    if inj.get("corrupt", 0) or R != BAD:
-        ok &= BAD in named(r0, ("misbehaved", "excluded"))
+    ok &= inj.get("corrupt", 0) > 0 if R == BAD else True  # the fault fired
+    ok &= BAD in named(r0, ("misbehaved", "excluded"))
     ok &= dt < 30
     assert agree(ok)
 
@@ -141,8 +138,9 @@ def test_a_rank_that_sleeps_in_a_stage_falls_behind_and_rejoins(privacy):
     nap = Fault("delay", channel="ctrl", round_id=0, from_stage=1, to_stage=1, delay_s=5.0)
     r0, r1, dt, inj = two_rounds([nap], privacy)
     ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
-    if R == BAD and inj.get("delay", 0):
-        ok &= r0.stats["silent"]  # it fell behind and knows it (fedavg_ reports applied=False)
+    if R == BAD:  # the fault fired; it fell behind and knows it (fedavg_ reports applied=False)
+        ok &= inj.get("delay", 0) > 0 and r0.stats["silent"]
+    ok &= BAD in named(r0, ("excluded",))
     ok &= dt < 30
     assert agree(ok)
 
