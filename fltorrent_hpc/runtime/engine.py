@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..chunks.digest import DIGEST_WORDS, chunk_digests, round_key
-from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
+from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, PROTOCOLS, SCHEDULERS, SwarmConfig, parse_privacy
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError, TransportError
 from ..swarm import rng
 from ..swarm.bt_peer import pack_bits
@@ -184,6 +184,7 @@ class SwarmEngine:
         decide the schedule.  A caller with its own agreement folds these in and passes `agreed=True`."""
         cfg = cfg or self.cfg
         priv = sum(1 << i for i, m in enumerate(PRIVACY_MECHANISMS) if m in cfg.privacy)
+        priv |= PROTOCOLS.index(cfg.protocol) << 3 | cfg.seed_peers << 8  # the privacy word: mechanisms, protocol
         return np.array(
             [
                 MAGIC,
@@ -328,8 +329,10 @@ class _PeerState:
         self.refused_bytes = 0
         self.all_info, self.seed = all_info, seed
         n = eng.size
-        self.have = np.zeros((n, K), dtype=bool)
-        self.have[eng.rank] = True
+        self.have = np.zeros((n, K), dtype=bool)  # what this rank holds publicly (its BitTorrent have row)
+        # hidden protocol: a rank's own update is not in its have row; it seeds it and downloads it back
+        self.hidden = cfg.hides_owners and n > 1
+        self.have[eng.rank] = not self.hidden
         self.got_from = np.zeros(n, dtype=np.int64)  # verified non-spray chunks from each peer (reciprocity)
         self.runner = None  # engine_bt.PeerStageRunner, from the first decentralised BitTorrent stage
         self.sent_bytes = self.recv_bytes = 0
@@ -399,7 +402,9 @@ class _PeerState:
     def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
         eng, K = self.eng, self.K
-        d = frames.parse_directive(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank)
+        d = frames.parse_directive(
+            msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank, own_ok=self.hidden
+        )
         stage, nr = d.stage, d.r_from.size
         ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind)
         return np.concatenate(
@@ -426,9 +431,12 @@ class _PeerState:
         tag = data_tag(self.rid, stage)
         rruns = _runs(r_from, r_chunk, K)
         rreq = []
+        into = []  # each receive's buffer: its slot, or scratch for this rank's own chunks coming back (hidden
+        # protocol), which are only verified: a bad copy must never touch the rank's own update
         for src, owner, first, count in rruns:
             a, b = self.chunk_range(owner, first, count)
-            rreq.append(eng.data.post_recv(self.bufs[owner][a:b], src, tag))
+            into.append(np.empty_like(self.bufs[owner][a:b]) if owner == eng.rank else self.bufs[owner][a:b])
+            rreq.append(eng.data.post_recv(into[-1], src, tag))
         sreq: list = []
         posts = []
         sviews: list = []  # each send's buffer: kept with its request if the round ends before it completes
@@ -461,7 +469,7 @@ class _PeerState:
                 if self.cfg.integrity == "none":
                     ok[p0 : p0 + count] = True
                     continue
-                got = chunk_digests(self.bufs[owner][a:b], self.C, self.keys[owner])
+                got = chunk_digests(into[i], self.C, self.keys[owner])
                 good = (got == self.hashes[owner, first : first + count]).all(axis=1)
                 ok[p0 : p0 + count] = good
                 if not good.all():  # refused, fetched again from another holder; the sender is banned
@@ -487,8 +495,10 @@ class _PeerState:
                 self.eng.orphan(eng.data, [r], v)
         t_end = time.monotonic() - self.t0
         t_done[np.isnan(t_done)] = t_end
-        # receive lists are sorted by (sender, chunk), the order runs were built in
-        self.have[r_chunk[ok] // K, r_chunk[ok] % K] = True
+        # receive lists are sorted by (sender, chunk), the order runs were built in; a mixer's first hop of
+        # the hidden protocol is forwarded from its slot but not held publicly
+        public = ok & ~(self.hidden & (r_kind == SPRAY) & (r_from == r_chunk // K))
+        self.have[r_chunk[public] // K, r_chunk[public] % K] = True
         counted = ok & (r_kind != SPRAY)
         np.add.at(self.got_from, r_from[counted], 1)
         lg = self.log
@@ -507,6 +517,7 @@ class _PeerState:
         e = frames.parse_end(end, sender=eng.tracker, round_id=self.rid, n=n)
         stages, s_bt, warm_us, failed_open, agreed, left = e.stages, e.s_bt, e.warm_us, e.failed_open, e.agreed, e.left
         mine = self.have.all(axis=1)
+        mine[eng.rank] = True  # its own update, whether or not it came back through the swarm
         self.silent = bool(left[eng.rank])
         part = agreed & mine if consensus else mine
         if consensus and not self.silent and not np.array_equal(agreed & mine, agreed):
@@ -720,7 +731,9 @@ class _Tracker:
         parts = []
         for p in sorted(reports):
             try:
-                rep = frames.parse_bt_report(reports[p], sender=p, round_id=self.rid, n=n, K=K, stage=rnd.stage)
+                rep = frames.parse_bt_report(
+                    reports[p], sender=p, round_id=self.rid, n=n, K=K, stage=rnd.stage, own_ok=rnd.hidden
+                )
                 self._note_bans(p, rep.banned)
             except ProtocolError as e:
                 if p == me:

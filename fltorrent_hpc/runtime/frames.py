@@ -235,10 +235,12 @@ def parse_directive(
     me: int | None = None,
     stage: int | None = None,
     min_stage: int = 0,
+    own_ok: bool = False,
 ) -> Directive:
     """A tracker-decided stage's directive for peer `me` (its sends and receives).  Peers in 0..n-1 (never
-    `me`), chunks in 0..n*K-1 (never one of `me`'s own to receive), phase codes, counts that add up to the
-    length, and no (sender, chunk) receive twice (nor a (receiver, chunk) send)."""
+    `me`), chunks in 0..n*K-1 (never one of `me`'s own to receive, except, with `own_ok` (hidden protocol),
+    outside the seed stages), phase codes, counts that add up to the length, and no (sender, chunk) receive
+    twice (nor a (receiver, chunk) send)."""
     what = "directive"
     h = parse_header(
         frame, sender=sender, round_id=round_id, kinds=KIND_DIRECTIVE, stage=stage, min_stage=min_stage, what=what
@@ -266,7 +268,7 @@ def parse_directive(
     if me is not None:
         if np.any(s_to == me) or np.any(r_from == me):
             raise ProtocolError(f"{where}: a transfer between rank {me} and itself")
-        if r_chunk.size and np.any(r_chunk // K == me):
+        if r_chunk.size and np.any((r_chunk // K == me) & ((r_kind == SPRAY) | (not own_ok))):
             raise ProtocolError(f"{where}: rank {me} is to receive a chunk of its own update")
     _ids(r_from * N + r_chunk, n * N, where, "(sender, chunk) receive", unique=True)
     _ids(s_to * N + s_chunk, n * N, where, "(receiver, chunk) send", unique=True)
@@ -334,9 +336,12 @@ def parse_report(frame, *, sender: int, round_id: int, n: int, expected: int, st
     return Report(h.stage, ok, _banned(msg[5 + nr :], n, sender, where))
 
 
-def parse_bt_report(frame, *, sender: int, round_id: int, n: int, K: int, stage: int | None = None) -> BTReport:
+def parse_bt_report(
+    frame, *, sender: int, round_id: int, n: int, K: int, stage: int | None = None, own_ok: bool = False
+) -> BTReport:
     """A peer-decided stage's report: nr, senders[nr], chunks[nr], ok[nr], then banned senders.  Senders are
-    peers other than `sender`; chunks are in the round and not `sender`'s own; no chunk arrived twice."""
+    peers other than `sender`; chunks are in the round and not `sender`'s own (unless `own_ok`: the hidden
+    protocol, where an owner downloads its update back); no chunk arrived twice."""
     what = "BitTorrent report"
     h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_REPORT, stage=stage, what=what)
     where = _where(sender, round_id, h.stage, what)
@@ -353,7 +358,7 @@ def parse_bt_report(frame, *, sender: int, round_id: int, n: int, K: int, stage:
     if np.any(s == sender):
         raise ProtocolError(f"{where}: rank {sender} reports a receive from itself")
     _ids(c, n * K, where, "chunk")
-    if c.size and np.any(c // K == sender):
+    if c.size and not own_ok and np.any(c // K == sender):
         raise ProtocolError(f"{where}: rank {sender} reports receiving a chunk of its own update")
     ok = _flags(msg[5 + 2 * nr : 5 + 3 * nr], where, "ok")
     _ids(c[ok], n * K, where, "delivered chunk", unique=True)
