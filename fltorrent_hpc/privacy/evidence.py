@@ -55,7 +55,6 @@ class RoundEvidence:
     held0: np.ndarray  # int [w, d]: chunks of d in w's bitfield at bt (0 everywhere if bt is None)
     covered: np.ndarray  # int [o, d]: chunks of d some peer of o's closed neighbourhood held at bt
     vis_sum: np.ndarray  # float [w, d]: sum over d's chunks of the stage o could first see w holding it publicly
-    complete: np.ndarray  # int [w, d]: stage from which w publicly held all of d (`end` if not inside the window)
     excluded: np.ndarray  # bool [o, d]: updates o knows are none of its targets' (its own; spray-revealed)
     known: np.ndarray  # bool [o, w]: o learned w's update from a spray w sent it (paper protocol only)
     uniq_key: np.ndarray = field(init=False)  # unique serve keys, with their counts
@@ -161,7 +160,6 @@ def build_evidence(trace: Trace, model: AdversaryModel | None = None) -> RoundEv
     if bt is None:
         held0 = np.zeros((n, n), np.int64)
         vis_sum = np.full((n, n), float(end) * K)
-        complete = np.full((n, n), end, np.int64)
         covered = np.zeros((n, n), np.int64)
     else:
         held0 = hold.count_by_update(bt)
@@ -170,9 +168,6 @@ def build_evidence(trace: Trace, model: AdversaryModel | None = None) -> RoundEv
         vis = np.maximum(hold.since[inside], bt)
         got = np.bincount(wd, minlength=n * n).reshape(n, n)
         vis_sum = np.bincount(wd, weights=vis, minlength=n * n).reshape(n, n) + (K - got) * float(end)
-        last = np.zeros(n * n, np.int64)
-        np.maximum.at(last, wd, vis)
-        complete = np.where(got == K, last.reshape(n, n), end)
         at0 = hold.since <= bt
         h = sp.csr_matrix(
             (np.ones(int(at0.sum()), np.int8), (hold.peer[at0], hold.chunk[at0])), shape=(n, n * K), dtype=np.int8
@@ -210,7 +205,6 @@ def build_evidence(trace: Trace, model: AdversaryModel | None = None) -> RoundEv
         held0=held0,
         covered=covered,
         vis_sum=vis_sum,
-        complete=complete,
         excluded=excluded,
         known=known,
     )

@@ -73,7 +73,7 @@ _TABLE = [
     Attack("exclusion", "round", exclusion_scores, "protocol-aware elimination (asks, bitfields, gating)"),
     Attack("bayes", "round", bayes_scores, "posterior from elimination evidence, Poisson rates by EM"),
     Attack("timing", "round", timing_scores, "showed d's chunks earliest relative to the other neighbours"),
-    Attack("bitfield", "round", bitfield_scores, "largest / earliest holdings of d in the BT-start bitfield"),
+    Attack("bitfield", "round", bitfield_scores, "most chunks of d in the BitTorrent-start bitfield"),
     Attack("spray_recipient", "round", spray_recipient_scores, "a spray's sender owns the sprayed update", "spray"),
 ]
 ATTACKS: dict[str, Attack] = {a.name: a for a in _TABLE}
