@@ -27,6 +27,7 @@ from .attacks import (
     run_attacks,
     run_round_attacks,
 )
+from .attacks.scoring import overlay_targets
 from .audit import audit_trace
 from .bounds import check_eq1, eval_eq2
 from .evidence import build_evidence
@@ -70,7 +71,7 @@ def _round_block(trace: Trace, model: AdversaryModel, views, atts, horizon: int 
     scores = run_round_attacks(trace, model, count_horizon=horizon, evidence=ev, views=views, attributions=atts)
     has = ev.deg > 0
     inv = np.divide(1.0, ev.deg, out=np.full(ev.n, np.nan), where=has)
-    targets = np.bincount(np.unique(ev.serve_key // ev.n) // ev.n, minlength=ev.n)
+    targets = np.bincount(overlay_targets(ev)[0], minlength=ev.n)  # targets per observer
     cand = ev.n - ev.excluded.sum(axis=1)  # updates a target's own could be, in o's eyes
     p_target = np.divide(1.0, cand, out=np.full(ev.n, np.nan), where=cand > 0)
     seen = targets > 0

@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..config import parse_privacy
+from ..errors import ConfigError
 from ..trace import PHASE_SPRAY, Trace, config_of
 from .observations import AdversaryModel, adjacency_matrix, bt_start, observation_window, protocol_of, public_holdings
 
@@ -128,7 +129,7 @@ def build_evidence(trace: Trace, model: AdversaryModel | None = None) -> RoundEv
     cfg = config_of(trace)
     try:
         gating = "gating" in parse_privacy(cfg.get("privacy", "full"))
-    except Exception:  # an unparsable label in a foreign trace: do not assume gating
+    except ConfigError:  # an unparsable label in a foreign trace: do not assume gating
         gating = False
     adj = adjacency_matrix(trace)
     deg = adj.sum(axis=1).astype(np.int64)

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
-
 from ...trace import Trace
 from ..evidence import RoundEvidence, build_evidence
 from ..observations import AdversaryModel, Views, build_views
@@ -37,7 +35,15 @@ from .count import count_attack
 from .elimination import Elimination, elimination_attack
 from .exclusion import exclusion_scores
 from .first_sender import first_sender_scores
-from .scoring import RoundScore, guess_scorer, overlay_targets, score_targets, score_u, spray_targets
+from .scoring import (
+    RoundScore,
+    guess_scorer,
+    overlay_targets,
+    random_guess_max,
+    score_targets,
+    score_u,
+    spray_targets,
+)
 from .sequence import sequence_attack
 from .spray_recipient import spray_recipient_scores
 from .timing import timing_scores
@@ -122,17 +128,6 @@ def run_round_attacks(
         per, count = score_targets(ev, scorer, targets)
         out[name] = RoundScore(name, u, flat, per, count)
     return out
-
-
-def random_guess_max(rates: np.ndarray, trials: np.ndarray, draws: int = 4000, seed: int = 0) -> float:
-    """Expected max over observers of the success rate of a random guesser (observer i: `trials[i]` guesses,
-    each right with probability `rates[i]`): the baseline a *max* over observers must be read against."""
-    keep = (trials > 0) & np.isfinite(rates)
-    if not keep.any():
-        return float("nan")
-    t, p = trials[keep].astype(np.int64), np.clip(rates[keep], 0.0, 1.0)
-    gen = np.random.default_rng(seed)
-    return float((gen.binomial(t, p, size=(draws, t.size)) / t).max(axis=1).mean())
 
 
 __all__ = [

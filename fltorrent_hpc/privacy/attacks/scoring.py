@@ -121,3 +121,14 @@ def guess_scorer(n: int, view: np.ndarray, target: np.ndarray, guess: np.ndarray
         return (found & (g[pos] == d)).astype(np.float64)
 
     return score
+
+
+def random_guess_max(rates: np.ndarray, trials: np.ndarray, draws: int = 4000, seed: int = 0) -> float:
+    """Expected max over observers of the success rate of a random guesser (observer i: `trials[i]` guesses,
+    each right with probability `rates[i]`): the baseline a *max* over observers must be read against."""
+    keep = (trials > 0) & np.isfinite(rates)
+    if not keep.any():
+        return float("nan")
+    t, p = trials[keep].astype(np.int64), np.clip(rates[keep], 0.0, 1.0)
+    gen = np.random.default_rng(seed)
+    return float((gen.binomial(t, p, size=(draws, t.size)) / t).max(axis=1).mean())
