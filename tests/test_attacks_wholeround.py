@@ -79,13 +79,16 @@ def epidemic_trace(protocol: str, n: int = 96, degree: int = 6, K: int = 4, seed
                 new[v, c] = True
         have |= new
         stage += 1
-    return synthetic_trace(n, K, np.array(g.edges()), rows_of(items), privacy="spray,lags", protocol=protocol)
+    priv = "full" if protocol == "hidden" else "spray,lags"  # the hidden protocol runs under privacy "full"
+    return synthetic_trace(n, K, np.array(g.edges()), rows_of(items), privacy=priv, protocol=protocol)
 
 
 def relabel(trace, protocol: str):
     """The same trace, read under another protocol flag."""
     cfg = json.loads(trace.attrs["config"])
     cfg["protocol"] = protocol
+    if protocol == "hidden":
+        cfg["privacy"] = "full"  # the hidden protocol is what privacy "full" runs
     trace.attrs = dict(trace.attrs, config=json.dumps(cfg))
     return trace
 
@@ -99,7 +102,7 @@ def test_public_holdings_follow_the_protocol_flag():
     # peer 0 receives chunk 3 at stage 5, outside a window that ends at stage 5
     items = [(0, 0, 1, 0, 2), (3, 2, 1, 2, 2), (5, 1, 0, 3, 2)]
     paper = synthetic_trace(3, K, [(0, 1), (1, 2)], rows_of(items), privacy="none")
-    hidden = synthetic_trace(3, K, [(0, 1), (1, 2)], rows_of(items), privacy="none", protocol="hidden")
+    hidden = synthetic_trace(3, K, [(0, 1), (1, 2)], rows_of(items), privacy="full", protocol="hidden")
     assert protocol_of(paper) == "paper" and protocol_of(hidden) == "hidden"
     peers, chunks = np.array([0, 0, 1, 1, 1, 0]), np.array([0, 1, 0, 2, 3, 3])
     hp, hh = public_holdings(paper), public_holdings(hidden)
@@ -189,7 +192,7 @@ def test_timing_uses_have_messages_where_bitfields_say_nothing():
     items += [(1, 4, 2, 2 * K, 2), (1, 4, 2, 2 * K + 1, 2), (8, 4, 1, 2 * K, 2)]
     items += [(1, 4, 3, 3 * K, 2), (1, 4, 3, 3 * K + 1, 2), (8, 4, 1, 3 * K, 2)]
     edges = [(0, 1), (0, 2), (0, 3), (1, 4), (2, 4), (3, 4)]
-    tr = synthetic_trace(5, K, edges, rows_of(sorted(items)), privacy="none", protocol="hidden")
+    tr = synthetic_trace(5, K, edges, rows_of(sorted(items)), privacy="full", protocol="hidden")
     assert u_of(tr, "timing")[0] == 1.0
     assert u_of(tr, "bitfield")[0] == pytest.approx(1 / 3)  # all bitfields empty at BT start: chance
     assert u_of(tr, "exclusion")[0] == pytest.approx(1 / 3)  # under "hidden" fetching your own rules nothing out
@@ -202,7 +205,9 @@ def test_spray_recipient_is_scored_per_sender_target():
     res = run_round_attacks(paper, names=["spray_recipient"])["spray_recipient"]
     assert res.target[0] == 1.0 and res.targets == 1  # the spray named peer 3's update
     assert res.u[0] == 1.0  # one neighbour: U is trivially 1 (1/deg) -- no spray evidence about it
-    relayed = synthetic_trace(4, K, edges, rows_of([(0, 3, 0, 2 * K, 0)]), protocol="hidden")  # 3 relays 2's
+    relayed = synthetic_trace(
+        4, K, edges, rows_of([(0, 3, 0, 2 * K, 0)]), privacy="full", protocol="hidden"
+    )  # 3 relays 2's
     res = run_round_attacks(relayed, names=["spray_recipient"])["spray_recipient"]
     assert res.target[0] == 0.0
 
@@ -309,7 +314,7 @@ def simulated():
     c = 1024
     out = {}
     for priv in ("none", "full"):
-        cfg = SwarmConfig(chunk_bytes=c, privacy=priv, degree=6, seed=3)
+        cfg = SwarmConfig(chunk_bytes=c, privacy=priv, degree=6, seed=3, protocol="paper")
         out[priv] = simulate(cfg, 40, 20 * c, uplink=(3 * c, 5 * c), downlink=(8 * c, 12 * c)).trace
     return out
 

@@ -279,7 +279,7 @@ def small_rounds():
     c = 1024
     out = {}
     for priv in ("none", "full"):
-        cfg = SwarmConfig(chunk_bytes=c, privacy=priv, degree=4, seed=3, deadline_stages=200)
+        cfg = SwarmConfig(chunk_bytes=c, privacy=priv, degree=4, seed=3, deadline_stages=200, protocol="paper")
         out[priv] = simulate(cfg, 24, 20 * c, uplink=(3 * c, 5 * c), downlink=(8 * c, 12 * c)).trace
     return out
 

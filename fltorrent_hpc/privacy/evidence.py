@@ -128,7 +128,7 @@ def build_evidence(trace: Trace, model: AdversaryModel | None = None) -> RoundEv
     protocol = protocol_of(trace)
     cfg = config_of(trace)
     try:
-        gating = "gating" in parse_privacy(cfg.get("privacy", "full"))
+        gating = protocol == "paper" and "gating" in parse_privacy(cfg.get("privacy", "full"))
     except ConfigError:  # an unparsable label in a foreign trace: do not assume gating
         gating = False
     adj = adjacency_matrix(trace)
@@ -180,10 +180,14 @@ def build_evidence(trace: Trace, model: AdversaryModel | None = None) -> RoundEv
 
     excluded = np.eye(n, dtype=bool)  # o knows its own update
     known = np.zeros((n, n), bool)
-    if model.spray and protocol == "paper":  # a paper spray comes straight from its owner
+    if model.spray:
         snd = tr["sender"][spr].astype(np.int64)
         rcv = tr["receiver"][spr].astype(np.int64)
-        known[rcv, snd] = True
+        if protocol == "hidden":  # a mixer knows its first hops (it is told to forward them) came from owners
+            ch = tr["chunk"][spr].astype(np.int64)
+            fwd = np.isin(rcv * (n * max(K, 1)) + ch, snd * (n * max(K, 1)) + ch)
+            snd, rcv = snd[fwd], rcv[fwd]
+        known[rcv, snd] = True  # a paper spray comes straight from its owner
         excluded[rcv, snd] = True
         known[np.arange(n), np.arange(n)] = False
     return RoundEvidence(

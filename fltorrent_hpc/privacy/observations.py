@@ -135,10 +135,12 @@ def protocol_of(trace: Trace) -> str:
     without its own chunks and it announces only chunks it received, re-downloading its own update)."""
     from ..trace import config_of
 
-    proto = str(config_of(trace).get("protocol", "paper") or "paper")
+    cfg = config_of(trace)
+    proto = str(cfg.get("protocol", "paper") or "paper")
     if proto not in PROTOCOLS:
         raise ValueError(f"unknown protocol {proto!r} in the trace config (known: {', '.join(PROTOCOLS)})")
-    return proto
+    # the hidden protocol applies to privacy "full" only; "none" and mechanism lists run the paper's rules
+    return "hidden" if proto == "hidden" and str(cfg.get("privacy", "full")) == "full" else "paper"
 
 
 def bt_start(trace: Trace) -> int | None:
@@ -329,12 +331,18 @@ def build_views(
     excluded = member.copy()  # members know their own descriptors
     known = np.zeros((n_views, n), dtype=bool)
     spray_revealed = np.zeros(n_views, dtype=np.int64)
-    if model.spray and protocol_of(trace) == "paper":
+    if model.spray:
         # under the paper's protocol a spray hop is a tunnel from the owner: its sender owns its update (the
-        # audit checks it); under "hidden" a spray arrival names no owner the adversary could rely on
+        # audit checks it); under "hidden" only a mixer's first hops do (it is told to forward them), while a
+        # seed's arrival comes from a mixer and names no owner
         sp = np.flatnonzero((tr["phase"] == PHASE_SPRAY) & (tr["stage"] < win.end_stage))
         s_recv = tr["receiver"][sp].astype(np.int64)
         s_send = tr["sender"][sp].astype(np.int64)
+        if protocol_of(trace) == "hidden":
+            span = n * max(int(kchunks), 1)
+            ch = tr["chunk"][sp].astype(np.int64)
+            fwd = np.isin(s_recv * span + ch, s_send * span + ch)
+            s_recv, s_send = s_recv[fwd], s_send[fwd]
         for i in range(n_views):
             hit = member[i, s_recv]
             learned = np.unique(s_send[hit])

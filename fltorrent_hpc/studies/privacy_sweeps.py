@@ -67,13 +67,20 @@ def simulate_round(
     uplink: tuple[str, str] = PAPER_UPLINK,
     downlink: tuple[str, str] = PAPER_DOWNLINK,
     bt_window_stages: int | None = None,
+    protocol: str = "paper",
     **config: Any,
 ) -> tuple[Trace, float]:
     """One simulated round's trace (through its warm-up, or its cover-equivalent span) and the seconds it took."""
     from ..runtime.simulator import simulate
 
     cfg = SwarmConfig(
-        chunk_bytes=chunk_bytes, privacy=privacy, degree=degree, spray_ratio=spray_ratio, seed=seed, **config
+        chunk_bytes=chunk_bytes,
+        privacy=privacy,
+        degree=degree,
+        spray_ratio=spray_ratio,
+        seed=seed,
+        protocol=protocol,  # the paper's figures by default; the whole-round study asks for both
+        **config,
     )
     up = (parse_rate(uplink[0]), parse_rate(uplink[1]))
     down = (parse_rate(downlink[0]), parse_rate(downlink[1]))
