@@ -95,7 +95,8 @@ def write_table(rows: list[dict], out: Path) -> None:
     """Means over seeds: round stages / BitTorrent-only, worst attack's mean U / (1/deg), its name."""
     bt = {(r["peers"], r["m"], r["seed"]): r["stages"] for r in rows if r["variant"] == "none"}
     lines = [
-        "| n | m | protocol | 1/deg | worst attack (mean U) | worst U / (1/deg) | max over observers | round / BT-only |",
+        "| n | m | protocol | 1/deg | worst attack (mean U) | worst U / (1/deg) | max over observers "
+        "| round / BT-only |",
         "|---|---|---|---|---|---|---|---|",
     ]
     pts = []
