@@ -56,8 +56,10 @@ def directives(n: int = N_PEERS, k: int = K, seed: int = 3, stages: int = 12, pr
     return out
 
 
-def bt_stage_frame(act, can, stage=STAGE, n=N_PEERS):
-    return arr(head(F.KIND_BT_STAGE, stage), [n], pack_bits(act).view(np.int64), pack_bits(can).view(np.int64))
+def bt_stage_frame(act, can, stage=STAGE, n=N_PEERS, exposed=None):
+    exp = np.zeros(len(act), bool) if exposed is None else exposed
+    masks = (pack_bits(m).view(np.int64) for m in (act, can, exp))
+    return arr(head(F.KIND_BT_STAGE, stage), [n], *masks)
 
 
 def end_frame(stages=9, s_bt=3, warm_us=1234, failed=0, agreed=None, left=None, n=N_PEERS):
@@ -211,8 +213,10 @@ def test_directive_malformed():
 def test_bt_stage_frame():
     act = np.array([1, 1, 0, 1, 1], bool)
     can = np.array([1, 0, 0, 1, 0], bool)
-    f = F.parse_bt_stage(bt_stage_frame(act, can), sender=TRACKER, round_id=RID, n=N_PEERS)
+    exp = np.array([0, 0, 1, 0, 1], bool)
+    f = F.parse_bt_stage(bt_stage_frame(act, can, exposed=exp), sender=TRACKER, round_id=RID, n=N_PEERS)
     assert f.stage == STAGE and f.active.tolist() == act.tolist() and f.can_send.tolist() == can.tolist()
+    assert f.exposed.tolist() == exp.tolist()
     n = 130  # three words a mask
     act = np.random.default_rng(1).random(n) < 0.5
     f = F.parse_bt_stage(bt_stage_frame(act, ~act, n=n), sender=TRACKER, round_id=RID, n=n)

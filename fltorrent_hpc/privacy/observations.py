@@ -208,6 +208,11 @@ def public_holdings(trace: Trace, end: int | None = None) -> PublicHoldings:
     ok = tr["ok"].astype(bool)
     if end is not None:
         ok &= tr["stage"] < end
+    if protocol_of(trace) == "hidden":  # a mixer's first hops are forwarded, never announced
+        sp = np.flatnonzero(ok & (tr["phase"] == PHASE_SPRAY))
+        span = n * max(K, 1)
+        got = tr["receiver"][sp].astype(np.int64) * span + tr["chunk"][sp]
+        ok[sp[np.isin(got, tr["sender"][sp].astype(np.int64) * span + tr["chunk"][sp])]] = False
     code = tr["receiver"][ok].astype(np.int64) * (n * K) + tr["chunk"][ok]
     since = tr["stage"][ok].astype(np.int64) + 1
     if protocol_of(trace) == "paper":

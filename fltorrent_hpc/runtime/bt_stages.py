@@ -115,7 +115,13 @@ class PeerStageRunner:
         self.down = np.asarray(down, dtype=np.int64)
 
     def stage(
-        self, peer, stage: int, active: np.ndarray, can_send: np.ndarray, refuse: np.ndarray | None = None
+        self,
+        peer,
+        stage: int,
+        active: np.ndarray,
+        can_send: np.ndarray,
+        refuse: np.ndarray | None = None,
+        publish: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run one stage for `peer` (the rank's engine._PeerState); returns the report body (senders,
         chunks, ok flags of what this rank received).  `refuse`: neighbours whose requests get no grant (the
@@ -144,6 +150,9 @@ class PeerStageRunner:
                     continue
                 pb.neighbour_has(w, have)
             alive[:] = [w for w in alive if w in got]
+        published = np.zeros(0, np.int64) if publish is None else np.asarray(publish, dtype=np.int64)
+        if published.size and self.started:  # own chunks it holds publicly from now on (hidden protocol)
+            pb.publish(published)
         pb.begin_stage(stage, active, can_send)
         self.stages += 1
         recv_s, recv_c, send_r, send_c = [], [], [], []
@@ -218,7 +227,7 @@ class PeerStageRunner:
         r_from, r_chunk, s_to, s_chunk = r_from[ro], r_chunk[ro], s_to[so], s_chunk[so]
         ok = peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64))
         pb.received(r_from[ok], r_chunk[ok])
-        fresh = r_chunk[ok]
+        fresh = np.concatenate([published, r_chunk[ok]])
         deltas = self.link.exchange(stage, HAVE, {w: fresh for w in alive}, time.monotonic() + cfg.stage_timeout_s)
         for w, d in deltas.items():
             try:

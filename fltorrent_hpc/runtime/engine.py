@@ -345,6 +345,7 @@ class _PeerState:
         }
         self.t0 = time.monotonic()
         self.silent = False  # set at the end of the round when the tracker excluded this rank
+        self.exposed = False  # hidden protocol: had to publish its own update (its public copies left)
 
     def chunk_range(self, owner: int, first: int, count: int) -> tuple[int, int]:
         return first * self.C, min((first + count) * self.C, self.nbytes)
@@ -384,8 +385,14 @@ class _PeerState:
         """A decentralised BitTorrent stage (engine_bt.py); returns the report frame."""
         from .bt_stages import PeerStageRunner
 
-        n = self.eng.size
-        stage, active, can_send = frames.parse_bt_stage(msg, sender=self.eng.tracker, round_id=self.rid, n=n)
+        n, me, K = self.eng.size, self.eng.rank, self.K
+        stage, active, can_send, exposed = frames.parse_bt_stage(msg, sender=self.eng.tracker, round_id=self.rid, n=n)
+        publish = np.zeros(0, dtype=np.int64)
+        if self.hidden and exposed[me] and not self.have[me].all():
+            # its update's public copies left: it holds it publicly from now on (announced with this stage's haves)
+            publish = me * K + np.flatnonzero(~self.have[me])
+            self.have[me] = True
+            self.exposed = True
         if self.runner is None:
             cfg, C = self.cfg, self.cfg.chunk_bytes
             up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
@@ -395,7 +402,7 @@ class _PeerState:
         # answered (empty), so the stage keeps its pace on both sides
         banned = np.zeros(n, dtype=bool)
         banned[list(self.bad_senders)] = True
-        body = self.runner.stage(self, stage, active, can_send & ~banned, refuse=banned)
+        body = self.runner.stage(self, stage, active, can_send & ~banned, refuse=banned, publish=publish)
         head = [self.eng.magic, self.rid, stage, KIND_REPORT]
         return np.concatenate([head, body, np.array(sorted(self.bad_senders), dtype=np.int64)]).astype(np.int64)
 
@@ -520,6 +527,8 @@ class _PeerState:
         mine[eng.rank] = True  # its own update, whether or not it came back through the swarm
         self.silent = bool(left[eng.rank])
         part = agreed & mine if consensus else mine
+        if consensus and self.silent and not np.array_equal(agreed & mine, agreed):
+            part[:] = False  # left behind: it cannot rebuild the agreed set (its own update alone is no average)
         if consensus and not self.silent and not np.array_equal(agreed & mine, agreed):
             missing = np.flatnonzero(agreed & ~mine).tolist()
             raise ProtocolError(f"rank {eng.rank}: tracker agreed on updates {missing} this rank does not hold")
@@ -540,6 +549,7 @@ class _PeerState:
             "misbehaved": dict(self.misbehaved),  # tracker only: peer -> the report that got it excluded
             "excluded": np.flatnonzero(left).tolist(),
             "silent": self.silent,
+            "exposed": self.exposed,
             "warmup_failed_open": bool(failed_open),
             "peer_decided_stages": self.runner.stages if self.runner is not None else 0,
         }
@@ -699,10 +709,10 @@ class _Tracker:
                 self._misbehaved(p, st.index, e, silent)
                 continue
             delivered[ri] = rep.ok
-        # transfers from or to a silent peer did not happen
+        # transfers to a silent peer did not happen; those from one did where its receiver verified the bytes
+        # (the receiver holds them now: the tracker's state must say so, or it waits for them to the deadline)
         if silent:
-            gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
-            delivered &= ~gone
+            delivered &= ~np.isin(st.receiver, silent)
         return delivered, silent
 
     def _peer_stage(self) -> tuple[Stage, np.ndarray, list[int]]:
@@ -716,6 +726,7 @@ class _Tracker:
                 [eng.magic, self.rid, rnd.stage, KIND_BT_STAGE, n],
                 pack_bits(act).view(np.int64),
                 pack_bits(can).view(np.int64),
+                pack_bits(rnd.exposed[:n]).view(np.int64),
             ]
         ).astype(np.int64)
         peers = np.flatnonzero(act).tolist()
@@ -755,8 +766,7 @@ class _Tracker:
             sender_buffer=rnd.held[s],
             capacity=rnd.capacity(),
         )
-        if silent:
-            ok &= ~np.isin(s, silent)
+        # a silent sender's chunks that reached a reporting peer and passed its check were delivered
         return st, ok, silent
 
     def _misbehaved(self, p: int, stage: int, err: Exception, silent: list[int]) -> None:

@@ -65,6 +65,7 @@ class BTStage(NamedTuple):
     stage: int
     active: np.ndarray  # bool [n]
     can_send: np.ndarray  # bool [n]
+    exposed: np.ndarray  # bool [n]: hidden-protocol owners that now hold their own update publicly
 
 
 class End(NamedTuple):
@@ -278,7 +279,8 @@ def parse_directive(
 def parse_bt_stage(
     frame, *, sender: int, round_id: int, n: int, stage: int | None = None, min_stage: int = 0
 ) -> BTStage:
-    """A peer-decided BitTorrent stage's clock frame: n, then the active and may-send masks (W(n) words each)."""
+    """A peer-decided BitTorrent stage's clock frame: n, then the active, may-send and exposed masks (W(n)
+    words each)."""
     what = "BitTorrent stage"
     h = parse_header(
         frame, sender=sender, round_id=round_id, kinds=KIND_BT_STAGE, stage=stage, min_stage=min_stage, what=what
@@ -286,13 +288,14 @@ def parse_bt_stage(
     where = _where(sender, round_id, h.stage, what)
     msg = _words(frame, where)
     W = _n_words(n)
-    if msg.size != HEAD + 1 + 2 * W:
-        raise ProtocolError(f"{where} has {msg.size} words, want {HEAD + 1 + 2 * W}")
+    if msg.size != HEAD + 1 + 3 * W:
+        raise ProtocolError(f"{where} has {msg.size} words, want {HEAD + 1 + 3 * W}")
     if int(msg[4]) != n:
         raise ProtocolError(f"{where} is for {int(msg[4])} peers, the round has {n}")
     active = _bits(msg[5 : 5 + W], n, where, "active mask")
-    can = _bits(msg[5 + W :], n, where, "may-send mask")
-    return BTStage(h.stage, active, can)
+    can = _bits(msg[5 + W : 5 + 2 * W], n, where, "may-send mask")
+    exposed = _bits(msg[5 + 2 * W :], n, where, "exposed mask")
+    return BTStage(h.stage, active, can, exposed)
 
 
 def parse_end(frame, *, sender: int, round_id: int, n: int, min_stage: int = 0) -> End:

@@ -75,6 +75,7 @@ class SwarmRound:
             self.have_t[np.arange(self.N), own] = True
         # hidden protocol: chunks whose only copy is still their owner's private one (planned seeds)
         self.unseeded = np.full(self.N, self.hidden, dtype=bool)
+        self.exposed = np.zeros(n, dtype=bool)  # hidden owners that had to publish their update (lost copies)
         self._have_flat = self.have_t.reshape(-1)  # view; np.take on it is ~4x faster than 2-D fancy indexing
         # bit-packed copies of the same bits for the compiled BitTorrent passes (swarm/bt_kernel.py)
         self.hbits = pack_rows(self.have)
@@ -294,8 +295,35 @@ class SwarmRound:
             self.seeder[c] = sd if sd >= 0 else m  # no third peer: the first hop publishes
         self.unseeded &= st != self.DROPPED
         self.spray = self._seed_items()
+        if self.phase == BT and self.spray["sender"].size:
+            # seeds run only before BitTorrent: an owner whose chunk must be seeded again (its every public
+            # copy left) publishes its own update instead, giving up its hiding for this round (`exposed`)
+            c = self.spray["chunk"]
+            st[c] = self.SEEDED
+            self.unseeded[c] = False
+            self._expose(np.unique(c // max(self.K, 1)))
+            self.spray = self._seed_items()
         if self.spray["sender"].size == 0:
             self.round_start = self.stage
+
+    def _expose(self, owners: np.ndarray) -> None:
+        """Owners hold their own update publicly from now on (the paper's state), as the have state sees it."""
+        for u in np.asarray(owners, dtype=np.int64):
+            if self.exposed[u] or not self.active[u]:
+                continue
+            self.exposed[u] = True
+            c = np.arange(u * self.K, (u + 1) * self.K, dtype=np.int64)
+            c = c[~self.have[u, c]]
+            if c.size == 0:
+                continue
+            self.have[u, c] = True
+            self.have_t[c, u] = True
+            set_pending(self.hbits, np.full(c.size, u, dtype=np.int64), c, True)
+            set_pending(self.tbits, c, np.full(c.size, u, dtype=np.int64), True)
+            self.held[u] += c.size
+            self.holders[c] += 1
+            done_now = (self.complete_stage < 0) & (self.held >= self.N)
+            self.complete_stage[done_now] = self.stage
 
     # ------------------------------------------------------------------ views
     @property
