@@ -146,9 +146,8 @@ class Checker:
             if rnd.hidden:  # each chunk: one first hop to a mixer, then one forward to its seed
                 if ci // K == si:
                     prev = self.at_mixer[ci]  # mixed again only when its mixer left before forwarding
-                    # (or, with no third peer left, sent again to the mixer, which then publishes it)
                     # or seeded again after every public copy left (-2: forwarded before)
-                    again = prev < 0 or not active0[prev] or rnd.seeder[ci] == ri
+                    again = prev < 0 or not active0[prev]
                     assert again, f"chunk {ci} mixed twice"
                     self.at_mixer[ci] = ri
                 else:

@@ -331,7 +331,7 @@ class _PeerState:
         n = eng.size
         self.have = np.zeros((n, K), dtype=bool)  # what this rank holds publicly (its BitTorrent have row)
         # hidden protocol: a rank's own update is not in its have row; it seeds it and downloads it back
-        self.hidden = cfg.hides_owners and n > 1
+        self.hidden = cfg.hides_owners and n > 2  # as SwarmRound.hidden: an owner, a mixer and a seed
         self.have[eng.rank] = not self.hidden
         self.got_from = np.zeros(n, dtype=np.int64)  # verified non-spray chunks from each peer (reciprocity)
         self.runner = None  # engine_bt.PeerStageRunner, from the first decentralised BitTorrent stage

@@ -57,7 +57,7 @@ class SwarmRound:
         self.deg = self.overlay.degree
         self.privacy = config.privacy
         # hidden protocol: an owner's chunks are not in its have row; they enter the swarm through seeds
-        self.hidden = config.hides_owners and n > 1
+        self.hidden = config.hides_owners and n > 2  # it takes an owner, a mixer and a seed
         self.gating = "gating" in self.privacy and not self.hidden
         self.k = 0 if self.hidden else config.cover_threshold(n, K)
         self.kappa = config.kappa
@@ -234,8 +234,7 @@ class SwarmRound:
                 if sd in (u, m):
                     sd = self._pick(self._candidates(u, {m}, False), u, b, 1)
                 sel = u * K + i[block == b]
-                self.mixer[sel] = m
-                self.seeder[sel] = sd if sd >= 0 else m  # two peers only: the mixer keeps it
+                self.mixer[sel], self.seeder[sel] = m, sd  # n >= 3: there is always a third peer
         self.seed_state[self.mixer < 0] = self.DROPPED
         self.unseeded[:] = self.seed_state != self.DROPPED
         return self._seed_items()
@@ -252,26 +251,24 @@ class SwarmRound:
         return {"sender": snd, "receiver": rcv, "chunk": c}
 
     def _seed_delivered(self, s: np.ndarray, c: np.ndarray) -> np.ndarray:
-        """Advance delivered seed sends; returns which of them make the receiver a public holder."""
+        """Advance delivered seed sends; returns which of them make the receiver a public holder (forwards)."""
         first_hop = s == c // max(self.K, 1)
-        fc = c[first_hop]
-        publish = self.seeder[fc] == self.mixer[fc]  # no third peer: the mixer is the seed
-        self.seed_state[fc] = np.where(publish, self.SEEDED, self.AT_MIXER)
+        self.seed_state[c[first_hop]] = self.AT_MIXER
         self.seed_state[c[~first_hop]] = self.SEEDED
-        self.unseeded[c] = self.seed_state[c] != self.SEEDED
-        out = ~first_hop
-        out[np.flatnonzero(first_hop)[publish]] = True
-        return out
+        self.unseeded[c[~first_hop]] = False
+        return ~first_hop
 
     def _replan_seeds(self, banned: dict[int, set[int]] | None = None) -> None:
         """Re-route seeds whose next hop left or refused its sender.  A mixer that left, or whose forward a seed
-        refused, never forwards again: its chunks go back to their owners' first hop, to a new mixer; with no
-        peer left to pick, a chunk is dropped (it stays private to its owner and leaves the round)."""
+        refused, never forwards again: its chunks go back to their owners' first hop, to a new mixer.  With no
+        peer left to pick, or once BitTorrent runs (seeds are tracker stages before it), the owner publishes its
+        update instead (`_expose`: it gives up hiding for this round); an inactive owner's chunks are dropped."""
         banned = banned or {}
         st, act = self.seed_state, self.active
         owner = np.arange(self.N) // max(self.K, 1)
         live = (st == self.AT_OWNER) | (st == self.AT_MIXER)
         st[live & ~act[owner]] = self.DROPPED
+        expose = set()
         for c in np.flatnonzero((st == self.AT_OWNER) | (st == self.AT_MIXER)):
             u, m, sd = int(owner[c]), int(self.mixer[c]), int(self.seeder[c])
             key = (u, int(c), self.stage)
@@ -286,23 +283,19 @@ class SwarmRound:
                 cand = self._candidates(u, avoid, True)
                 if m not in cand:  # gone, refused, or a neighbour since a repair
                     m = self._pick(cand, *key, 2)
-                    if m < 0:
-                        st[c] = self.DROPPED
-                        continue
-                if sd < 0 or not act[sd] or sd == m:
+                if m >= 0 and (sd < 0 or not act[sd] or sd == m):
                     sd = self._pick(self._candidates(u, {m}, False), *key, 3)
-            self.mixer[c] = m
-            self.seeder[c] = sd if sd >= 0 else m  # no third peer: the first hop publishes
+            if m < 0 or sd < 0 or self.phase == BT:
+                expose.add(u)
+                continue
+            self.mixer[c], self.seeder[c] = m, sd
+        if expose:
+            gone = np.isin(owner, list(expose)) & ((st == self.AT_OWNER) | (st == self.AT_MIXER))
+            st[gone] = self.SEEDED
+            self.unseeded[gone] = False
+            self._expose(np.array(sorted(expose), dtype=np.int64))
         self.unseeded &= st != self.DROPPED
         self.spray = self._seed_items()
-        if self.phase == BT and self.spray["sender"].size:
-            # seeds run only before BitTorrent: an owner whose chunk must be seeded again (its every public
-            # copy left) publishes its own update instead, giving up its hiding for this round (`exposed`)
-            c = self.spray["chunk"]
-            st[c] = self.SEEDED
-            self.unseeded[c] = False
-            self._expose(np.unique(c // max(self.K, 1)))
-            self.spray = self._seed_items()
         if self.spray["sender"].size == 0:
             self.round_start = self.stage
 
