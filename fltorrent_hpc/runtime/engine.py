@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +93,7 @@ class SwarmEngine:
         self.ctrl = net.dup("ctrl")
         self.nbrc = net.dup("nbr")  # neighbour frames of decentralised BitTorrent stages (bt_stages.py)
         self._share_cores(net)
-        _compile_once(self.cfg)
+        _compile_once(self.cfg, self.rank)
         # the tracker's seed and a fresh nonce, learned once: digest keys are salted with both (a descriptor
         # of another job's or engine's round of the same number matches nothing here), and every control
         # frame starts with MAGIC | nonce << 32, so a frame left over from an earlier engine on a recycled
@@ -297,12 +298,20 @@ class SwarmEngine:
 _COMPILED: list[bool] = []
 
 
-def _compile_once(cfg: SwarmConfig) -> None:
-    """Compile the swarm kernels before the first round of this process, outside any stage clock."""
+def _compile_once(cfg: SwarmConfig, rank: int = 0) -> None:
+    """Compile the swarm kernels before the first round of this process, outside any stage clock (engine
+    construction, i.e. group creation), saying so once on rank 0 when numba's cache is cold (no silent wait)."""
     if not _COMPILED:
+        from ..swarm.bt_kernel import compile_note
         from ..swarm.bt_peer import compile_kernels
 
+        note = compile_note() if rank == 0 else None
+        t0 = time.monotonic()
+        if note:
+            print(f"fltorrent: {note}", file=sys.stderr, flush=True)
         compile_kernels(cfg)
+        if note:
+            print(f"fltorrent: kernels compiled in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
         _COMPILED.append(True)
 
 

@@ -859,6 +859,8 @@ def compile_note() -> str | None:
     """
     from pathlib import Path
 
-    if any(Path(__file__).with_name("__pycache__").glob("bt_kernel.*.nbi")):
-        return None
-    return "compiling the simulator's numba kernels first (about 30 s, once; cached for later runs)"
+    src = Path(__file__)
+    index = list(src.with_name("__pycache__").glob("bt_kernel.*.nbi"))
+    if index and max(f.stat().st_mtime for f in index) >= src.stat().st_mtime:
+        return None  # filled since the source last changed (an older cache is stale: numba compiles again)
+    return "compiling the swarm's numba kernels first (about 30 s, once; cached for later runs)"
