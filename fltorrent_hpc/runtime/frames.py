@@ -21,9 +21,11 @@ Layouts (after the 4-word header; n peers, K chunks each, N = n*K chunk ids, W(x
     bitfield    neighbours        have bits[W(N)]
     budget      neighbours        upload left (1 word)
     ask         neighbours        missing, chunk ids...
-    grant       neighbours        one 0/1 flag per chunk asked
+    grant       neighbours        one 0/1 flag per chunk asked (empty: no ask reached the granter in time)
     keep        neighbours        one 0/1 flag per chunk asked (a subset of the grants)
-    have        neighbours        chunk ids received and verified this stage
+    have        neighbours        flags, then chunk ids received and verified this stage, or (flag FULL)
+                                  have bits[W(N)]: everything the neighbour holds; flag WANT: "I lack your
+                                  have set, send me a FULL frame" (bitfield resync)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..transport.base import MAGIC
 StaleFrame = StaleFrameError  # the name callers read: "discard it, keep waiting"
 
 KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
+HAVE_WANT, HAVE_FULL = 1, 2  # have-frame flags: send me your full have set / this frame carries mine
 HEAD = 4  # header words: MAGIC, round, stage, kind (or neighbour code)
 PHASES = (SPRAY, WARMUP, BT)
 _INT64 = np.dtype(np.int64)
@@ -94,6 +97,12 @@ class BTReport(NamedTuple):
 class Bitfield(NamedTuple):
     have: np.ndarray  # bool [N]
     chunks: np.ndarray  # int64: flatnonzero(have)
+
+
+class Have(NamedTuple):
+    chunks: np.ndarray  # int64: chunks the neighbour announces (this stage's delta, or all it holds if full)
+    full: bool  # the frame carries the neighbour's whole have set (a bitfield), not a delta
+    want: bool  # the neighbour lacks my have set: my next have frame to it must be full
 
 
 class Ask(NamedTuple):
@@ -407,9 +416,13 @@ def parse_ask(body, *, sender: int, round_id: int, stage: int, N: int, max_count
 
 
 def parse_grant(body, *, sender: int, round_id: int, stage: int, asked: int) -> np.ndarray:
-    """One 0/1 flag per chunk I asked of `sender` (exactly `asked` words); returns bool [asked]."""
+    """One 0/1 flag per chunk I asked of `sender` (exactly `asked` words); returns bool [asked].  An empty frame
+    says that none of my asks reached `sender` before its exchange deadline: every request refused, not a
+    violation (a late ask is the asker's delay, never the granter's fault)."""
     where = _where(sender, round_id, stage, "grant")
     b = _words(body, where)
+    if b.size == 0:
+        return np.zeros(max(0, int(asked)), dtype=bool)
     if b.size != asked:
         raise ProtocolError(f"{where} has {b.size} flags, {asked} chunks were asked")
     return _flags(b, where, "grant")
@@ -428,10 +441,25 @@ def parse_keep(body, *, sender: int, round_id: int, stage: int, granted: np.ndar
     return k
 
 
-def parse_have(body, *, sender: int, round_id: int, stage: int, N: int) -> np.ndarray:
-    """The chunks the neighbour received and verified this stage: ids in 0..N-1, no duplicates."""
+def parse_have(body, *, sender: int, round_id: int, stage: int, N: int) -> Have:
+    """A flags word (HAVE_WANT | HAVE_FULL, nothing else), then either the chunks the neighbour received and
+    verified this stage (ids in 0..N-1, no duplicates) or, with HAVE_FULL, exactly W(N) words of have bits
+    (bits beyond N are 0): everything it holds, sent because I asked (HAVE_WANT in my last have frame)."""
     where = _where(sender, round_id, stage, "have")
-    return _ids(_words(body, where), N, where, "chunk", unique=True)
+    b = _words(body, where)
+    if b.size < 1:
+        raise ProtocolError(f"{where} is empty, no flags word")
+    flags = int(b[0])
+    if flags & ~(HAVE_WANT | HAVE_FULL):
+        raise ProtocolError(f"{where}: flags {flags} outside 0..{HAVE_WANT | HAVE_FULL}")
+    rest = b[1:]
+    if flags & HAVE_FULL:
+        if rest.size != _n_words(N):
+            raise ProtocolError(f"{where} has {rest.size} have-bit words, expected {_n_words(N)}")
+        chunks = np.flatnonzero(_bits(rest, N, where, "full have set")).astype(np.int64)
+    else:
+        chunks = _ids(rest, N, where, "chunk", unique=True)
+    return Have(chunks, bool(flags & HAVE_FULL), bool(flags & HAVE_WANT))
 
 
 def own_frame(msg: np.ndarray, magic: int) -> np.ndarray | None:

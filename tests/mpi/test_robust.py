@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, TransportError
+from fltorrent_hpc.runtime.bt_stages import BITFIELD
 from fltorrent_hpc.runtime.engine import SwarmEngine
 from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
 from fltorrent_hpc.transport.mpi import MPITransport
@@ -102,6 +103,21 @@ def test_a_message_longer_than_granted_is_refused_and_its_sender_banned(privacy)
     ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
     ok &= BAD in named(r0, ("bad_senders", "protocol_errors"))
     ok &= inj.get("oversize", 0) > 0 if R == BAD else True
+    ok &= dt < 30
+    assert agree(ok)
+
+
+@pytest.mark.parametrize("privacy", PRIVACY)
+def test_a_lost_bitfield_is_sent_again(privacy):
+    """A rank's bitfield frames (what it holds when the BitTorrent phase starts) never reach its neighbours.
+    They ask it for a full bitfield in their next have frames and it sends one, so the chunks only it held
+    still spread: the round completes with every rank, bit-identical everywhere."""
+    lost = Fault("drop", channel="nbr", round_id=0, code=BITFIELD)
+    r0, r1, dt, inj = two_rounds([lost], privacy)
+    everyone = list(range(N))
+    ok = honest_identical(r0, 0, everyone) and honest_identical(r1, 1, everyone)
+    ok &= all(np.array_equal(r0.updates[u], payload_of(u, 0)) for u in everyone)  # the rank that lost its frames
+    ok &= inj.get("drop", 0) == N - 1 if R == BAD else True  # one bitfield to each neighbour, all lost
     ok &= dt < 30
     assert agree(ok)
 
