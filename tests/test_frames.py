@@ -244,6 +244,10 @@ def test_end_frame():
 def test_report():
     r = F.parse_report(report([1, 0, 1], [0, 4]), sender=ME, round_id=RID, n=N_PEERS, expected=3, stage=STAGE)
     assert r.ok.tolist() == [True, False, True] and r.banned.tolist() == [0, 4] and r.stage == STAGE
+    assert r.unserved.size == 0
+    # the tail: s a ban, n + s a sender whose directed data never came (both may name one sender)
+    r = F.parse_report(report([1], [4, N_PEERS + 1, N_PEERS + 4]), sender=ME, round_id=RID, n=N_PEERS, expected=1)
+    assert r.banned.tolist() == [4] and r.unserved.tolist() == [1, 4]
     assert F.parse_report(report([]), sender=ME, round_id=RID, n=N_PEERS, expected=0).ok.size == 0
     kw = dict(sender=ME, round_id=RID, n=N_PEERS, expected=3, stage=STAGE)
     bad = [
@@ -253,10 +257,12 @@ def test_report():
         report([1, 0, 1])[:4],  # header only
         report([1, 2, 1]),
         report([1, 0, -1]),
-        report([1, 0, 1], [5]),
+        report([1, 0, 1], [2 * N_PEERS]),
         report([1, 0, 1], [-1]),
         report([1, 0, 1], [3, 3]),
+        report([1, 0, 1], [N_PEERS + 3, N_PEERS + 3]),
         report([1, 0, 1], [ME]),
+        report([1, 0, 1], [N_PEERS + ME]),
         arr(head(F.KIND_REPORT), [-3]),
         arr(head(F.KIND_REPORT), [I64.min]),
     ]
@@ -272,7 +278,9 @@ def test_bt_report():
     f = bt_report([0, 3, 4], [0, 9, 9], [1, 0, 1], [3])
     r = F.parse_bt_report(f, sender=ME, round_id=RID, n=N_PEERS, K=K, stage=STAGE)
     assert r.senders.tolist() == [0, 3, 4] and r.chunks.tolist() == [0, 9, 9]
-    assert r.ok.tolist() == [True, False, True] and r.banned.tolist() == [3]
+    assert r.ok.tolist() == [True, False, True] and r.banned.tolist() == [3] and r.unserved.size == 0
+    r = F.parse_bt_report(bt_report([0], [0], [1], [N_PEERS + 3]), sender=ME, round_id=RID, n=N_PEERS, K=K)
+    assert r.banned.size == 0 and r.unserved.tolist() == [3]
     kw = dict(sender=ME, round_id=RID, n=N_PEERS, K=K, stage=STAGE)
     bad = [
         bt_report([0, 3], [0, 9], [1, 1], [3])[:-2],
@@ -289,7 +297,8 @@ def test_bt_report():
         bt_report([0, 3], [9, 9], [1, 1]),  # one chunk delivered twice
         bt_report([0], [0], [1], [0, 0]),
         bt_report([0], [0], [1], [ME]),
-        bt_report([0], [0], [1], [N_PEERS]),
+        bt_report([0], [0], [1], [2 * N_PEERS]),
+        bt_report([0], [0], [1], [N_PEERS + ME]),
     ]
     for frame in bad:
         with pytest.raises(ProtocolError, match=f"rank {ME} round {RID}"):
@@ -451,11 +460,11 @@ PARSERS = {
     "end": (lambda f: F.parse_end(f, sender=TRACKER, round_id=RID, n=N_PEERS), [end_frame()]),
     "report": (
         lambda f: F.parse_report(f, sender=ME, round_id=RID, n=N_PEERS, expected=3, stage=STAGE),
-        [report([1, 0, 1], [0, 4])],
+        [report([1, 0, 1], [0, 4]), report([1, 0, 1], [0, N_PEERS + 4])],
     ),
     "bt report": (
         lambda f: F.parse_bt_report(f, sender=ME, round_id=RID, n=N_PEERS, K=K, stage=STAGE),
-        [bt_report([0, 3, 4], [0, 9, 9], [1, 0, 1], [3])],
+        [bt_report([0, 3, 4], [0, 9, 9], [1, 0, 1], [3]), bt_report([0], [0], [1], [3, N_PEERS + 3])],
     ),
     "bitfield": (lambda f: F.parse_bitfield(f, **NKW, N=N), [pack_bits(np.ones(N, bool)).view(np.int64)]),
     "budget": (lambda f: F.parse_budget(f, **NKW, max_value=10), [arr([3])]),

@@ -11,7 +11,9 @@ int64 frames on a communicator of their own:
 Bitfield resync: a rank that lacks a neighbour's have set (its bitfield never came, or a have frame of a
 stage it was active in) says so in its next have frame (HAVE_WANT); the neighbour's next have frame to it is
 then its full have set (HAVE_FULL).  A lost frame thus costs a stage or two, never the chunks only that
-neighbour holds.
+neighbour holds.  Granted, then not served: a neighbour whose have frame of the stage came, but not the data
+of grants it made and I kept (an honest rank posts those sends before it sends that frame), is banned and
+named (`unserved`) after a short grace; one that went quiet costs a timeout, as before.
 
 `swarm.bt_peer.PeerBT` turns those into exactly the decisions the simulator makes, so the round equals
 the simulated one for the same seed, budgets and overlay.  Every frame carries (magic, round, stage, code)
@@ -234,12 +236,19 @@ class PeerStageRunner:
         r_from, r_chunk, s_to, s_chunk = cat(recv_s), cat(recv_c), cat(send_r), cat(send_c)
         ro, so = np.lexsort((r_chunk, r_from)), np.lexsort((s_chunk, s_to))
         r_from, r_chunk, s_to, s_chunk = r_from[ro], r_chunk[ro], s_to[so], s_chunk[so]
-        ok = peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64))
-        pb.received(r_from[ok], r_chunk[ok])
-        self._have_exchange(peer, stage, active, alive, r_chunk[ok], misbehaved)
-        # live neighbours took every frame during the exchanges; one still pending after a short grace went
-        # to a peer that stopped listening (the tracker's report wait leaves this grace in its margin)
-        self.link.settle_sends(time.monotonic() + min(1.0, cfg.stage_timeout_s), peer.eng)
+        late: list = []  # receives of kept grants unfinished at the data deadline: (sender, request, chunks)
+        try:
+            ok = peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64), late)
+            pb.received(r_from[ok], r_chunk[ok])
+            talking = self._have_exchange(peer, stage, active, alive, r_chunk[ok], misbehaved)
+            # live neighbours took every frame during the exchanges; one still pending after a short grace went
+            # to a peer that stopped listening (the tracker's report wait leaves this grace in its margin); the
+            # late receives get the same grace
+            grace = time.monotonic() + min(1.0, cfg.stage_timeout_s)
+            self._settle_late(peer, stage, late, talking, grace)
+        finally:
+            peer.eng.data.cancel([r for _, r, _ in late])  # none outlives the stage, whatever raised
+        self.link.settle_sends(grace, peer.eng)
         return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])
 
     def _have_exchange(self, peer, stage: int, active: np.ndarray, alive: list[int], fresh: np.ndarray, misbehaved):
@@ -275,3 +284,30 @@ class PeerStageRunner:
             if h.want and w not in sent_full:  # (a want crossing my full frame is answered by it)
                 self.wanted.add(w)
         return set(got)
+
+    @staticmethod
+    def _settle_late(peer, stage: int, late: list, talking: set[int], deadline: float) -> None:
+        """Receives of kept grants that had not arrived by the data deadline.  A sender that answered every
+        exchange of the stage, its have frame included, had posted those sends before that frame, so a run still
+        missing after the grace was never sent: granted, then not served.  It is banned (evidence for the
+        tracker in this stage's report) and named; a sender that went quiet costs only the timeout."""
+        data = peer.eng.data
+        wait = [i for i, (src, _, _) in enumerate(late) if src in talking]
+        done = np.zeros(len(late), dtype=bool)
+        if wait:
+            done[wait] = tb.wait_until(data, [late[i][1] for i in wait], deadline)
+        short: dict[int, int] = {}
+        for (src, req, count), d in zip(late, done):
+            if d:  # it came, late: not counted as delivered (fetched again), but served
+                why = data.failed(req)
+                if why:
+                    peer.bad_senders.add(src)
+                    peer.protocol_errors.setdefault(src, f"stage {stage}: {why}")
+            elif src in talking:
+                short[src] = short.get(src, 0) + count
+        late[:] = [x for x, d in zip(late, done) if not d]  # the caller cancels these
+        for src, k in short.items():
+            peer.bad_senders.add(src)
+            peer.unserved.setdefault(
+                src, f"stage {stage}: granted {k} chunk(s), then sent its have frame but not the data"
+            )

@@ -286,10 +286,13 @@ class SwarmEngine:
                 },
             )
         peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc)
-        if me == self.tracker:
-            end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc).run()
-        else:
-            end = peer.follow()
+        try:
+            if me == self.tracker:
+                end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc).run()
+            else:
+                end = peer.follow()
+        finally:
+            peer.drop_late()  # no receive kept past its deadline outlives the round's buffers
         return peer.finish(end, weights, consensus, t0, trace or cfg.trace)
 
 
@@ -336,6 +339,9 @@ class _PeerState:
         self.refetched = 0
         self.bad_senders: set[int] = set()
         self.protocol_errors: dict[int, str] = {}  # neighbours banned for a frame that does not fit the protocol
+        self.unserved: dict[int, str] = {}  # senders named for granting (or being directed to send) and not sending
+        self.late: list = []  # the last directed stage's receives unfinished at its deadline: (sender, request, chunks)
+        self.suspects: set[int] = set()  # senders whose directed data never came although the tracker moved on
         self.misbehaved: dict[int, str] = {}  # the tracker fills it: peers excluded for a bad report
         self.log: dict[str, list] = {
             k: [] for k in ("stage", "t_start", "t", "sender", "chunk", "phase", "bytes", "ok")
@@ -383,6 +389,7 @@ class _PeerState:
 
         n = self.eng.size
         stage, active, can_send = frames.parse_bt_stage(msg, sender=self.eng.tracker, round_id=self.rid, n=n)
+        self.settle_late()
         if self.runner is None:
             cfg, C = self.cfg, self.cfg.chunk_bytes
             up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
@@ -394,21 +401,46 @@ class _PeerState:
         banned[list(self.bad_senders)] = True
         body = self.runner.stage(self, stage, active, can_send & ~banned, refuse=banned)
         head = [self.eng.magic, self.rid, stage, KIND_REPORT]
-        return np.concatenate([head, body, np.array(sorted(self.bad_senders), dtype=np.int64)]).astype(np.int64)
+        return np.concatenate([head, body, self.tail()]).astype(np.int64)
+
+    def tail(self) -> np.ndarray:
+        """A report's tail: every sender banned this round (s), every one whose directed data never came (n + s)."""
+        n = self.eng.size
+        return np.array(sorted(self.bad_senders) + sorted(n + s for s in self.suspects), dtype=np.int64)
+
+    def settle_late(self) -> None:
+        """The last directed stage's receives that had not arrived by its deadline, once the tracker moved on: it
+        had every live peer's report, and a peer posts its sends before it reports, so a run still missing
+        after a short grace was never sent.  Its sender becomes a suspect in this rank's reports (the tracker,
+        which knows whether that sender had gone silent, names it and bans the pair); the receives are cancelled."""
+        late, self.late = self.late, []
+        if not late:
+            return
+        data = self.eng.data
+        done = tb.wait_until(data, [r for _, r, _ in late], time.monotonic() + min(1.0, self.cfg.stage_timeout_s))
+        data.cancel([r for (_, r, _), d in zip(late, done) if not d])
+        for (src, req, _), d in zip(late, done):
+            why = data.failed(req) if d else None
+            if why:  # it came, late and longer than its run: refused, its sender banned
+                self.bad_senders.add(src)
+                self.protocol_errors.setdefault(src, why)
+            elif not d:
+                self.suspects.add(src)
+
+    def drop_late(self) -> None:
+        """Cancel every receive kept past its deadline (the round is over, or failed)."""
+        late, self.late = self.late, []
+        if late:
+            self.eng.data.cancel([r for _, r, _ in late])
 
     def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
         eng, K = self.eng, self.K
         d = frames.parse_directive(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank)
+        self.settle_late()
         stage, nr = d.stage, d.r_from.size
-        ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind)
-        return np.concatenate(
-            [
-                [self.eng.magic, self.rid, stage, KIND_REPORT, nr],
-                ok.astype(np.int64),
-                np.array(sorted(self.bad_senders), dtype=np.int64),
-            ]
-        )
+        ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind, self.late)
+        return np.concatenate([[self.eng.magic, self.rid, stage, KIND_REPORT, nr], ok.astype(np.int64), self.tail()])
 
     def move(
         self,
@@ -418,9 +450,13 @@ class _PeerState:
         r_from: np.ndarray,
         r_chunk: np.ndarray,
         r_kind: np.ndarray,
+        late: list | None = None,
     ) -> np.ndarray:
         """Move one stage's bytes: post receives, paced sends, wait, verify.  Lists sorted by (peer, chunk);
-        returns which receives arrived intact."""
+        returns which receives arrived intact.  `late`: receives still unfinished at the deadline go there as
+        (sender, request, chunks) instead of being cancelled, to tell a sender that never sent from a slow one
+        (`settle_late` once the tracker moved on; bt_stages after the have frames); the caller completes or
+        cancels them before the round's buffers go."""
         eng, K, nr = self.eng, self.K, r_from.size
         now = time.monotonic() - self.t0
         tag = data_tag(self.rid, stage)
@@ -481,7 +517,10 @@ class _PeerState:
             eng.data, rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]), on_done=arrived
         )
         rdone, sdone = done[: len(rreq)], done[len(rreq) :]
-        eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
+        if late is None:
+            eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
+        else:
+            late.extend((rruns[i][0], r, rruns[i][3]) for i, (r, d) in enumerate(zip(rreq, rdone)) if not d)
         for r, v, d in zip(sreq, [v for v, _ in sviews], sdone):
             if not d:
                 self.eng.orphan(eng.data, [r], v)
@@ -526,6 +565,7 @@ class _PeerState:
             "bad_senders": sorted(self.bad_senders),
             "bad_descriptors": list(self.bad_desc),
             "protocol_errors": dict(self.protocol_errors),  # neighbour -> what its frame got wrong
+            "unserved": dict(self.unserved),  # sender -> the grants (or directed sends) it did not serve
             "misbehaved": dict(self.misbehaved),  # tracker only: peer -> the report that got it excluded
             "excluded": np.flatnonzero(left).tolist(),
             "silent": self.silent,
@@ -676,14 +716,14 @@ class _Tracker:
                 stage=st.index,
             )
             delivered[recv_idx[me]] = rep.ok
-            self._note_bans(me, rep.banned)
+            self._note_bans(me, rep)
         tb.wait_all(eng.ctrl, sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
         reports, silent = self._collect_reports(act.tolist(), st.index, self.cfg.stage_timeout_s)
         for p, msg in reports.items():
             ri = recv_idx[p]
             try:
                 rep = frames.parse_report(msg, sender=p, round_id=self.rid, n=n, expected=ri.size, stage=st.index)
-                self._note_bans(p, rep.banned)
+                self._note_bans(p, rep)
             except ProtocolError as e:  # a report that does not fit: its sender is excluded, the round goes on
                 self._misbehaved(p, st.index, e, silent)
                 continue
@@ -721,7 +761,7 @@ class _Tracker:
         for p in sorted(reports):
             try:
                 rep = frames.parse_bt_report(reports[p], sender=p, round_id=self.rid, n=n, K=K, stage=rnd.stage)
-                self._note_bans(p, rep.banned)
+                self._note_bans(p, rep)
             except ProtocolError as e:
                 if p == me:
                     raise
@@ -753,10 +793,20 @@ class _Tracker:
         if p not in silent:
             silent.append(p)
 
-    def _note_bans(self, receiver: int, senders: np.ndarray) -> None:
-        """The senders `receiver` reports it banned (the tail of its report: every ban of the round so far; in
-        range, distinct and not the reporter, as frames.parse_report / parse_bt_report checked)."""
-        for s in senders.tolist():
+    def _note_bans(self, receiver: int, rep) -> None:
+        """The senders `receiver` reports it banned, and those whose directed data never reached it (the tail of its
+        report: all of the round so far; in range, distinct and not the reporter, as frames.parse_report /
+        parse_bt_report checked).  An unserved sender still in the round had reported in time when it should
+        have sent (a peer posts its sends before it reports): it is named, and the pair banned; one that had gone
+        silent was excluded for that already."""
+        for s in rep.unserved.tolist():
+            if (s, receiver) in self._banned or not self.rnd.active[s]:
+                continue
+            why = f"stage {self.rnd.stage}: rank {receiver} reports directed chunks it never sent"
+            self.peer.unserved.setdefault(s, why)
+            self._banned.add((s, receiver))
+            self._new_bans.append((s, receiver))
+        for s in rep.banned.tolist():
             if (s, receiver) not in self._banned:
                 self._banned.add((s, receiver))
                 self._new_bans.append((s, receiver))

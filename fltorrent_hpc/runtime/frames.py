@@ -16,8 +16,10 @@ Layouts (after the 4-word header; n peers, K chunks each, N = n*K chunk ids, W(x
     directive   tracker -> peer   ns, nr, s_to[ns], s_chunk[ns], r_from[nr], r_chunk[nr], r_kind[nr]
     BT stage    tracker -> peer   n, active bits[W(n)], may-send bits[W(n)]
     end         tracker -> peer   stages, s_bt, warm_us, failed_open, agreed[n], left[n]
-    report      peer -> tracker   nr, ok[nr], banned senders...                (a directed stage)
-    BT report   peer -> tracker   nr, senders[nr], chunks[nr], ok[nr], banned senders...
+    report      peer -> tracker   nr, ok[nr], tail...                          (a directed stage)
+    BT report   peer -> tracker   nr, senders[nr], chunks[nr], ok[nr], tail...
+                                  tail: s for each sender the reporter banned, n + s for each sender whose
+                                  directed data never came though the tracker moved on (the tracker decides)
     bitfield    neighbours        have bits[W(N)]
     budget      neighbours        upload left (1 word)
     ask         neighbours        missing, chunk ids...
@@ -84,6 +86,7 @@ class Report(NamedTuple):
     stage: int
     ok: np.ndarray  # bool [nr], in the order of the directive's receives
     banned: np.ndarray  # int64: senders the reporter banned (the round so far)
+    unserved: np.ndarray  # int64: senders whose directed data never reached the reporter (the round so far)
 
 
 class BTReport(NamedTuple):
@@ -92,6 +95,7 @@ class BTReport(NamedTuple):
     chunks: np.ndarray  # int64 [nr]
     ok: np.ndarray  # bool [nr]
     banned: np.ndarray  # int64
+    unserved: np.ndarray  # int64
 
 
 class Bitfield(NamedTuple):
@@ -173,11 +177,13 @@ def _n_words(bits: int) -> int:
     return (bits + 63) // 64
 
 
-def _banned(tail: np.ndarray, n: int, reporter: int, where: str) -> np.ndarray:
-    _ids(tail, n, where, "banned sender", unique=True)
-    if tail.size and np.any(tail == reporter):
-        raise ProtocolError(f"{where}: the reporter names itself as a banned sender")
-    return tail
+def _banned(tail: np.ndarray, n: int, reporter: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A report's tail -> (banned senders, unserved senders): s is a ban, n + s an unserved directed transfer;
+    each value at most once, never the reporter itself."""
+    _ids(tail, 2 * n, where, "banned or unserved sender", unique=True)
+    if tail.size and np.any(tail % n == reporter):
+        raise ProtocolError(f"{where}: the reporter names itself as a banned or unserved sender")
+    return tail[tail < n], tail[tail >= n] - n
 
 
 # ---------------------------------------------------------------------------------------------- headers
@@ -327,7 +333,7 @@ def parse_end(frame, *, sender: int, round_id: int, n: int, min_stage: int = 0) 
 # ---------------------------------------------------------------------------------------------- peer -> tracker
 def parse_report(frame, *, sender: int, round_id: int, n: int, expected: int, stage: int | None = None) -> Report:
     """A directed stage's report: nr (== `expected`, the receives the tracker told `sender` of), ok[nr] (0/1),
-    then the senders `sender` banned (in range, distinct, not itself)."""
+    then the tail: senders `sender` banned (s) and whose directed data never came (n + s), distinct, not itself."""
     what = "report"
     h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_REPORT, stage=stage, what=what)
     where = _where(sender, round_id, h.stage, what)
@@ -340,11 +346,11 @@ def parse_report(frame, *, sender: int, round_id: int, n: int, expected: int, st
     if msg.size < HEAD + 1 + nr:
         raise ProtocolError(f"{where} has {msg.size} words, {nr} receives need {HEAD + 1 + nr}")
     ok = _flags(msg[5 : 5 + nr], where, "delivered")
-    return Report(h.stage, ok, _banned(msg[5 + nr :], n, sender, where))
+    return Report(h.stage, ok, *_banned(msg[5 + nr :], n, sender, where))
 
 
 def parse_bt_report(frame, *, sender: int, round_id: int, n: int, K: int, stage: int | None = None) -> BTReport:
-    """A peer-decided stage's report: nr, senders[nr], chunks[nr], ok[nr], then banned senders.  Senders are
+    """A peer-decided stage's report: nr, senders[nr], chunks[nr], ok[nr], then the tail (as in a report).  Senders are
     peers other than `sender`; chunks are in the round and not `sender`'s own; no chunk arrived twice."""
     what = "BitTorrent report"
     h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_REPORT, stage=stage, what=what)
@@ -366,7 +372,7 @@ def parse_bt_report(frame, *, sender: int, round_id: int, n: int, K: int, stage:
         raise ProtocolError(f"{where}: rank {sender} reports receiving a chunk of its own update")
     ok = _flags(msg[5 + 2 * nr : 5 + 3 * nr], where, "ok")
     _ids(c[ok], n * K, where, "delivered chunk", unique=True)
-    return BTReport(h.stage, s, c, ok, _banned(msg[5 + 3 * nr :], n, sender, where))
+    return BTReport(h.stage, s, c, ok, *_banned(msg[5 + 3 * nr :], n, sender, where))
 
 
 # ---------------------------------------------------------------------------------------------- neighbours

@@ -123,6 +123,23 @@ def test_a_lost_bitfield_is_sent_again(privacy):
 
 
 @pytest.mark.parametrize("privacy", PRIVACY)
+def test_a_rank_that_grants_and_does_not_serve_is_named_and_banned(privacy):
+    """Row: granted requests (or was directed to send), then never sent the data, its control frames all on
+    time.  A neighbour whose have frame came without the data it granted bans it and names it; in directed
+    stages the receiver reports the missing data and the tracker, which had its report in time, names it and
+    bans the pair.  Banned by all its neighbours it leaves; the chunks are fetched from other holders and the
+    round completes over the honest set."""
+    mute = Fault("drop", channel="data", round_id=0)  # every data message of round 0; frames go through
+    r0, r1, dt, inj = two_rounds([mute], privacy)
+    ok = honest_identical(r0, 0, HONEST) and honest_identical(r1, 1, list(range(N)))
+    ok &= inj.get("drop", 0) > 0 if R == BAD else True  # the fault fired
+    ok &= named(r0, ("unserved",)) == {BAD}  # named, and nobody else
+    ok &= BAD in named(r0, ("excluded",))
+    ok &= dt < 30
+    assert agree(ok)
+
+
+@pytest.mark.parametrize("privacy", PRIVACY)
 def test_a_request_flood_is_refused_not_served(privacy):
     """Row: thousands of duplicate requests in ask frames.  Its neighbours ban the flooder; nobody's model
     becomes its update, and the honest ranks agree bit for bit."""
