@@ -163,21 +163,41 @@ class SwarmEngine:
             )
             raise
 
-    def agree(self, meta: np.ndarray) -> None:
-        """Raise ShapeMismatchError on every rank unless every rank passed the same int64 `meta`."""
+    def agree(self, meta: np.ndarray, ref: int = 0) -> np.ndarray:
+        """Raise ShapeMismatchError on every rank unless every rank passed the same int64 `meta`; returns every
+        rank's `meta` ([size, words]).  With `ref` = -1 only the lengths must agree (the caller compares)."""
         meta = np.ascontiguousarray(meta, dtype=np.int64).reshape(-1)
         lens = self._allgather(np.array([meta.size], dtype=np.int64), "metadata lengths").reshape(-1)
         if np.any(lens != lens[0]):
             bad = int(np.flatnonzero(lens != lens[0])[0])
             raise ShapeMismatchError(f"rank {bad} sent {lens[bad]} metadata words where rank 0 sent {lens[0]}")
         allm = self._allgather(meta, "metadata")
-        diff = np.flatnonzero(np.any(allm != allm[0], axis=1))
+        diff = np.flatnonzero(np.any(allm != allm[ref], axis=1)) if ref >= 0 else np.zeros(0, np.int64)
         if diff.size:
             r = int(diff[0])
             raise ShapeMismatchError(
-                f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where rank 0 has "
-                f"{allm[0].tolist()}"
+                f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where rank {ref} has "
+                f"{allm[ref].tolist()}"
             )
+        return allm
+
+    def _agree_round(self, meta: np.ndarray) -> tuple[list[int], int]:
+        """The round's agreement (`round_meta` words): the ranks whose words differ from the tracker's in the
+        payload size alone, if they are fewer than half of all, and the tracker's size; every rank gets the same
+        answer.  Any other difference raises ShapeMismatchError on every rank, as `agree` does."""
+        allm = self.agree(meta, ref=-1)
+        ref = allm[self.tracker]
+        odd = np.flatnonzero(np.any(allm != ref, axis=1))
+        if not odd.size:
+            return [], int(ref[2])
+        rest = np.arange(allm.shape[1]) != 2  # every word but round_meta's nbytes
+        if 2 * odd.size < self.size and not np.any(allm[odd][:, rest] != ref[rest]):
+            return odd.tolist(), int(ref[2])
+        r = int(odd[0])
+        raise ShapeMismatchError(
+            f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where the tracker (rank "
+            f"{self.tracker}) has {ref.tolist()}"
+        )
 
     def round_meta(self, nbytes: int, cfg: SwarmConfig | None = None, consensus: bool = True, rid: int | None = None):
         """The int64 words every rank must agree on before a round: its shape and the protocol knobs that
@@ -233,8 +253,11 @@ class SwarmEngine:
         self.prune_orphans()
         C = cfg.chunk_bytes
         nbytes = int(pay.size)
+        odd: list[int] = []  # ranks whose payload size is not the tracker's: left out of the round
         if not agreed:
-            self.agree(self.round_meta(nbytes, cfg, consensus, rid))
+            odd, ref_nbytes = self._agree_round(self.round_meta(nbytes, cfg, consensus, rid))
+            if me in odd:  # take part in the descriptors' all-gather (an empty update of the agreed size), then raise
+                own, nbytes, pay, weight, out = nbytes, ref_nbytes, np.zeros(ref_nbytes, np.uint8), 0.0, None
         t0 = time.monotonic()
         K = math.ceil(nbytes / C) if nbytes else 0
         rseed = int(seed) if seed is not None else rng.round_seed(cfg.seed, rid)
@@ -246,12 +269,18 @@ class SwarmEngine:
         if K and cfg.integrity == "blake3":
             desc[DESC_HEAD:] = chunk_digests(pay, C, round_key(self.salt, rid, me)).view(np.int64).reshape(-1)
         alld = self._allgather(desc, "descriptors")
+        if me in odd:
+            raise ShapeMismatchError(
+                f"rank {me}: round {rid}'s payload here is {own} bytes, the tracker's (rank {self.tracker}) is "
+                f"{ref_nbytes}: this rank is left out of the round and the others complete it without it"
+            )
         # a descriptor not bound to this round and owner (replayed, forged), or whose weight or link rates are not
         # finite and >= 0, leaves its owner out on every rank (every rank sees the same all-gather)
         head = np.array([MAGIC, rid, 0, K], dtype=np.int64)
         all_info = np.ascontiguousarray(alld[:, 4:DESC_HEAD]).view(np.float64)
         sane = np.all(np.isfinite(all_info[:, :3]) & (all_info[:, :3] >= 0), axis=1)
         bad_desc = [u for u in range(n) if not (sane[u] and np.array_equal(alld[u, :4], head + [0, 0, u, 0]))]
+        bad_desc = sorted(set(bad_desc) | set(odd))
         all_info[bad_desc] = [0.0, 0.0, 0.0, 0.0]
         all_hash = np.ascontiguousarray(alld[:, DESC_HEAD:]).view(np.uint64).reshape(n, K, DIGEST_WORDS)
         weights = all_info[:, 0].copy()
@@ -293,7 +322,9 @@ class SwarmEngine:
                 end = peer.follow()
         finally:
             peer.drop_late()  # no receive kept past its deadline outlives the round's buffers
-        return peer.finish(end, weights, consensus, t0, trace or cfg.trace)
+        res = peer.finish(end, weights, consensus, t0, trace or cfg.trace)
+        res.stats["shape_mismatch"] = odd  # ranks left out for a payload size other than the tracker's
+        return res
 
 
 _COMPILED: list[bool] = []

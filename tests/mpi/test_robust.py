@@ -18,7 +18,7 @@ import pytest
 from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig
-from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, TransportError
+from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, ShapeMismatchError, TransportError
 from fltorrent_hpc.runtime.bt_stages import BITFIELD
 from fltorrent_hpc.runtime.engine import SwarmEngine
 from fltorrent_hpc.transport import base as tb
@@ -139,6 +139,35 @@ def test_a_rank_that_grants_and_does_not_serve_is_named_and_banned(privacy):
     ok &= named(r0, ("unserved",)) == {BAD}  # named, and nobody else
     ok &= BAD in named(r0, ("excluded",))
     ok &= dt < 30
+    assert agree(ok)
+
+
+@pytest.mark.parametrize("privacy", PRIVACY)
+def test_a_rank_with_another_payload_size_is_left_out_and_told(privacy):
+    """A malformed shape on one rank (its payload is a chunk longer): the ranks agree on the tracker's size, the
+    honest ranks leave that rank out and complete the round (it is named, as a shape mismatch and a bad
+    descriptor), it alone raises ShapeMismatchError naming both sizes, and the next round includes it."""
+    eng, net, base = engine([], privacy=privacy)
+    mine = payload_of(R, 0) if R != BAD else np.concatenate([payload_of(R, 0), np.zeros(C, np.uint8)])
+    t0 = time.monotonic()
+    r0, err = None, None
+    try:
+        r0 = eng.disseminate(mine)
+    except ShapeMismatchError as e:
+        err = str(e)
+    dt = time.monotonic() - t0
+    ok = honest_identical(r0, 0, HONEST)
+    if R == BAD:
+        ok &= err is not None and f"{NB + C} bytes" in err and str(NB) in err
+    else:
+        ok &= err is None and r0.stats["shape_mismatch"] == [BAD]
+    ok &= BAD in named(r0, ("bad_descriptors",))
+    r1 = eng.disseminate(payload_of(R, 1))
+    ok &= honest_identical(r1, 1, list(range(N)))
+    ok &= all(np.array_equal(r1.updates[u], payload_of(u, 1)) for u in range(N))  # the odd rank too
+    ok &= dt < 30
+    eng.close()
+    base.close()
     assert agree(ok)
 
 
