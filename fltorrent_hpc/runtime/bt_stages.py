@@ -236,7 +236,7 @@ class PeerStageRunner:
         r_from, r_chunk, s_to, s_chunk = cat(recv_s), cat(recv_c), cat(send_r), cat(send_c)
         ro, so = np.lexsort((r_chunk, r_from)), np.lexsort((s_chunk, s_to))
         r_from, r_chunk, s_to, s_chunk = r_from[ro], r_chunk[ro], s_to[so], s_chunk[so]
-        late: list = []  # receives of kept grants unfinished at the data deadline: (sender, request, chunks)
+        late: list = []  # receives of kept grants unfinished at the data deadline (engine.Late)
         try:
             ok = peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64), late)
             pb.received(r_from[ok], r_chunk[ok])
@@ -247,7 +247,7 @@ class PeerStageRunner:
             grace = time.monotonic() + min(1.0, cfg.stage_timeout_s)
             self._settle_late(peer, stage, late, talking, grace)
         finally:
-            peer.eng.data.cancel([r for _, r, _ in late])  # none outlives the stage, whatever raised
+            peer.eng.data.cancel([x.req for x in late])  # none outlives the stage, whatever raised
         self.link.settle_sends(grace, peer.eng)
         return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])
 
@@ -292,19 +292,19 @@ class PeerStageRunner:
         missing after the grace was never sent: granted, then not served.  It is banned (evidence for the
         tracker in this stage's report) and named; a sender that went quiet costs only the timeout."""
         data = peer.eng.data
-        wait = [i for i, (src, _, _) in enumerate(late) if src in talking]
+        wait = [i for i, x in enumerate(late) if x.sender in talking]
         done = np.zeros(len(late), dtype=bool)
         if wait:
-            done[wait] = tb.wait_until(data, [late[i][1] for i in wait], deadline)
+            done[wait] = tb.wait_until(data, [late[i].req for i in wait], deadline)
         short: dict[int, int] = {}
-        for (src, req, count), d in zip(late, done):
+        for x, d in zip(late, done):
             if d:  # it came, late: not counted as delivered (fetched again), but served
-                why = data.failed(req)
+                why = data.failed(x.req)
                 if why:
-                    peer.bad_senders.add(src)
-                    peer.protocol_errors.setdefault(src, f"stage {stage}: {why}")
-            elif src in talking:
-                short[src] = short.get(src, 0) + count
+                    peer.bad_senders.add(x.sender)
+                    peer.protocol_errors.setdefault(x.sender, f"stage {stage}: {why}")
+            elif x.sender in talking:
+                short[x.sender] = short.get(x.sender, 0) + x.chunks
         late[:] = [x for x, d in zip(late, done) if not d]  # the caller cancels these
         for src, k in short.items():
             peer.bad_senders.add(src)

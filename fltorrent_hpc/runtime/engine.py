@@ -26,7 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,6 +48,16 @@ from .recorder import RoundRecorder
 KIND_ACK = 5  # a follower's confirmation of the end frame (read here, not by frames.py)
 DESC_HEAD = 8  # descriptor words before the digests: MAGIC, round, owner, K, then 4 float64 (weight, links, seed)
 TAG_DIRECTIVE, TAG_REPORT = 11, 12
+
+
+class Late(NamedTuple):
+    """A receive still unfinished at its stage's data deadline, kept posted (with its buffer) to tell a sender
+    that never sent from a slow one; completed or cancelled before the round's buffers go."""
+
+    sender: int
+    req: Any
+    chunks: int
+    buf: np.ndarray  # what MPI may still write: referenced until the request completes or is cancelled
 
 
 @dataclass
@@ -371,7 +381,7 @@ class _PeerState:
         self.bad_senders: set[int] = set()
         self.protocol_errors: dict[int, str] = {}  # neighbours banned for a frame that does not fit the protocol
         self.unserved: dict[int, str] = {}  # senders named for granting (or being directed to send) and not sending
-        self.late: list = []  # the last directed stage's receives unfinished at its deadline: (sender, request, chunks)
+        self.late: list[Late] = []  # the last directed stage's receives unfinished at its deadline
         self.suspects: set[int] = set()  # senders whose directed data never came although the tracker moved on
         self.misbehaved: dict[int, str] = {}  # the tracker fills it: peers excluded for a bad report
         self.log: dict[str, list] = {
@@ -448,21 +458,21 @@ class _PeerState:
         if not late:
             return
         data = self.eng.data
-        done = tb.wait_until(data, [r for _, r, _ in late], time.monotonic() + min(1.0, self.cfg.stage_timeout_s))
-        data.cancel([r for (_, r, _), d in zip(late, done) if not d])
-        for (src, req, _), d in zip(late, done):
-            why = data.failed(req) if d else None
+        done = tb.wait_until(data, [x.req for x in late], time.monotonic() + min(1.0, self.cfg.stage_timeout_s))
+        data.cancel([x.req for x, d in zip(late, done) if not d])
+        for x, d in zip(late, done):
+            why = data.failed(x.req) if d else None
             if why:  # it came, late and longer than its run: refused, its sender banned
-                self.bad_senders.add(src)
-                self.protocol_errors.setdefault(src, why)
+                self.bad_senders.add(x.sender)
+                self.protocol_errors.setdefault(x.sender, why)
             elif not d:
-                self.suspects.add(src)
+                self.suspects.add(x.sender)
 
     def drop_late(self) -> None:
         """Cancel every receive kept past its deadline (the round is over, or failed)."""
         late, self.late = self.late, []
         if late:
-            self.eng.data.cancel([r for _, r, _ in late])
+            self.eng.data.cancel([x.req for x in late])
 
     def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
@@ -484,8 +494,8 @@ class _PeerState:
         late: list | None = None,
     ) -> np.ndarray:
         """Move one stage's bytes: post receives, paced sends, wait, verify.  Lists sorted by (peer, chunk);
-        returns which receives arrived intact.  `late`: receives still unfinished at the deadline go there as
-        (sender, request, chunks) instead of being cancelled, to tell a sender that never sent from a slow one
+        returns which receives arrived intact.  `late`: receives still unfinished at the deadline go there (`Late`,
+        with their buffers) instead of being cancelled, to tell a sender that never sent from a slow one
         (`settle_late` once the tracker moved on; bt_stages after the have frames); the caller completes or
         cancels them before the round's buffers go."""
         eng, K, nr = self.eng, self.K, r_from.size
@@ -551,7 +561,11 @@ class _PeerState:
         if late is None:
             eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
         else:
-            late.extend((rruns[i][0], r, rruns[i][3]) for i, (r, d) in enumerate(zip(rreq, rdone)) if not d)
+            for i, (r, d) in enumerate(zip(rreq, rdone)):
+                if not d:
+                    src, owner, first, count = rruns[i]
+                    a, b = self.chunk_range(owner, first, count)
+                    late.append(Late(src, r, count, self.bufs[owner][a:b]))
         for r, v, d in zip(sreq, [v for v, _ in sviews], sdone):
             if not d:
                 self.eng.orphan(eng.data, [r], v)
