@@ -41,7 +41,16 @@ def _add_simulate(sub) -> None:
     p.add_argument("--overlay", choices=["random", "expander"], default="random")
     p.add_argument("--uplink", default=":".join(PAPER_UPLINK), help="LOW:HIGH per-peer uplink")
     p.add_argument("--downlink", default=":".join(PAPER_DOWNLINK), help="LOW:HIGH per-peer downlink")
-    p.add_argument("--privacy", default="full", help="full, none, or a comma list of spray,lags,gating")
+    p.add_argument(
+        "--privacy", default="full", help="full, none, or (protocol paper) a comma list of spray,lags,gating"
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["hidden", "paper"],
+        default=d.protocol,
+        help="hidden: owners seed to non-neighbours and download their own update back (default); paper: warm-up",
+    )
+    p.add_argument("--seed-peers", type=int, default=d.seed_peers, help="hidden protocol: seed peers per owner")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="gff")
     p.add_argument("--cover", type=float, default=d.cover, help="cover-set threshold K (fraction)")
     p.add_argument("--cover-scope", choices=["swarm", "update"], default="swarm")
@@ -92,6 +101,8 @@ def _simulate(a: argparse.Namespace) -> int:
         overlay=a.overlay,
         chunk_bytes=parse_bytes(a.chunk_bytes),
         privacy=parse_privacy(a.privacy),
+        protocol=a.protocol,
+        seed_peers=a.seed_peers,
         scheduler=a.scheduler,
         cover=a.cover,
         cover_scope=a.cover_scope,

@@ -22,6 +22,7 @@ OVERLAYS = ("random", "expander")
 BT_DECISIONS = ("peers", "tracker")
 BT_GRANTS = ("deficit", "reciprocity")
 COVER_SCOPES = ("swarm", "update")
+PROTOCOLS = ("hidden", "paper")
 
 _BYTE_UNITS = {
     "": 1,
@@ -139,6 +140,12 @@ class SwarmConfig:
     chunk_bytes: int = 4 * 2**20  # C; 4 MiB for real runs, the simulator CLI uses the paper's 256 KiB
     # privacy mechanisms (subset of spray, lags, gating); empty = BitTorrent only
     privacy: frozenset = frozenset(PRIVACY_MECHANISMS)
+    # how privacy "full" is obtained (docs/PRIVACY.md): "hidden" (default) = each owner's update goes through
+    # a mixer to seeds before the round, the owner hides it from its have state and downloads it back like
+    # any other peer, so it acts as a non-owner for the whole round; "paper" = the paper's warm-up (spray,
+    # lags, gating, non-owner-first).  A mechanism list (an ablation) always runs the paper's mechanisms.
+    protocol: str = "hidden"
+    seed_peers: int = 2  # hidden protocol: blocks per update, each through its own mixer to its own seed
     spray_ratio: float = 0.2  # R: floor(R*K) chunks per owner sprayed to non-neighbours
     lag_slots: int = 3  # T_lag: lag ~ U{0..T_lag-1} slots
     cover: float = 0.10  # K: cover-set threshold fraction
@@ -206,6 +213,8 @@ class SwarmConfig:
             ),
             (self.nonfinite in ("reject", "keep"), "nonfinite must be 'reject' or 'keep'"),
             (self.deadline_stages >= 0 and self.warmup_deadline_stages >= 0, "deadlines must be >= 0"),
+            (self.protocol in PROTOCOLS, f"protocol must be one of {PROTOCOLS}"),
+            (self.seed_peers >= 1, "seed_peers must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -253,6 +262,11 @@ class SwarmConfig:
             except ValueError as e:
                 raise ConfigError(f"{key}={raw!r}: {e}") from e
         return base.replace(**changes) if changes else base
+
+    @property
+    def hides_owners(self) -> bool:
+        """Owners seed, hide and re-download their own update (protocol "hidden" with privacy "full")."""
+        return self.protocol == "hidden" and self.privacy == frozenset(PRIVACY_MECHANISMS)
 
     def cover_threshold(self, n_peers: int, chunks_per_peer: int) -> int:
         """k: chunks every active peer must hold before warm-up ends (PAPER.md §2.0)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import h5py
+import numpy as np
 import pytest
 
 from fltorrent_hpc.cli import main
@@ -32,7 +33,8 @@ SMALL = ["simulate", "--peers", "12", "--update-bytes", "2MiB", "--chunk-bytes",
 def maxflow_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     js, h5 = d / "out" / "s.json", d / "s.h5"
-    rc = main([*SMALL, "--seed", "3", "--maxflow", "--quiet", "--json", str(js), "--trace", str(h5)])
+    args = [*SMALL, "--protocol", "paper", "--seed", "3", "--maxflow", "--quiet"]  # the paper's warm-up bound
+    rc = main([*args, "--json", str(js), "--trace", str(h5)])
     return rc, js, h5
 
 
@@ -70,10 +72,33 @@ def test_simulate_options_reach_the_round(tmp_path):
     js = tmp_path / "s.json"
     args = [*SMALL, "--overlay", "expander", "--uplink", "40Mbps:60Mbps", "--downlink", "100Mbps", "--cover", "0.2"]
     args += ["--cover-scope", "update", "--lag-slots", "2", "--leave", "0.25", "--leave-stage", "1", "--quiet"]
+    args += ["--protocol", "paper"]  # cover and lags are the paper warm-up's knobs
     assert main([*args, "--json", str(js)]) == 0
     s = json.loads(js.read_text())
     assert s["overlay"] == "expander" and s["peers_left"] == 3 and s["cover_k"] == 7  # ceil(0.2 * 32)
     assert s["lambda2"] == s["lambda2"]  # not NaN for an expander
+
+
+def test_simulate_hidden_protocol_moves_each_chunk_once_more(tmp_path):
+    """The default protocol: every peer gets every chunk once (its own back included) plus one mixer hop per
+    chunk, and no owner ever sends its own chunk to a neighbour."""
+    js, h5 = tmp_path / "s.json", tmp_path / "s.h5"
+    assert main([*SMALL, "--seed", "3", "--quiet", "--json", str(js), "--trace", str(h5)]) == 0
+    s = json.loads(js.read_text())
+    tr = read_trace(h5)
+    t = tr.transfers
+    n, N = 12, 12 * 32
+    assert s["complete_fraction"] == 1.0 and config_of(tr)["protocol"] == "hidden"
+    assert len(t["chunk"]) == s["transfers"] == n * N + N
+    back = t["receiver"] == t["owner"]  # each owner gets each of its chunks back once
+    assert np.bincount(t["receiver"][back], minlength=n).tolist() == [32] * n
+    got_back = dict(zip(t["chunk"][back].tolist(), t["stage"][back].tolist()))
+    e = tr.edges
+    nbr = {(int(a), int(b)) for a, b in e} | {(int(b), int(a)) for a, b in e}
+    own = np.flatnonzero(t["chunk"] // 32 == t["sender"])
+    for i in own:  # an owner's own chunk goes to a non-neighbour (its mixer) or, once back, like any other
+        c, st_ = int(t["chunk"][i]), int(t["stage"][i])
+        assert (int(t["sender"][i]), int(t["receiver"][i])) not in nbr or st_ > got_back[c]
 
 
 @pytest.mark.parametrize(

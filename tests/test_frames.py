@@ -39,10 +39,11 @@ def arr(*parts) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- builders
-def directives(n: int = N_PEERS, k: int = K, seed: int = 3, stages: int = 12):
+def directives(n: int = N_PEERS, k: int = K, seed: int = 3, stages: int = 12, protocol: str = "paper"):
     """(peer, frame, stage) for every active peer of the first `stages` stages of a real round (spray and
-    warm-up), each frame built by the tracker's own `_directive`."""
-    cfg = SwarmConfig(seed=seed, degree=2, spray_ratio=0.5)
+    warm-up, or the hidden protocol's seeds and first BitTorrent stages), each frame built by the tracker's
+    own `_directive`."""
+    cfg = SwarmConfig(seed=seed, degree=2, spray_ratio=0.5, protocol=protocol)
     rnd = SwarmRound(cfg, n, k, np.full(n, 2), np.full(n, 3), seed=seed)
     me = types.SimpleNamespace(rid=RID, eng=types.SimpleNamespace(magic=F.MAGIC))  # frames.py reads MAGIC
     out = []
@@ -55,8 +56,10 @@ def directives(n: int = N_PEERS, k: int = K, seed: int = 3, stages: int = 12):
     return out
 
 
-def bt_stage_frame(act, can, stage=STAGE, n=N_PEERS):
-    return arr(head(F.KIND_BT_STAGE, stage), [n], pack_bits(act).view(np.int64), pack_bits(can).view(np.int64))
+def bt_stage_frame(act, can, stage=STAGE, n=N_PEERS, exposed=None):
+    exp = np.zeros(len(act), bool) if exposed is None else exposed
+    masks = (pack_bits(m).view(np.int64) for m in (act, can, exp))
+    return arr(head(F.KIND_BT_STAGE, stage), [n], *masks)
 
 
 def end_frame(stages=9, s_bt=3, warm_us=1234, failed=0, agreed=None, left=None, n=N_PEERS):
@@ -129,10 +132,12 @@ def test_neighbour_header():
 
 
 # ---------------------------------------------------------------------------------------------- tracker -> peer
-def test_directives_of_a_real_round_decode():
+@pytest.mark.parametrize("protocol", ["paper", "hidden"])
+def test_directives_of_a_real_round_decode(protocol):
     seen = 0
-    for p, msg, stg, ri in directives():
-        d = F.parse_directive(msg, sender=TRACKER, round_id=RID, n=N_PEERS, K=K, me=p, stage=stg.index)
+    hidden = protocol == "hidden"  # an owner downloads its own chunks back (never in a seed stage)
+    for p, msg, stg, ri in directives(protocol=protocol):
+        d = F.parse_directive(msg, sender=TRACKER, round_id=RID, n=N_PEERS, K=K, me=p, stage=stg.index, own_ok=hidden)
         si = np.flatnonzero(stg.sender == p)
         si = si[np.lexsort((stg.chunk[si], stg.receiver[si]))]
         assert d.stage == stg.index
@@ -152,6 +157,15 @@ def dparse(frame, **kw):
     args = dict(sender=TRACKER, round_id=RID, n=N_PEERS, K=K, me=ME)
     args.update(kw)
     return F.parse_directive(frame, **args)
+
+
+def test_own_chunk_receives_only_outside_seed_stages_of_the_hidden_protocol():
+    own_bt = arr(head(F.KIND_DIRECTIVE), [0, 1], [1], [ME * K], [BT])
+    own_seed = arr(head(F.KIND_DIRECTIVE), [0, 1], [1], [ME * K], [SPRAY])
+    assert dparse(own_bt, own_ok=True).r_chunk.tolist() == [ME * K]
+    for frame, ok in ((own_bt, False), (own_seed, True), (own_seed, False)):
+        with pytest.raises(ProtocolError, match="own update"):
+            dparse(frame, own_ok=ok)
 
 
 def test_directive_malformed():
@@ -199,8 +213,10 @@ def test_directive_malformed():
 def test_bt_stage_frame():
     act = np.array([1, 1, 0, 1, 1], bool)
     can = np.array([1, 0, 0, 1, 0], bool)
-    f = F.parse_bt_stage(bt_stage_frame(act, can), sender=TRACKER, round_id=RID, n=N_PEERS)
+    exp = np.array([0, 0, 1, 0, 1], bool)
+    f = F.parse_bt_stage(bt_stage_frame(act, can, exposed=exp), sender=TRACKER, round_id=RID, n=N_PEERS)
     assert f.stage == STAGE and f.active.tolist() == act.tolist() and f.can_send.tolist() == can.tolist()
+    assert f.exposed.tolist() == exp.tolist()
     n = 130  # three words a mask
     act = np.random.default_rng(1).random(n) < 0.5
     f = F.parse_bt_stage(bt_stage_frame(act, ~act, n=n), sender=TRACKER, round_id=RID, n=n)

@@ -123,7 +123,9 @@ def check_schedule(rnd, triples, up, down, s, r, c) -> None:
 # ---------------------------------------------------------------------------------------------- Figure 1
 def figure1_round(u: int, d: int, **kw) -> SwarmRound:
     """PAPER.md §3.1 Fig. 1: ring n1-n2-n3-n4-n1, inventories {c1,c2} {c2,c3} {c3,c4} {c1,c4}."""
-    cfg = SwarmConfig(degree=2, privacy="lags", lag_slots=1, cover=1.0, **kw)  # warm-up, no gating/lag/spray
+    cfg = SwarmConfig(
+        protocol="paper", degree=2, privacy="lags", lag_slots=1, cover=1.0, **kw
+    )  # warm-up, no gating/lag/spray
     ring = Overlay(4, np.array([[0, 1], [1, 2], [2, 3], [0, 3]]))
     rnd = SwarmRound(cfg, 4, 1, np.full(4, u), np.full(4, d), seed=0, overlay=ring, compute_maxflow=True)
     one = np.ones(4, np.int64)
@@ -252,7 +254,7 @@ def test_every_warmup_stage_at_most_maxflow(p):
 def test_maxflow_ratio_in_simulation():
     from fltorrent_hpc.runtime.simulator import simulate
 
-    cfg = SwarmConfig(degree=4, chunk_bytes=1, privacy="full", cover=0.1, seed=3)
+    cfg = SwarmConfig(protocol="paper", degree=4, chunk_bytes=1, privacy="full", cover=0.1, seed=3)
     res = simulate(cfg, 16, 12, (3, 6), (4, 8), maxflow=True, trace=True)
     s = res.summary
     assert 0.0 < s["gff_maxflow_ratio"] <= 1.0

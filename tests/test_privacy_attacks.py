@@ -21,7 +21,7 @@ from fltorrent_hpc.privacy import (
     run_attacks,
     sequence_attack,
 )
-from fltorrent_hpc.privacy.attacks import ATTACKS, any_member_success
+from fltorrent_hpc.privacy.attacks import ATTACKS, PAPER_ATTACKS, any_member_success
 from fltorrent_hpc.privacy.cli import attack_main, evaluate_trace, format_table
 from fltorrent_hpc.privacy.observations import cover_stage, synthetic_trace
 from fltorrent_hpc.trace import write_trace
@@ -70,13 +70,13 @@ def mixed_trace(n: int = 240, d: int = 8, per_sender: int = 12, seed: int = 1):
 
 def test_star_without_defences_is_fully_attributed():
     tr = star_trace()
-    views = build_views(tr)
+    views = build_views(tr, model=AdversaryModel(window="warmup"))
     assert views.window.how == "cover-equivalent"
     for name, att in run_attacks(views).items():
         asr = att.asr_per_view()
         assert np.all(asr == 1.0), name  # hub attributes all 6 leaves; each leaf attributes the hub
         assert att.correct.size == 12
-    res = evaluate_trace(tr, audit=False)
+    res = evaluate_trace(tr, window="warmup", audit=False)
     assert res["asr_max"] == {"sequence": 1.0, "count": 1.0, "cluster": 1.0}
     assert res["baseline"] == 1.0  # a leaf has one neighbour
 
@@ -86,9 +86,10 @@ def test_attack_registry_is_what_run_attacks_runs():
     K = 10
     items = [(s, 1, 0, d * K + s, 1) for s, d in enumerate([3, 1, 1, 3, 3])]  # count: 3 overall, 1 in the first 3
     views = build_views(synthetic_trace(5, K, [(0, 1)], rows_of(items)))
-    assert list(ATTACKS) == ["sequence", "count", "cluster"]
+    assert [name for name, a in ATTACKS.items() if a.family == "views"] == list(PAPER_ATTACKS)
+    assert list(PAPER_ATTACKS) == ["sequence", "count", "cluster"]
     got = run_attacks(views, count_horizon=3)
-    assert list(got) == list(ATTACKS) and all(att.attack == name for name, att in got.items())
+    assert list(got) == list(PAPER_ATTACKS) and all(att.attack == name for name, att in got.items())
     assert got["count"].guess.tolist() == [1] and run_attacks(views)["count"].guess.tolist() == [3]
 
 
@@ -209,10 +210,12 @@ def test_window_of_a_bittorrent_only_round_is_the_cover_equivalent_span():
     items = [(0, 1, 0, 3, 2), (1, 1, 0, 4, 2), (0, 0, 1, 0, 2), (2, 0, 1, 1, 2), (3, 0, 1, 2, 2)]
     tr = synthetic_trace(2, K, [(0, 1)], rows_of(items), privacy="none", cover_k=2)
     assert cover_stage(tr) == 3
-    win = observation_window(tr)
+    win = observation_window(tr, AdversaryModel(window="warmup"))
     assert win.how == "cover-equivalent" and win.end_stage == 3
     assert win.mask.tolist() == [True, True, True, True, False]
     assert observation_window(tr, AdversaryModel(window=1)).mask.tolist() == [True, False, True, False, False]
+    whole = observation_window(tr)  # the default: everything the peers observe in the round
+    assert whole.how == "round" and whole.end_stage == 4 and whole.mask.all()
 
 
 @settings(max_examples=25, deadline=None)
@@ -276,7 +279,7 @@ def small_rounds():
     c = 1024
     out = {}
     for priv in ("none", "full"):
-        cfg = SwarmConfig(chunk_bytes=c, privacy=priv, degree=4, seed=3, deadline_stages=200)
+        cfg = SwarmConfig(chunk_bytes=c, privacy=priv, degree=4, seed=3, deadline_stages=200, protocol="paper")
         out[priv] = simulate(cfg, 24, 20 * c, uplink=(3 * c, 5 * c), downlink=(8 * c, 12 * c)).trace
     return out
 
@@ -290,7 +293,7 @@ def test_simulated_round_without_defences_is_attributed(small_rounds):
 
 
 def test_simulated_round_with_defences_hides_first_hops(small_rounds):
-    res = evaluate_trace(small_rounds["full"], audit=False)
+    res = evaluate_trace(small_rounds["full"], window="warmup", audit=False)
     assert res["trace"]["window"] == "warmup"
     assert res["asr_mean"]["sequence"] < 0.1  # gating: the first chunk a sender serves is almost never its own
     assert res["eq1_violations"] == 0 and res["eq1_throttle_violations"] == 0

@@ -27,7 +27,7 @@ def sim_round():
     from fltorrent_hpc.runtime.simulator import simulate
 
     c = 1024
-    cfg = SwarmConfig(chunk_bytes=c, privacy="full", degree=4, seed=11)
+    cfg = SwarmConfig(protocol="paper", chunk_bytes=c, privacy="full", degree=4, seed=11)
     return simulate(cfg, 20, 20 * c, uplink=(3 * c, 5 * c), downlink=(8 * c, 12 * c), warmup_only=True).trace
 
 

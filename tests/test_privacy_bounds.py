@@ -132,7 +132,7 @@ def full_round():
     from fltorrent_hpc.runtime.simulator import simulate
 
     c = 1024
-    cfg = SwarmConfig(chunk_bytes=c, privacy="full", degree=4, seed=5)
+    cfg = SwarmConfig(chunk_bytes=c, privacy="full", degree=4, seed=5, protocol="paper")
     return simulate(cfg, 24, 20 * c, uplink=(3 * c, 5 * c), downlink=(8 * c, 12 * c), warmup_only=True).trace
 
 

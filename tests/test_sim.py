@@ -40,7 +40,7 @@ SUMMARY_KEYS = {
 def cfg(**kw) -> SwarmConfig:
     base = dict(degree=3, chunk_bytes=C, privacy="full", cover=0.1, seed=1)
     base.update(kw)
-    return SwarmConfig(**base)
+    return SwarmConfig(protocol="paper", **base)
 
 
 def test_links_and_budgets():
@@ -155,7 +155,7 @@ def test_paper_shaped_round():
     """n=30, residential links, 206 x 256 KiB: full privacy within 10% of none; warm-up share, utilisation, GFF."""
     up = tuple(parse_rate(x) for x in PAPER_UPLINK)
     down = tuple(parse_rate(x) for x in PAPER_DOWNLINK)
-    base = SwarmConfig(chunk_bytes=PAPER_CHUNK, seed=0)
+    base = SwarmConfig(protocol="paper", chunk_bytes=PAPER_CHUNK, seed=0)
     full = simulate(base, 30, PAPER_UPDATE, up, down, trace=False).summary
     none = simulate(base.replace(privacy="none"), 30, PAPER_UPDATE, up, down, trace=False).summary
     for s in (full, none):
@@ -199,7 +199,7 @@ def test_deficit_first_grants_even_out_completion(seed):
     down = tuple(parse_rate(x) for x in PAPER_DOWNLINK)
     out = {}
     for grant in ("deficit", "reciprocity"):
-        cfg = SwarmConfig(chunk_bytes=PAPER_CHUNK, privacy="none", bt_grant=grant, seed=seed)
+        cfg = SwarmConfig(protocol="paper", chunk_bytes=PAPER_CHUNK, privacy="none", bt_grant=grant, seed=seed)
         res = simulate(cfg, 20, 40 * PAPER_CHUNK, up, down, trace=False)
         cs = res.round.complete_stage
         assert res.summary["complete_fraction"] == 1.0

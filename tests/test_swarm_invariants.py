@@ -55,6 +55,7 @@ class Checker:
             (int(s), int(r), int(c)) for s, r, c in zip(*(rnd.spray[k] for k in ("sender", "receiver", "chunk")))
         }
         self.spray_sent: list[tuple[int, int, int]] = []
+        self.at_mixer = np.full(rnd.N, -1, dtype=np.int64)  # hidden protocol: the mixer holding a chunk
         # owners adjacent to every other peer have no non-neighbour: they spray to neighbours (counted)
         self.no_non_nbr = {u for u, nb in enumerate(neighbour_sets(rnd)) if len(nb) == rnd.n - 1}
         self.stages = []
@@ -95,14 +96,30 @@ class Checker:
         else:
             assert st.phase == WARMUP
             assert np.all(kind != BT)
-        # adjacency (warm-up and BT), non-adjacency (spray)
-        for si, ri, ki in zip(s.tolist(), r.tolist(), kind.tolist()):
+        # adjacency (warm-up and BT), non-adjacency (spray; in the hidden protocol its first hop, owner ->
+        # mixer: the mixer's forward may reach anyone)
+        for si, ri, ci, ki in zip(s.tolist(), r.tolist(), c.tolist(), kind.tolist()):
             if ki == SPRAY:
-                assert ri not in nbrs[si] or si in self.no_non_nbr, f"spray {si}->{ri} went to a neighbour"
+                if rnd.hidden and ci // K != si:
+                    continue
+                alone = si in self.no_non_nbr or not (active0[:n] & ~np.isin(np.arange(n), [si, *nbrs[si]])).any()
+                assert ri not in nbrs[si] or alone, f"spray {si}->{ri} went to a neighbour"
             else:
                 assert ri in nbrs[si], f"stage {stage0}: transfer {si}->{ri} between non-neighbours"
-        # availability: the sender held the chunk before the stage
-        assert np.all(have0[s, c]), f"stage {stage0}: a sender did not hold the chunk it sent"
+        # availability: the sender held the chunk before the stage (publicly; in the hidden protocol a seed
+        # is sent by its owner or forwarded by the mixer that got it, both holding it privately)
+        held = have0[s, c]
+        if rnd.hidden:
+            sp0 = kind == SPRAY
+            first_hop = sp0 & (c // K == s)
+            forward = sp0 & ~first_hop
+            assert np.all(self.at_mixer[c[forward]] == s[forward]), f"stage {stage0}: a forward by a non-mixer"
+            assert not np.any(have0[s[sp0], c[sp0]]), f"stage {stage0}: a seed of a chunk held publicly"
+            held |= first_hop | forward
+            # an owner serves its own chunks only once they came back to it through the swarm
+            own = ~sp0 & (c // K == s)
+            assert np.all(have0[s[own], c[own]]), f"stage {stage0}: an owner served a chunk it never got back"
+        assert np.all(held), f"stage {stage0}: a sender did not hold the chunk it sent"
         # no duplicate delivery: receiver lacks it, and gets it once
         assert not np.any(have0[r, c]), f"stage {stage0}: delivery of a chunk the receiver already held"
         assert np.unique(r * N + c).size == m, f"stage {stage0}: the same chunk twice to one receiver"
@@ -126,6 +143,18 @@ class Checker:
         # spray: owner -> planned non-neighbour, each planned item at most once
         sp = kind == SPRAY
         for si, ri, ci in zip(s[sp].tolist(), r[sp].tolist(), c[sp].tolist()):
+            if rnd.hidden:  # each chunk: one first hop to a mixer, then one forward to its seed
+                if ci // K == si:
+                    prev = self.at_mixer[ci]  # mixed again only when its mixer left before forwarding
+                    # or seeded again after every public copy left (-2: forwarded before)
+                    again = prev < 0 or not active0[prev]
+                    assert again, f"chunk {ci} mixed twice"
+                    self.at_mixer[ci] = ri
+                else:
+                    assert ri != ci // K, "a seed forwarded to its owner"
+                    self.at_mixer[ci] = -2
+                self.spray_sent.append((si, ri, ci))
+                continue
             assert ci // K == si, "spray of a chunk the sender does not own"
             assert (si, ri, ci) in self.spray_plan, "spray item not in the round's plan"
             self.spray_sent.append((si, ri, ci))
@@ -188,6 +217,7 @@ def round_params(draw, schedulers=HEURISTICS, n_max=14):
     down = draw(st.lists(st.integers(1, 6), min_size=n, max_size=n))
     privacy = draw(st.sets(st.sampled_from(PRIVACY_MECHANISMS)))
     cfg = SwarmConfig(
+        protocol=draw(st.sampled_from(["paper", "hidden"])),  # hidden applies to "full" (the rest: paper)
         degree=draw(st.integers(1, 5)),
         overlay=draw(st.sampled_from(["random", "expander"])),
         privacy=frozenset(privacy),
@@ -239,7 +269,7 @@ def test_every_stage_feasible_and_round_completes(p):
 @given(round_params())
 def test_spray_plan_and_delivery(p):
     cfg, n, K, up, down, seed = p
-    cfg = cfg.replace(privacy=cfg.privacy | {"spray"})
+    cfg = cfg.replace(protocol="paper", privacy=cfg.privacy | {"spray"})
     rnd = SwarmRound(cfg, n, K, up, down, seed)
     nbrs = neighbour_sets(rnd)
     plan = rnd.spray
@@ -286,6 +316,7 @@ def test_peer_leaving_mid_round(p, data):
         if rnd.stage == at:
             rnd.leave(gone, repair=repair)
             have_at_leave = rnd.have.copy()
+            unseeded_at_leave = rnd.unseeded.copy()
             if len(components(rnd)) > 1:  # disconnected survivors cannot complete: check a prefix only
                 end = min(end, at + 40)
         st_ = chk.step()
@@ -300,6 +331,8 @@ def test_peer_leaving_mid_round(p, data):
     assert np.array_equal(rnd.have[gone], have_at_leave[gone])
     # the obtainable set is what survivors held when the others left; nothing else can appear
     obtainable = have_at_leave[:n][act].any(axis=0)
+    if rnd.hidden:  # and what a surviving owner still held privately (it seeds it through other peers)
+        obtainable |= unseeded_at_leave & act[np.arange(rnd.N) // max(K, 1)]
     assert not np.any(rnd.have[:n][act][:, ~obtainable])
     if len(components(rnd)) == 1:
         assert rnd.done
@@ -317,7 +350,7 @@ def test_fixed_rounds_each_scheduler(scheduler, privacy):
     n, K = 12, 6
     gen = np.random.default_rng(7)
     up, down = gen.integers(1, 5, n), gen.integers(2, 7, n)
-    cfg = SwarmConfig(degree=3, privacy=privacy, scheduler=scheduler, cover=0.1, tau=2)
+    cfg = SwarmConfig(protocol="paper", degree=3, privacy=privacy, scheduler=scheduler, cover=0.1, tau=2)
     rnd = SwarmRound(cfg, n, K, up, down, seed=11)
     chk = Checker(rnd).run()
     assert rnd.done and rnd.reconstructable().all()
@@ -332,7 +365,7 @@ def test_fixed_rounds_each_scheduler(scheduler, privacy):
 
 def test_warmup_reaches_k_before_bittorrent():
     n, K = 10, 8
-    cfg = SwarmConfig(degree=3, privacy="full", cover=0.2)
+    cfg = SwarmConfig(protocol="paper", degree=3, privacy="full", cover=0.2)
     rnd = SwarmRound(cfg, n, K, np.full(n, 3), np.full(n, 4), seed=3)
     while rnd.phase == WARMUP and rnd.stage < rnd.deadline():
         rnd.complete(rnd.next_stage())
@@ -345,7 +378,7 @@ def test_warmup_reaches_k_before_bittorrent():
 
 def test_warmup_deadline_fails_open():
     n, K = 10, 8
-    cfg = SwarmConfig(degree=3, privacy="full", cover=1.0, warmup_deadline_stages=3)
+    cfg = SwarmConfig(protocol="paper", degree=3, privacy="full", cover=1.0, warmup_deadline_stages=3)
     rnd = SwarmRound(cfg, n, K, np.full(n, 2), np.full(n, 2), seed=5)
     Checker(rnd).run()
     assert rnd.warmup_failed_open and rnd.s_bt == 3
@@ -354,7 +387,7 @@ def test_warmup_deadline_fails_open():
 
 def test_same_seed_same_stages_different_seed_differs():
     def run(seed):
-        cfg = SwarmConfig(degree=3, privacy="full", cover=0.1)
+        cfg = SwarmConfig(protocol="paper", degree=3, privacy="full", cover=0.1)
         rnd = SwarmRound(cfg, 11, 7, np.arange(11) % 4 + 1, np.arange(11) % 3 + 3, seed)
         out = []
         while not rnd.done and rnd.stage < rnd.deadline():
@@ -370,7 +403,7 @@ def test_same_seed_same_stages_different_seed_differs():
 
 
 def test_complete_rejects_bad_reports():
-    cfg = SwarmConfig(degree=2, privacy="none")
+    cfg = SwarmConfig(protocol="paper", degree=2, privacy="none")
     rnd = SwarmRound(cfg, 4, 2, np.full(4, 2), np.full(4, 2), seed=0)
     st = rnd.next_stage()
     stale = copy.deepcopy(st)
@@ -396,7 +429,7 @@ def test_complete_rejects_bad_reports():
 
 def test_partial_delivery_is_rescheduled():
     """Transfers reported as not delivered are simply scheduled again later; the round still completes."""
-    cfg = SwarmConfig(degree=3, privacy="full", cover=0.1)
+    cfg = SwarmConfig(protocol="paper", degree=3, privacy="full", cover=0.1)
     n, K = 9, 5
     rnd = SwarmRound(cfg, n, K, np.full(n, 2), np.full(n, 3), seed=9)
     chk = Checker(rnd)
@@ -408,7 +441,7 @@ def test_partial_delivery_is_rescheduled():
 
 
 def test_bad_round_arguments():
-    cfg = SwarmConfig()
+    cfg = SwarmConfig(protocol="paper")
     with pytest.raises(ValueError, match="budget"):
         SwarmRound(cfg, 4, 2, np.array([1, 0, 1, 1]), np.ones(4), 0)
     with pytest.raises(ValueError):
@@ -420,7 +453,7 @@ def test_satisfied_spray_item_does_not_keep_warmup_open():
     # Regression: when spray items were interleaved with warm-up transfers, a recipient could get a planned
     # chunk through relays first; the item was then skipped but never dropped, `spray_left` stayed true and
     # warm-up never ended (s_bt = -1).  n=8, K=4, degree 2, privacy={"spray"}, R=0.9, up=2, down=1, seed=33.
-    cfg = SwarmConfig(degree=2, privacy="spray", spray_ratio=0.9, cover=0.05)
+    cfg = SwarmConfig(protocol="paper", degree=2, privacy="spray", spray_ratio=0.9, cover=0.05)
     rnd = SwarmRound(cfg, 8, 4, np.full(8, 2), np.full(8, 1), seed=33)
     Checker(rnd).run()
     assert rnd.done
@@ -435,7 +468,7 @@ def test_bug_gated_owner_chunk_lost_after_leave():
     # survivor needs it to reach k, warm-up stalls until s_max.
     # Minimal: n=3, K=1, complete overlay, privacy={"gating"}, cover=0.5 (k=2), budgets 1, seed 0;
     # peer 2 leaves at stage 1; peer 1 never receives chunk 0 from its neighbour and owner, peer 0.
-    cfg = SwarmConfig(degree=2, privacy="gating", scheduler="gff", cover=0.5, deadline_stages=60)
+    cfg = SwarmConfig(protocol="paper", degree=2, privacy="gating", scheduler="gff", cover=0.5, deadline_stages=60)
     rnd = SwarmRound(cfg, 3, 1, np.ones(3, int), np.ones(3, int), seed=0)
     Checker(rnd).run(leave=(1, np.array([2])))
     assert rnd.done, f"survivors stalled in warm-up until s_max: have={rnd.have[:2].astype(int).tolist()}"
@@ -446,7 +479,7 @@ def test_bug_spray_to_neighbour_after_repair():
     # spray can go to a peer that became the owner's neighbour (PAPER.md §2.1: recipients are non-neighbours).
     # Minimal: n=5, K=2, expander degree 2, privacy={"spray"}, spray_ratio=0.5, budgets 1, seed 7; stage 0
     # completes, peer 4 leaves with repair; stage 1 sprays chunk 4 from 2 to 1 over the new edge (1, 2).
-    cfg = SwarmConfig(degree=2, overlay="expander", privacy="spray", spray_ratio=0.5)
+    cfg = SwarmConfig(protocol="paper", degree=2, overlay="expander", privacy="spray", spray_ratio=0.5)
     rnd = SwarmRound(cfg, 5, 2, np.ones(5, int), np.ones(5, int), seed=7)
     chk = Checker(rnd)
     rnd.complete(chk.step())

@@ -26,13 +26,13 @@ UPDATE = 4500  # 5 chunks, the last one 500 bytes
 
 @pytest.fixture(scope="module")
 def sim_round():
-    cfg = SwarmConfig(degree=3, chunk_bytes=C, privacy="full", cover=0.1, seed=4)
+    cfg = SwarmConfig(protocol="paper", degree=3, chunk_bytes=C, privacy="full", cover=0.1, seed=4)
     return simulate(cfg, 9, UPDATE, (2000, 4000), (3000, 6000), trace=True)
 
 
 @pytest.fixture(scope="module")
 def gated_round():
-    cfg = SwarmConfig(degree=3, chunk_bytes=C, privacy="gating", cover=0.2, seed=2)
+    cfg = SwarmConfig(protocol="paper", degree=3, chunk_bytes=C, privacy="gating", cover=0.2, seed=2)
     return simulate(cfg, 8, UPDATE, (2000, 3000), (3000, 4000), trace=True)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS
+from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, PROTOCOLS, SCHEDULERS
 from ..errors import ShapeMismatchError, UnsupportedError
 
 ALIGN = 16  # byte alignment of tensors packed into one payload
@@ -206,7 +206,11 @@ def decode(field: int, v: int) -> str:
     if name == "redop" and v >= 0:
         return dist.ReduceOp.RedOpType(v).name
     if name == "privacy" and v >= 0:
-        return ",".join(m for i, m in enumerate(PRIVACY_MECHANISMS) if v >> i & 1) or "none"
+        mech = ",".join(m for i, m in enumerate(PRIVACY_MECHANISMS) if v >> i & 1) or "none"
+        if v < 8:  # no protocol words (a descriptor of mechanisms alone)
+            return mech
+        proto = PROTOCOLS[v >> 3 & 31] if (v >> 3 & 31) < len(PROTOCOLS) else str(v >> 3 & 31)
+        return f"{mech} (protocol {proto}, seed_peers {v >> 8})"
     if name == "scheduler" and 0 <= v < len(SCHEDULERS):
         return SCHEDULERS[v]
     if name == "bt_decisions" and 0 <= v < len(BT_DECISIONS):

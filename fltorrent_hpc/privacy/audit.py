@@ -143,6 +143,8 @@ class Recomputed:
     edges: np.ndarray
     lag: np.ndarray | None = None
     spray: dict[str, np.ndarray] | None = None  # sender, receiver, chunk
+    mixer: np.ndarray | None = None  # hidden protocol: each chunk's mixer and seed as planned
+    seeder: np.ndarray | None = None
 
 
 Recompute = Callable[[RoundLog], Recomputed]
@@ -155,6 +157,8 @@ def recompute_round(log: RoundLog) -> Recomputed:
     rnd = SwarmRound(
         log.swarm_config(), log.n_peers, log.chunks_per_peer, log.up_budget, log.down_budget, seed=log.seed
     )
+    if rnd.hidden:
+        return Recomputed(edges=rnd.overlay.edges, lag=np.asarray(rnd.lag), mixer=rnd.mixer, seeder=rnd.seeder)
     return Recomputed(edges=rnd.overlay.edges, lag=np.asarray(rnd.lag), spray=dict(rnd.spray))
 
 
@@ -228,6 +232,9 @@ def verify(commitment: Commitment, log: RoundLog, recompute: Recompute | None = 
 
     sp = phase == PHASE_SPRAY
     wu = phase == PHASE_WARMUP
+    if cfg.hides_owners:
+        _verify_hidden(cfg, rec, log, report, adj, snd, rcv, chunk, stage, sp, ok, owner)
+        return AuditReport(ok=not fail, failures=fail, details=details, checked=checked)
     spray_on = "spray" in cfg.privacy
     report("spray_disabled", int(sp.sum()) if not spray_on else 0, "spray directives in a round without spray")
     report("spray_owner", int((sp & (snd != owner)).sum()), "spray directives not sent by the chunk's owner")
@@ -298,6 +305,35 @@ def verify(commitment: Commitment, log: RoundLog, recompute: Recompute | None = 
             f"(stage, sender) with > kappa={cfg.kappa} distinct owner chunks",
         )
     return AuditReport(ok=not fail, failures=fail, details=details, checked=checked)
+
+
+def _verify_hidden(cfg, rec, log, report, adj, snd, rcv, chunk, stage, sp, ok, owner) -> None:
+    """The hidden protocol's hard rules: each chunk leaves its owner once, to its planned mixer (a
+    non-neighbour), which forwards it to its planned seed; nobody serves a chunk it did not receive before,
+    owners included (their own chunks come back like anyone's); each peer gets each chunk once."""
+    n, K = log.n_peers, log.chunks_per_peer
+    first = sp & (snd == owner)
+    fwd = sp & ~first
+    near = adj[snd, rcv] & (np.asarray(log.edges).size // 2 < n * (n - 1) // 2)  # complete overlay: no choice
+    report("seed_target", int((first & (near | (snd == rcv))).sum()), "first hops to a neighbour or to self")
+    if rec.mixer is not None:
+        report("seed_plan", int((first & (rcv != rec.mixer[chunk])).sum()), "first hops not to the planned mixer")
+        wrong = fwd & ((snd != rec.mixer[chunk]) | (rcv != rec.seeder[chunk]))
+        report("seed_forward", int(wrong.sum()), "forwards not from the planned mixer to the planned seed")
+    nk = n * K
+    got = rcv[ok] * nk + chunk[ok]
+    when = stage[ok]
+    order = np.lexsort((when, got))
+    got, when = got[order], when[order]
+    need = snd * nk + chunk
+    pos = np.clip(np.searchsorted(got, need), 0, max(got.size - 1, 0))
+    before = (got[pos] == need) & (when[pos] < stage) if got.size else np.zeros(need.size, bool)
+    report("availability", int((~(first | before)).sum()), "directives for chunks the sender lacked")
+    public = ok & ~first
+    codes = rcv[public] * nk + chunk[public]
+    report("redundant", int(codes.size - np.unique(codes).size), "redundant deliveries")
+    report("upload_cap", _count_over(stage * n + snd, log.up_budget[snd]), "(stage, sender) over the upload budget")
+    report("download_cap", _count_over(stage * n + rcv, log.down_budget[rcv]), "(stage, receiver) over download budget")
 
 
 def audit_trace(trace: Trace, recompute: Recompute | None = None) -> AuditReport:

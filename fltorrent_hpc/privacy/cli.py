@@ -1,6 +1,9 @@
-"""`fltorrent attack TRACE.h5 [--attackers a] [--json FILE]`: attacks, bounds and audit on one round trace.
+"""`fltorrent attack TRACE.h5 [--window round|warmup|N] [--attackers a] [--json FILE]`: attacks, bounds and audit
+on one round trace.
 
-The same command reads a simulated round and a merged real MPI round (one HDF5 schema, docs/TRACE.md).
+Every attack sees the whole round by default (an honest-but-curious peer does not stop watching when the warm-up
+ends); `--window warmup` is the paper's scope.  The same command reads a simulated round and a merged real MPI
+round (one HDF5 schema, docs/TRACE.md).
 """
 
 from __future__ import annotations
@@ -15,10 +18,20 @@ from typing import Any
 import numpy as np
 
 from ..trace import Trace, config_of, read_trace
-from .attacks import ATTACKS, any_member_success, elimination_attack, run_attacks
+from .attacks import (
+    ATTACKS,
+    PAPER_ATTACKS,
+    any_member_success,
+    elimination_attack,
+    random_guess_max,
+    run_attacks,
+    run_round_attacks,
+)
+from .attacks.scoring import overlay_targets
 from .audit import audit_trace
 from .bounds import check_eq1, eval_eq2
-from .observations import AdversaryModel, build_views, degrees, random_coalitions
+from .evidence import build_evidence
+from .observations import AdversaryModel, build_views, degrees, protocol_of, random_coalitions
 
 
 def _nanstat(x: np.ndarray, fn) -> float:
@@ -52,12 +65,41 @@ def _elimination(views) -> dict[str, float]:
     }
 
 
+def _round_block(trace: Trace, model: AdversaryModel, views, atts, horizon: int | None) -> dict[str, Any]:
+    """U and per-target success of every registered attack, each peer observing alone, with their baselines."""
+    ev = build_evidence(trace, model)
+    scores = run_round_attacks(trace, model, count_horizon=horizon, evidence=ev, views=views, attributions=atts)
+    has = ev.deg > 0
+    inv = np.divide(1.0, ev.deg, out=np.full(ev.n, np.nan), where=has)
+    targets = np.bincount(overlay_targets(ev)[0], minlength=ev.n)  # targets per observer
+    cand = ev.n - ev.excluded.sum(axis=1)  # updates a target's own could be, in o's eyes
+    p_target = np.divide(1.0, cand, out=np.full(ev.n, np.nan), where=cand > 0)
+    seen = targets > 0
+    return {
+        "u": {
+            name: {"mean": _nanstat(r.u, np.mean), "max": _nanstat(r.u, np.max), "abstain": r.u_abstain}
+            for name, r in scores.items()
+        },
+        "target": {
+            name: {"mean": _nanstat(r.target, np.mean), "max": _nanstat(r.target, np.max), "targets": r.targets}
+            for name, r in scores.items()
+        },
+        "u_baseline_mean": _nanstat(inv[has], np.mean),
+        "u_baseline_max": _nanstat(inv[has], np.max),
+        "u_random_max": random_guess_max(inv, ev.deg),
+        "target_baseline_mean": _nanstat(p_target[seen], np.mean),
+        "target_random_max": random_guess_max(p_target, targets),
+        "protocol": ev.protocol,
+        "bt_start": ev.bt,
+    }
+
+
 def evaluate_trace(
     trace: Trace,
     attackers: int = 1,
     coalitions: int = 20,
     seed: int = 0,
-    window: str | int = "warmup",
+    window: str | int = "round",
     count_horizon: int | None = None,
     epsilon: float = 0.0,
     q: float = 1.0,
@@ -65,9 +107,15 @@ def evaluate_trace(
 ) -> dict[str, Any]:
     """Everything `fltorrent attack` reports, as a JSON-ready dict (NaN where a quantity is undefined).
 
+    `window`: "round" (default: everything a peer observes in the round), "warmup" (the paper's scope) or a
+    stage count.  `u` / `target`: every registered attack, each peer observing alone, scored as U (owner among
+    neighbours, baseline 1/deg) and per sender target (the project's framing), mean and max over observers.
+    asr_* are the paper's three attacks in the per-target framing, for the views below.
     attackers = 1: every peer attacks alone, ASR per receiver.  attackers = a > 1: `coalitions` random
     coalitions of a peers pool their observations; asr_max/asr_mean are over coalitions, and the paper's
     Fig. 7(d) readings (any member succeeds; mean of members attacking alone) are given beside them.
+    `elimination` is the warm-up gating reference ("served it, so not its own"), a rule that holds only
+    inside the warm-up: with window "round" it is evaluated on the warm-up window.
     """
     n = trace.n_peers
     cfg = config_of(trace)
@@ -89,35 +137,43 @@ def evaluate_trace(
             "seed": int(trace.attrs.get("seed", 0)),
             "min_degree": int(deg.min()) if deg.size else 0,
             "mean_degree": float(deg.mean()) if deg.size else 0.0,
+            "protocol": protocol_of(trace),
             "window": single_views.window.how,
             "window_end_stage": single_views.window.end_stage,
             "warmup_failed_open": bool(trace.attrs.get("warmup_failed_open", False)),
         },
         "attackers": int(attackers),
     }
-    if attackers <= 1:
+    out |= _round_block(trace, model, single_views, single_atts, count_horizon)
+    groups = None if attackers <= 1 else random_coalitions(n, attackers, coalitions, seed)
+    if groups is None:
         views, atts, per = single_views, single_atts, single
         paper_views, _, per_paper = _asr_block(trace, None, paper_model, count_horizon)
     else:
-        groups = random_coalitions(n, attackers, coalitions, seed)
         views, atts, per = _asr_block(trace, groups, model, count_horizon)
         paper_views, _, per_paper = _asr_block(trace, groups, paper_model, count_horizon)
         anyc = any_member_success(n, single_atts, groups)
-        members = {name: np.array([np.nanmean(single[name][g]) for g in groups]) for name in ATTACKS}
+        members = {name: np.array([np.nanmean(single[name][g]) for g in groups]) for name in PAPER_ATTACKS}
         out["coalition"] = {
             "count": len(groups),
-            "any_member_mean": {a: _nanstat(anyc[a], np.mean) for a in ATTACKS},
-            "any_member_max": {a: _nanstat(anyc[a], np.max) for a in ATTACKS},
-            "per_member_mean": {a: _nanstat(members[a], np.mean) for a in ATTACKS},
-            "per_receiver_asr_max": {a: _nanstat(single[a], np.max) for a in ATTACKS},
+            "any_member_mean": {a: _nanstat(anyc[a], np.mean) for a in PAPER_ATTACKS},
+            "any_member_max": {a: _nanstat(anyc[a], np.max) for a in PAPER_ATTACKS},
+            "per_member_mean": {a: _nanstat(members[a], np.mean) for a in PAPER_ATTACKS},
+            "per_receiver_asr_max": {a: _nanstat(single[a], np.max) for a in PAPER_ATTACKS},
         }
-    out["asr_max"] = {a: _nanstat(per[a], np.max) for a in ATTACKS}
-    out["asr_mean"] = {a: _nanstat(per[a], np.mean) for a in ATTACKS}
+    out["asr_max"] = {a: _nanstat(per[a], np.max) for a in PAPER_ATTACKS}
+    out["asr_mean"] = {a: _nanstat(per[a], np.mean) for a in PAPER_ATTACKS}
     out["asr_pooled"] = _pooled(views, atts)
-    out["elimination"] = _elimination(views)
-    out["elimination_overlay_only"] = _elimination(paper_views)
-    out["asr_max_overlay_only"] = {a: _nanstat(per_paper[a], np.max) for a in ATTACKS}
-    out["asr_mean_overlay_only"] = {a: _nanstat(per_paper[a], np.mean) for a in ATTACKS}
+    if single_views.window.how == "round":  # the gating rule holds only inside the warm-up: judge it there
+        warm = AdversaryModel(window="warmup", spray=True)
+        views_el = build_views(trace, groups, warm)
+        paper_el = build_views(trace, groups, AdversaryModel(window="warmup", spray=False))
+    else:
+        views_el, paper_el = views, paper_views
+    out["elimination"] = _elimination(views_el) | {"window": views_el.window.how}
+    out["elimination_overlay_only"] = _elimination(paper_el) | {"window": paper_el.window.how}
+    out["asr_max_overlay_only"] = {a: _nanstat(per_paper[a], np.max) for a in PAPER_ATTACKS}
+    out["asr_mean_overlay_only"] = {a: _nanstat(per_paper[a], np.mean) for a in PAPER_ATTACKS}
     seen = views.targets_per_view() > 0
     out["baseline"] = _nanstat(views.baseline[seen], np.max)
     out["baseline_mean"] = _nanstat(views.baseline[seen], np.mean)
@@ -191,14 +247,33 @@ def format_table(res: dict[str, Any]) -> str:
         f"T_lag={t['lag_slots']} k={t['cover_k']} kappa={t['kappa']}",
         f"window: {t['window']} (stages < {t['window_end_stage']})"
         + ("  WARM-UP FAILED OPEN" if t["warmup_failed_open"] else ""),
-        f"views: {'each receiver alone' if a <= 1 else f'coalitions of {a}'}; "
-        f"targets/view {res['targets_mean']:.1f}; spray reveals {100 * res['spray_revealed_mean']:.1f}% "
-        "of owners to each view",
         "",
+        f"every attack, each peer observing alone; protocol {res['protocol']}, BitTorrent phase from stage "
+        f"{'(not in window)' if res['bt_start'] is None else res['bt_start']}",
+        f"  U (owner among neighbours): random guess 1/deg = {_pct(res['u_baseline_mean']).strip()}% mean, "
+        f"{_pct(res['u_baseline_max']).strip()}% at the min degree; a random guesser's max over observers "
+        f"{_pct(res['u_random_max']).strip()}%",
+        f"  target (per sender, the project's framing): random guess over candidate updates "
+        f"{_pct(res['target_baseline_mean']).strip()}% mean, its max over observers "
+        f"{_pct(res['target_random_max']).strip()}%",
+        f"  {'attack':16s} {'U mean%':>8s} {'U max%':>7s} {'no-info%':>9s}   {'target mean%':>12s} "
+        f"{'target max%':>11s} {'targets':>8s}",
+    ]
+    for name in ATTACKS:
+        u, tg = res["u"][name], res["target"][name]
+        lines.append(
+            f"  {name:16s} {_pct(u['mean']):>8s} {_pct(u['max']):>7s} {_pct(u['abstain']):>9s}   "
+            f"{_pct(tg['mean']):>12s} {_pct(tg['max']):>11s} {tg['targets']:>8d}"
+        )
+    lines += [
+        "",
+        f"paper's attacks, per sender target (ASR); views: {'each receiver alone' if a <= 1 else f'coalitions of {a}'}"
+        f"; targets/view {res['targets_mean']:.1f}; spray reveals {100 * res['spray_revealed_mean']:.1f}% "
+        "of owners to each view",
         f"{'attack':10s} {'max ASR%':>9s} {'mean ASR%':>10s} {'pooled%':>8s} {'max%(overlay-only)':>19s} "
         f"{'baseline%':>10s}",
     ]
-    for name in ATTACKS:
+    for name in PAPER_ATTACKS:
         lines.append(
             f"{name:10s} {_pct(res['asr_max'][name]):>9s} {_pct(res['asr_mean'][name]):>10s} "
             f"{_pct(res['asr_pooled'][name]):>8s} {_pct(res['asr_max_overlay_only'][name]):>19s} "
@@ -207,14 +282,14 @@ def format_table(res: dict[str, Any]) -> str:
     el = res["elimination"]
     lines.append(
         f"{'eliminate':10s} {_pct(el['asr_max']):>9s} {_pct(el['asr_mean']):>10s} {_pct(el['asr_pooled']):>8s}   "
-        f"(protocol-aware reference: anonymity set min {el['candidates_min']}, mean {el['candidates_mean']:.1f}; "
-        f"truth ruled out for {100 * el['truth_ruled_out']:.1f}% of targets)"
+        f"(gating reference, {el['window']} window: anonymity set min {el['candidates_min']}, mean "
+        f"{el['candidates_mean']:.1f}; truth ruled out for {100 * el['truth_ruled_out']:.1f}% of targets)"
     )
     if "coalition" in res:
         c = res["coalition"]
         lines.append("")
         lines.append(f"{'coalition':10s} {'any member%':>12s} {'per member%':>12s}   ({c['count']} coalitions)")
-        for name in ATTACKS:
+        for name in PAPER_ATTACKS:
             lines.append(f"{name:10s} {_pct(c['any_member_mean'][name]):>12s} {_pct(c['per_member_mean'][name]):>12s}")
     lines += [
         "",
@@ -245,7 +320,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attackers", "-a", type=int, default=1, help="coalition size a (1 = each receiver alone)")
     p.add_argument("--coalitions", type=int, default=20, help="random coalitions drawn when a > 1")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing coalitions")
-    p.add_argument("--window", default="warmup", help="'warmup' (default) or a number of stages")
+    p.add_argument(
+        "--window",
+        default="round",
+        help="'round' (default: everything a peer observes in the round), 'warmup' (the paper's scope) or a "
+        "number of stages from the round's start",
+    )
     p.add_argument("--count-horizon", type=int, default=None, help="Count attack: first H transfers per sender")
     p.add_argument("--epsilon", type=float, default=0.0, help="Eq. 2 epsilon")
     p.add_argument("--q", type=float, default=1.0, help="Eq. 2 availability factor q")

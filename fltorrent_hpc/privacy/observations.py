@@ -6,16 +6,21 @@ peers pool all of that.  A chunk id names its update (descriptor = chunk // K), 
 owner.  The ground truth of the trace (owner column) is used only to score guesses, never to make them.
 
 Choices (docs/PRIVACY.md, "Adversary model"):
-- Attribution targets are the senders a view received *overlay* transfers from inside the observation
-  window: the warm-up phase (phase 1), or, for a round without warm-up, its equivalent span (until every
-  active peer first holds >= k chunks), so a BitTorrent-only round is judged over the same early span.
-- Spray arrivals (phase 0) come from the owner itself under a tracker directive, so the recipient learns
+- The observation window is the whole round by default (`window="round"`): an honest-but-curious peer
+  keeps watching after the warm-up.  `window="warmup"` is the paper's scope (phase-1 transfers; for a
+  round without warm-up, its equivalent span until every active peer first holds >= k chunks), kept for
+  the reproduction studies; an integer is the first N stages.
+- Attribution targets are the senders a view received *overlay* transfers from inside the window.
+- Spray arrivals (phase 0) come from the owner itself under the paper's protocol, so the recipient learns
   "pseudonym s owns descriptor d" for certain.  With `spray=True` (default) the view uses that: the
   descriptor is excluded from every other target's candidates and, if s is a target of the view (a
   coalition member was sprayed by a peer another member sees on the overlay), s is attributed exactly.
-  Spray hops are never targets themselves (they would score 100% by construction) and are reported
-  separately as `spray_revealed`.
+  Spray hops are never targets themselves here (the `spray_recipient` attack scores them) and are
+  reported separately as `spray_revealed`.  Under `protocol="hidden"` a spray need not come from its
+  owner, so the adversary cannot take it as a revelation and `spray=True` learns nothing from it.
 - A view always knows its members' own descriptors; members are never targets of their own coalition.
+- What a peer sees of its neighbours' holdings (have-bitfields at the start of the BitTorrent phase,
+  have-messages after) is `public_holdings`, keyed on the trace's protocol (`protocol_of`).
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ import numpy as np
 
 from ..trace import PHASE_BT, PHASE_SPRAY, PHASE_WARMUP, Trace
 
+PROTOCOLS = ("paper", "hidden")
+NEVER = np.iinfo(np.int64).max // 4  # "never held" in stage arithmetic (no overflow when offsets are added)
+
 
 @dataclass(frozen=True)
 class AdversaryModel:
-    """What the adversary may use.  `window`: "warmup" or a stage count (first `window` stages)."""
+    """What the adversary may use.  `window`: "round" (everything observed in the round, the default),
+    "warmup" (the paper's scope) or a stage count (the first `window` stages)."""
 
-    window: str | int = "warmup"
+    window: str | int = "round"
     spray: bool = True
 
 
@@ -41,7 +50,7 @@ class Window:
 
     mask: np.ndarray  # bool per transfer row: inside the window and an overlay transfer
     end_stage: int  # first stage after the window
-    how: str  # "warmup" | "cover-equivalent" | "stages"
+    how: str  # "round" | "warmup" | "cover-equivalent" | "stages"
 
 
 def degrees(trace: Trace) -> np.ndarray:
@@ -92,22 +101,129 @@ def cover_stage(trace: Trace, k: int | None = None) -> int:
     return stages_total if worst == np.iinfo(np.int64).max else worst + 1
 
 
+def round_stages(trace: Trace) -> int:
+    """Number of stages of the round (the `stages` attribute, else one past the last transfer)."""
+    st = trace.transfers["stage"]
+    last = int(st.max()) + 1 if st.size else 0
+    return max(int(trace.attrs.get("stages", last)), last)
+
+
 def observation_window(trace: Trace, model: AdversaryModel | None = None) -> Window:
-    """The overlay transfers the adversary attributes (see module docstring)."""
+    """The overlay transfers the adversary attributes (see module docstring).  Every window is a prefix
+    of the round: stages < `end_stage`."""
     model = model or AdversaryModel()
     tr = trace.transfers
     phase = tr["phase"]
     if isinstance(model.window, int) or (isinstance(model.window, str) and model.window.isdigit()):
         end = int(model.window)
         return Window((phase != PHASE_SPRAY) & (tr["stage"] < end), end, "stages")
+    if model.window == "round":
+        return Window(phase != PHASE_SPRAY, round_stages(trace), "round")
     if model.window != "warmup":
-        raise ValueError(f"window must be 'warmup' or a stage count, got {model.window!r}")
+        raise ValueError(f"window must be 'round', 'warmup' or a stage count, got {model.window!r}")
     warm = phase == PHASE_WARMUP
     if warm.any():
         end = int(trace.attrs.get("warmup_stages", int(tr["stage"][warm].max()) + 1))
         return Window(warm, end, "warmup")
     end = cover_stage(trace)
     return Window((phase == PHASE_BT) & (tr["stage"] < end), end, "cover-equivalent")
+
+
+def protocol_of(trace: Trace) -> str:
+    """The dissemination protocol the round ran: "paper" (owners hold and announce their own update from the
+    start; the default when the config has no `protocol` key) or "hidden" (an owner's public state starts
+    without its own chunks and it announces only chunks it received, re-downloading its own update)."""
+    from ..trace import config_of
+
+    cfg = config_of(trace)
+    proto = str(cfg.get("protocol", "paper") or "paper")
+    if proto not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {proto!r} in the trace config (known: {', '.join(PROTOCOLS)})")
+    # the hidden protocol applies to privacy "full" only; "none" and mechanism lists run the paper's rules
+    return "hidden" if proto == "hidden" and str(cfg.get("privacy", "full")) == "full" else "paper"
+
+
+def bt_start(trace: Trace) -> int | None:
+    """First stage of the BitTorrent phase, from which peers exchange have-bitfields and have-messages.
+
+    The first stage whose phase is 2 in `/stages` (else the first BitTorrent transfer); 0 for a round with
+    no warm-up at all; None when the trace holds a warm-up but never reaches BitTorrent (warm-up-only runs).
+    """
+    st = trace.stages
+    bt = np.flatnonzero(st["phase"] == PHASE_BT) if st["phase"].size else np.zeros(0, np.int64)
+    if bt.size:
+        return int(st["stage"][bt[0]])
+    tr = trace.transfers
+    rows = tr["phase"] == PHASE_BT
+    if rows.any():
+        return int(tr["stage"][rows].min())
+    if not (tr["phase"] == PHASE_WARMUP).any() and not (st["phase"] == PHASE_WARMUP).any():
+        return 0
+    return None
+
+
+@dataclass
+class PublicHoldings:
+    """Public holdings of every peer over time: entry i says peer `peer[i]` holds chunk `chunk[i]` in its
+    public state (bitfield / have-messages) from the start of stage `since[i]` on.  Entries are sorted by
+    (peer, chunk); a (peer, chunk) not listed is never held publicly (inside the window it was built for)."""
+
+    n_peers: int
+    chunks_per_peer: int
+    protocol: str
+    peer: np.ndarray
+    chunk: np.ndarray
+    since: np.ndarray
+
+    def _codes(self) -> np.ndarray:
+        return self.peer * (self.n_peers * self.chunks_per_peer) + self.chunk
+
+    def since_of(self, peer: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        """Stage from which `peer` publicly holds `chunk` (`NEVER` if it does not), element-wise."""
+        codes = self._codes()
+        want = np.asarray(peer, np.int64) * (self.n_peers * self.chunks_per_peer) + np.asarray(chunk, np.int64)
+        if not codes.size:
+            return np.full(want.shape, NEVER, dtype=np.int64)
+        pos = np.clip(np.searchsorted(codes, want), 0, codes.size - 1)
+        return np.where(codes[pos] == want, self.since[pos], NEVER)
+
+    def count_by_update(self, stage: int) -> np.ndarray:
+        """[peer, update]: chunks of each update a peer publicly holds at the start of `stage`."""
+        n, K = self.n_peers, self.chunks_per_peer
+        held = self.since <= stage
+        key = self.peer[held] * n + self.chunk[held] // max(K, 1)
+        return np.bincount(key, minlength=n * n).reshape(n, n)
+
+
+def public_holdings(trace: Trace, end: int | None = None) -> PublicHoldings:
+    """What each peer announces it holds, over time, as its neighbours see it (keyed on `protocol_of`).
+
+    A chunk delivered (and accepted) at stage s is announced from stage s + 1 (it arrives at the end of s).
+    Under "paper" an owner's own chunks are public from stage 0; under "hidden" an owner starts with none
+    of them in its public state and announces only what it received, its own re-downloaded chunks included.
+    Deliveries at stages >= `end` (default: none) are left out: a window sees only its own past.
+    """
+    n, K = trace.n_peers, trace.chunks_per_peer
+    tr = trace.transfers
+    ok = tr["ok"].astype(bool)
+    if end is not None:
+        ok &= tr["stage"] < end
+    if protocol_of(trace) == "hidden":  # a mixer's first hops are forwarded, never announced
+        sp = np.flatnonzero(ok & (tr["phase"] == PHASE_SPRAY))
+        span = n * max(K, 1)
+        got = tr["receiver"][sp].astype(np.int64) * span + tr["chunk"][sp]
+        ok[sp[np.isin(got, tr["sender"][sp].astype(np.int64) * span + tr["chunk"][sp])]] = False
+    code = tr["receiver"][ok].astype(np.int64) * (n * K) + tr["chunk"][ok]
+    since = tr["stage"][ok].astype(np.int64) + 1
+    if protocol_of(trace) == "paper":
+        own = np.arange(n * K, dtype=np.int64)
+        code = np.concatenate([code, (own // max(K, 1)) * (n * K) + own])
+        since = np.concatenate([since, np.zeros(own.size, np.int64)])
+    order = np.lexsort((since, code))
+    code, since = code[order], since[order]
+    first = np.concatenate([[True], code[1:] != code[:-1]]) if code.size else np.zeros(0, bool)
+    code, since = code[first], since[first]
+    return PublicHoldings(n, K, protocol_of(trace), code // max(n * K, 1), code % max(n * K, 1), since)
 
 
 @dataclass
@@ -221,12 +337,17 @@ def build_views(
     known = np.zeros((n_views, n), dtype=bool)
     spray_revealed = np.zeros(n_views, dtype=np.int64)
     if model.spray:
-        sp = np.flatnonzero(tr["phase"] == PHASE_SPRAY)
+        # under the paper's protocol a spray hop is a tunnel from the owner: its sender owns its update (the
+        # audit checks it); under "hidden" only a mixer's first hops do (it is told to forward them), while a
+        # seed's arrival comes from a mixer and names no owner
+        sp = np.flatnonzero((tr["phase"] == PHASE_SPRAY) & (tr["stage"] < win.end_stage))
         s_recv = tr["receiver"][sp].astype(np.int64)
         s_send = tr["sender"][sp].astype(np.int64)
-        s_desc = (tr["chunk"][sp] // kchunks).astype(np.int64)
-        owner_sent = s_send == s_desc  # a spray hop is owner -> non-neighbour by construction
-        s_recv, s_send = s_recv[owner_sent], s_send[owner_sent]
+        if protocol_of(trace) == "hidden":
+            span = n * max(int(kchunks), 1)
+            ch = tr["chunk"][sp].astype(np.int64)
+            fwd = np.isin(s_recv * span + ch, s_send * span + ch)
+            s_recv, s_send = s_recv[fwd], s_send[fwd]
         for i in range(n_views):
             hit = member[i, s_recv]
             learned = np.unique(s_send[hit])

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .attacks import ATTACKS
+from .attacks import PAPER_ATTACKS
 
 COLORS = {"sequence": "tab:blue", "count": "tab:orange", "cluster": "tab:green"}
 
@@ -73,7 +73,7 @@ def plot_privacy(study: dict[str, list[dict[str, Any]]], out_dir: str | Path) ->
         fig, ax = plt.subplots(figsize=(8, 3.6))
         w = 0.13
         x = np.arange(len(names))
-        for i, a in enumerate(ATTACKS):
+        for i, a in enumerate(PAPER_ATTACKS):
             meas = np.array([_stat(groups[nm], f"{a}_max")[0] for nm in names])
             pap = np.array([_stat(groups[nm], f"paper_{a}_max")[0] for nm in names])
             ax.bar(x + (2 * i - 2.5) * w, 100 * meas, w, color=COLORS[a], label=f"{a} (measured)")
@@ -93,12 +93,12 @@ def plot_privacy(study: dict[str, list[dict[str, Any]]], out_dir: str | Path) ->
         ax.grid(axis="y", alpha=0.3)
         files.append(_save(fig, out / "privacy_ablation.png"))
 
-    measured = [(f"{a} max (measured)", f"{a}_max", COLORS[a], "o-") for a in ATTACKS]
+    measured = [(f"{a} max (measured)", f"{a}_max", COLORS[a], "o-") for a in PAPER_ATTACKS]
     measured.append(("elimination max (protocol-aware)", "elimination_max", "tab:red", "d-"))
     panels = [
         ("degree", "m", "minimum degree m", [("paper (attack unstated)", "paper_sequence_max", "k", "x--")]),
         ("spray", "R", "spray ratio R", [("paper (attack unstated)", "paper_sequence_max", "k", "x--")]),
-        ("peers", "n", "peers n", [(f"{a} (paper)", f"paper_{a}_max", COLORS[a], "x--") for a in ATTACKS]),
+        ("peers", "n", "peers n", [(f"{a} (paper)", f"paper_{a}_max", COLORS[a], "x--") for a in PAPER_ATTACKS]),
     ]
     for name, xkey, xlabel, paper in panels:
         if study.get(name):

@@ -134,7 +134,13 @@ class PeerStageRunner:
         self.wanted: set[int] = set()  # neighbours that asked for my full have set: my next have frame is full
 
     def stage(
-        self, peer, stage: int, active: np.ndarray, can_send: np.ndarray, refuse: np.ndarray | None = None
+        self,
+        peer,
+        stage: int,
+        active: np.ndarray,
+        can_send: np.ndarray,
+        refuse: np.ndarray | None = None,
+        publish: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run one stage for `peer` (the rank's engine._PeerState); returns the report body (senders,
         chunks, ok flags of what this rank received).  `refuse`: neighbours whose requests get no grant (the
@@ -164,6 +170,9 @@ class PeerStageRunner:
                 pb.neighbour_has(w, have)
                 self.synced[w] = True
             alive[:] = [w for w in alive if w in got]
+        published = np.zeros(0, np.int64) if publish is None else np.asarray(publish, dtype=np.int64)
+        if published.size and self.started:  # own chunks it holds publicly from now on (hidden protocol)
+            pb.publish(published)
         pb.begin_stage(stage, active, can_send)
         self.stages += 1
         recv_s, recv_c, send_r, send_c = [], [], [], []
@@ -240,7 +249,8 @@ class PeerStageRunner:
         try:
             ok = peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64), late)
             pb.received(r_from[ok], r_chunk[ok])
-            talking = self._have_exchange(peer, stage, active, alive, r_chunk[ok], misbehaved)
+            fresh = np.concatenate([published, r_chunk[ok]])  # (own chunks published this stage: hidden protocol)
+            talking = self._have_exchange(peer, stage, active, alive, fresh, misbehaved)
             # live neighbours took every frame during the exchanges; one still pending after a short grace went
             # to a peer that stopped listening (the tracker's report wait leaves this grace in its margin); the
             # late receives get the same grace

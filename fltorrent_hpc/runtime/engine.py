@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..chunks.digest import DIGEST_WORDS, chunk_digests, round_key
-from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, SCHEDULERS, SwarmConfig, parse_privacy
+from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, PROTOCOLS, SCHEDULERS, SwarmConfig, parse_privacy
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError, TransportError
 from ..swarm import rng
 from ..swarm.bt_peer import pack_bits
@@ -214,6 +214,7 @@ class SwarmEngine:
         decide the schedule.  A caller with its own agreement folds these in and passes `agreed=True`."""
         cfg = cfg or self.cfg
         priv = sum(1 << i for i, m in enumerate(PRIVACY_MECHANISMS) if m in cfg.privacy)
+        priv |= PROTOCOLS.index(cfg.protocol) << 3 | cfg.seed_peers << 8  # the privacy word: mechanisms, protocol
         return np.array(
             [
                 MAGIC,
@@ -372,8 +373,10 @@ class _PeerState:
         self.refused_bytes = 0
         self.all_info, self.seed = all_info, seed
         n = eng.size
-        self.have = np.zeros((n, K), dtype=bool)
-        self.have[eng.rank] = True
+        self.have = np.zeros((n, K), dtype=bool)  # what this rank holds publicly (its BitTorrent have row)
+        # hidden protocol: a rank's own update is not in its have row; it seeds it and downloads it back
+        self.hidden = cfg.hides_owners and n > 2  # as SwarmRound.hidden: an owner, a mixer and a seed
+        self.have[eng.rank] = not self.hidden
         self.got_from = np.zeros(n, dtype=np.int64)  # verified non-spray chunks from each peer (reciprocity)
         self.runner = None  # engine_bt.PeerStageRunner, from the first decentralised BitTorrent stage
         self.sent_bytes = self.recv_bytes = 0
@@ -389,6 +392,7 @@ class _PeerState:
         }
         self.t0 = time.monotonic()
         self.silent = False  # set at the end of the round when the tracker excluded this rank
+        self.exposed = False  # hidden protocol: had to publish its own update (its public copies left)
 
     def chunk_range(self, owner: int, first: int, count: int) -> tuple[int, int]:
         return first * self.C, min((first + count) * self.C, self.nbytes)
@@ -428,9 +432,15 @@ class _PeerState:
         """A decentralised BitTorrent stage (engine_bt.py); returns the report frame."""
         from .bt_stages import PeerStageRunner
 
-        n = self.eng.size
-        stage, active, can_send = frames.parse_bt_stage(msg, sender=self.eng.tracker, round_id=self.rid, n=n)
+        n, me, K = self.eng.size, self.eng.rank, self.K
+        stage, active, can_send, exposed = frames.parse_bt_stage(msg, sender=self.eng.tracker, round_id=self.rid, n=n)
         self.settle_late()
+        publish = np.zeros(0, dtype=np.int64)
+        if self.hidden and exposed[me] and not self.have[me].all():
+            # its update's public copies left: it holds it publicly from now on (announced with this stage's haves)
+            publish = me * K + np.flatnonzero(~self.have[me])
+            self.have[me] = True
+            self.exposed = True
         if self.runner is None:
             cfg, C = self.cfg, self.cfg.chunk_bytes
             up = chunk_budgets(self.all_info[:, 1], C, cfg.slot_seconds)
@@ -440,7 +450,7 @@ class _PeerState:
         # answered (empty), so the stage keeps its pace on both sides
         banned = np.zeros(n, dtype=bool)
         banned[list(self.bad_senders)] = True
-        body = self.runner.stage(self, stage, active, can_send & ~banned, refuse=banned)
+        body = self.runner.stage(self, stage, active, can_send & ~banned, refuse=banned, publish=publish)
         head = [self.eng.magic, self.rid, stage, KIND_REPORT]
         return np.concatenate([head, body, self.tail()]).astype(np.int64)
 
@@ -477,7 +487,9 @@ class _PeerState:
     def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
         eng, K = self.eng, self.K
-        d = frames.parse_directive(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank)
+        d = frames.parse_directive(
+            msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank, own_ok=self.hidden
+        )
         self.settle_late()
         stage, nr = d.stage, d.r_from.size
         ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind, self.late)
@@ -503,9 +515,12 @@ class _PeerState:
         tag = data_tag(self.rid, stage)
         rruns = _runs(r_from, r_chunk, K)
         rreq = []
+        into = []  # each receive's buffer: its slot, or scratch for this rank's own chunks coming back (hidden
+        # protocol), which are only verified: a bad copy must never touch the rank's own update
         for src, owner, first, count in rruns:
             a, b = self.chunk_range(owner, first, count)
-            rreq.append(eng.data.post_recv(self.bufs[owner][a:b], src, tag))
+            into.append(np.empty_like(self.bufs[owner][a:b]) if owner == eng.rank else self.bufs[owner][a:b])
+            rreq.append(eng.data.post_recv(into[-1], src, tag))
         sreq: list = []
         posts = []
         sviews: list = []  # each send's buffer: kept with its request if the round ends before it completes
@@ -538,7 +553,7 @@ class _PeerState:
                 if self.cfg.integrity == "none":
                     ok[p0 : p0 + count] = True
                     continue
-                got = chunk_digests(self.bufs[owner][a:b], self.C, self.keys[owner])
+                got = chunk_digests(into[i], self.C, self.keys[owner])
                 good = (got == self.hashes[owner, first : first + count]).all(axis=1)
                 ok[p0 : p0 + count] = good
                 if not good.all():  # refused, fetched again from another holder; the sender is banned
@@ -562,17 +577,17 @@ class _PeerState:
             eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
         else:
             for i, (r, d) in enumerate(zip(rreq, rdone)):
-                if not d:
-                    src, owner, first, count = rruns[i]
-                    a, b = self.chunk_range(owner, first, count)
-                    late.append(Late(src, r, count, self.bufs[owner][a:b]))
+                if not d:  # kept posted with the buffer it writes (a slot, or scratch for own chunks coming back)
+                    late.append(Late(rruns[i][0], r, rruns[i][3], into[i]))
         for r, v, d in zip(sreq, [v for v, _ in sviews], sdone):
             if not d:
                 self.eng.orphan(eng.data, [r], v)
         t_end = time.monotonic() - self.t0
         t_done[np.isnan(t_done)] = t_end
-        # receive lists are sorted by (sender, chunk), the order runs were built in
-        self.have[r_chunk[ok] // K, r_chunk[ok] % K] = True
+        # receive lists are sorted by (sender, chunk), the order runs were built in; a mixer's first hop of
+        # the hidden protocol is forwarded from its slot but not held publicly
+        public = ok & ~(self.hidden & (r_kind == SPRAY) & (r_from == r_chunk // K))
+        self.have[r_chunk[public] // K, r_chunk[public] % K] = True
         counted = ok & (r_kind != SPRAY)
         np.add.at(self.got_from, r_from[counted], 1)
         lg = self.log
@@ -591,8 +606,11 @@ class _PeerState:
         e = frames.parse_end(end, sender=eng.tracker, round_id=self.rid, n=n)
         stages, s_bt, warm_us, failed_open, agreed, left = e.stages, e.s_bt, e.warm_us, e.failed_open, e.agreed, e.left
         mine = self.have.all(axis=1)
+        mine[eng.rank] = True  # its own update, whether or not it came back through the swarm
         self.silent = bool(left[eng.rank])
         part = agreed & mine if consensus else mine
+        if consensus and self.silent and not np.array_equal(agreed & mine, agreed):
+            part[:] = False  # left behind: it cannot rebuild the agreed set (its own update alone is no average)
         if consensus and not self.silent and not np.array_equal(agreed & mine, agreed):
             missing = np.flatnonzero(agreed & ~mine).tolist()
             raise ProtocolError(f"rank {eng.rank}: tracker agreed on updates {missing} this rank does not hold")
@@ -614,6 +632,7 @@ class _PeerState:
             "misbehaved": dict(self.misbehaved),  # tracker only: peer -> the report that got it excluded
             "excluded": np.flatnonzero(left).tolist(),
             "silent": self.silent,
+            "exposed": self.exposed,
             "warmup_failed_open": bool(failed_open),
             "peer_decided_stages": self.runner.stages if self.runner is not None else 0,
         }
@@ -773,10 +792,10 @@ class _Tracker:
                 self._misbehaved(p, st.index, e, silent)
                 continue
             delivered[ri] = rep.ok
-        # transfers from or to a silent peer did not happen
+        # transfers to a silent peer did not happen; those from one did where its receiver verified the bytes
+        # (the receiver holds them now: the tracker's state must say so, or it waits for them to the deadline)
         if silent:
-            gone = np.isin(st.sender, silent) | np.isin(st.receiver, silent)
-            delivered &= ~gone
+            delivered &= ~np.isin(st.receiver, silent)
         return delivered, silent
 
     def _peer_stage(self) -> tuple[Stage, np.ndarray, list[int]]:
@@ -790,6 +809,7 @@ class _Tracker:
                 [eng.magic, self.rid, rnd.stage, KIND_BT_STAGE, n],
                 pack_bits(act).view(np.int64),
                 pack_bits(can).view(np.int64),
+                pack_bits(rnd.exposed[:n]).view(np.int64),
             ]
         ).astype(np.int64)
         peers = np.flatnonzero(act).tolist()
@@ -805,7 +825,9 @@ class _Tracker:
         parts = []
         for p in sorted(reports):
             try:
-                rep = frames.parse_bt_report(reports[p], sender=p, round_id=self.rid, n=n, K=K, stage=rnd.stage)
+                rep = frames.parse_bt_report(
+                    reports[p], sender=p, round_id=self.rid, n=n, K=K, stage=rnd.stage, own_ok=rnd.hidden
+                )
                 self._note_bans(p, rep)
             except ProtocolError as e:
                 if p == me:
@@ -827,8 +849,7 @@ class _Tracker:
             sender_buffer=rnd.held[s],
             capacity=rnd.capacity(),
         )
-        if silent:
-            ok &= ~np.isin(s, silent)
+        # a silent sender's chunks that reached a reporting peer and passed its check were delivered
         return st, ok, silent
 
     def _misbehaved(self, p: int, stage: int, err: Exception, silent: list[int]) -> None:

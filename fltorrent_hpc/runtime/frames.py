@@ -70,6 +70,7 @@ class BTStage(NamedTuple):
     stage: int
     active: np.ndarray  # bool [n]
     can_send: np.ndarray  # bool [n]
+    exposed: np.ndarray  # bool [n]: hidden-protocol owners that now hold their own update publicly
 
 
 class End(NamedTuple):
@@ -250,10 +251,12 @@ def parse_directive(
     me: int | None = None,
     stage: int | None = None,
     min_stage: int = 0,
+    own_ok: bool = False,
 ) -> Directive:
     """A tracker-decided stage's directive for peer `me` (its sends and receives).  Peers in 0..n-1 (never
-    `me`), chunks in 0..n*K-1 (never one of `me`'s own to receive), phase codes, counts that add up to the
-    length, and no (sender, chunk) receive twice (nor a (receiver, chunk) send)."""
+    `me`), chunks in 0..n*K-1 (never one of `me`'s own to receive, except, with `own_ok` (hidden protocol),
+    outside the seed stages), phase codes, counts that add up to the length, and no (sender, chunk) receive
+    twice (nor a (receiver, chunk) send)."""
     what = "directive"
     h = parse_header(
         frame, sender=sender, round_id=round_id, kinds=KIND_DIRECTIVE, stage=stage, min_stage=min_stage, what=what
@@ -281,7 +284,7 @@ def parse_directive(
     if me is not None:
         if np.any(s_to == me) or np.any(r_from == me):
             raise ProtocolError(f"{where}: a transfer between rank {me} and itself")
-        if r_chunk.size and np.any(r_chunk // K == me):
+        if r_chunk.size and np.any((r_chunk // K == me) & ((r_kind == SPRAY) | (not own_ok))):
             raise ProtocolError(f"{where}: rank {me} is to receive a chunk of its own update")
     _ids(r_from * N + r_chunk, n * N, where, "(sender, chunk) receive", unique=True)
     _ids(s_to * N + s_chunk, n * N, where, "(receiver, chunk) send", unique=True)
@@ -291,7 +294,8 @@ def parse_directive(
 def parse_bt_stage(
     frame, *, sender: int, round_id: int, n: int, stage: int | None = None, min_stage: int = 0
 ) -> BTStage:
-    """A peer-decided BitTorrent stage's clock frame: n, then the active and may-send masks (W(n) words each)."""
+    """A peer-decided BitTorrent stage's clock frame: n, then the active, may-send and exposed masks (W(n)
+    words each)."""
     what = "BitTorrent stage"
     h = parse_header(
         frame, sender=sender, round_id=round_id, kinds=KIND_BT_STAGE, stage=stage, min_stage=min_stage, what=what
@@ -299,13 +303,14 @@ def parse_bt_stage(
     where = _where(sender, round_id, h.stage, what)
     msg = _words(frame, where)
     W = _n_words(n)
-    if msg.size != HEAD + 1 + 2 * W:
-        raise ProtocolError(f"{where} has {msg.size} words, want {HEAD + 1 + 2 * W}")
+    if msg.size != HEAD + 1 + 3 * W:
+        raise ProtocolError(f"{where} has {msg.size} words, want {HEAD + 1 + 3 * W}")
     if int(msg[4]) != n:
         raise ProtocolError(f"{where} is for {int(msg[4])} peers, the round has {n}")
     active = _bits(msg[5 : 5 + W], n, where, "active mask")
-    can = _bits(msg[5 + W :], n, where, "may-send mask")
-    return BTStage(h.stage, active, can)
+    can = _bits(msg[5 + W : 5 + 2 * W], n, where, "may-send mask")
+    exposed = _bits(msg[5 + 2 * W :], n, where, "exposed mask")
+    return BTStage(h.stage, active, can, exposed)
 
 
 def parse_end(frame, *, sender: int, round_id: int, n: int, min_stage: int = 0) -> End:
@@ -349,9 +354,12 @@ def parse_report(frame, *, sender: int, round_id: int, n: int, expected: int, st
     return Report(h.stage, ok, *_banned(msg[5 + nr :], n, sender, where))
 
 
-def parse_bt_report(frame, *, sender: int, round_id: int, n: int, K: int, stage: int | None = None) -> BTReport:
-    """A peer-decided stage's report: nr, senders[nr], chunks[nr], ok[nr], then the tail (as in a report).  Senders are
-    peers other than `sender`; chunks are in the round and not `sender`'s own; no chunk arrived twice."""
+def parse_bt_report(
+    frame, *, sender: int, round_id: int, n: int, K: int, stage: int | None = None, own_ok: bool = False
+) -> BTReport:
+    """A peer-decided stage's report: nr, senders[nr], chunks[nr], ok[nr], then the tail (as in a report).
+    Senders are peers other than `sender`; chunks are in the round and not `sender`'s own (unless `own_ok`: the
+    hidden protocol, where an owner downloads its update back); no chunk arrived twice."""
     what = "BitTorrent report"
     h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_REPORT, stage=stage, what=what)
     where = _where(sender, round_id, h.stage, what)
@@ -368,7 +376,7 @@ def parse_bt_report(frame, *, sender: int, round_id: int, n: int, K: int, stage:
     if np.any(s == sender):
         raise ProtocolError(f"{where}: rank {sender} reports a receive from itself")
     _ids(c, n * K, where, "chunk")
-    if c.size and np.any(c // K == sender):
+    if c.size and not own_ok and np.any(c // K == sender):
         raise ProtocolError(f"{where}: rank {sender} reports receiving a chunk of its own update")
     ok = _flags(msg[5 + 2 * nr : 5 + 3 * nr], where, "ok")
     _ids(c[ok], n * K, where, "delivered chunk", unique=True)

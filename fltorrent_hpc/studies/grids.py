@@ -20,7 +20,8 @@ MINI_CHUNKS = 24  # chunks per update in --mini grids: keeps every mini round we
 
 
 def paper_setup(mini: bool, **over: Any) -> dict[str, Any]:
-    """The paper's §6 defaults (206 x 256 KiB update, residential links, m = 10, full privacy, GFF)."""
+    """The paper's §6 defaults (206 x 256 KiB update, residential links, m = 10, full privacy under the paper's
+    protocol, GFF)."""
     chunks = MINI_CHUNKS if mini else PAPER_CHUNKS
     base = {
         "update_bytes": chunks * PAPER_CHUNK,
@@ -29,6 +30,7 @@ def paper_setup(mini: bool, **over: Any) -> dict[str, Any]:
         "downlink": list(PAPER_DOWNLINK),
         "degree": 10,
         "privacy": "full",
+        "protocol": "paper",
         "scheduler": "gff",
     }
     base.update(over)
@@ -93,6 +95,7 @@ def _grid_llm(a: GridArgs) -> list[Point]:
                 downlink=list(paper.LLM_LINKS),
                 degree=10,
                 privacy=mode,
+                protocol="paper",
                 scheduler="gff",
             )
     return pts

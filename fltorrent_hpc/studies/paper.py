@@ -91,7 +91,7 @@ LLM: dict[str, tuple[float, float, float]] = {
 }
 
 # ---------------------------------------------------------------------------- privacy (PAPER.md §7.5-7.6)
-# Max ASR per attack, in `privacy.attacks.ATTACKS` order (sequence, count, cluster).
+# Max ASR per attack, in `privacy.attacks.PAPER_ATTACKS` order (sequence, count, cluster).
 # §7.5 (Fig. 6, n = 100, m = 10); "both" = pre-round + time-lag, which the paper's Fig. 7 calls full defences
 # (11.25% at m = 10), so it is set beside our "full" (spray + lags + gating).
 ASR_ABLATION: dict[str, tuple[float, float, float]] = {

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SwarmConfig, parse_rate
-from ..privacy.attacks import ATTACKS
+from ..privacy.attacks import PAPER_ATTACKS
 from ..privacy.cli import evaluate_trace
 from ..trace import Trace, write_trace
 from .paper import (
@@ -50,6 +50,9 @@ from .paper import (
 from .registry import GridArgs, Point, Study, points_for
 
 NAN = float("nan")
+# Figs. 6-7 measure attacks over the warm-up ("all warm-up transfers", PAPER.md §4.6); `fltorrent attack` and
+# `evaluate_trace` default to the whole round, so every reproduction below asks for the warm-up explicitly.
+PAPER_WINDOW = "warmup"
 ABLATION_CONFIGS = ("none", "spray", "lags", "spray,lags", "gating", "full")  # Fig. 6: the defence configurations
 
 
@@ -64,13 +67,20 @@ def simulate_round(
     uplink: tuple[str, str] = PAPER_UPLINK,
     downlink: tuple[str, str] = PAPER_DOWNLINK,
     bt_window_stages: int | None = None,
+    protocol: str = "paper",
     **config: Any,
 ) -> tuple[Trace, float]:
     """One simulated round's trace (through its warm-up, or its cover-equivalent span) and the seconds it took."""
     from ..runtime.simulator import simulate
 
     cfg = SwarmConfig(
-        chunk_bytes=chunk_bytes, privacy=privacy, degree=degree, spray_ratio=spray_ratio, seed=seed, **config
+        chunk_bytes=chunk_bytes,
+        privacy=privacy,
+        degree=degree,
+        spray_ratio=spray_ratio,
+        seed=seed,
+        protocol=protocol,  # the paper's figures by default; the whole-round study asks for both
+        **config,
     )
     up = (parse_rate(uplink[0]), parse_rate(uplink[1]))
     down = (parse_rate(downlink[0]), parse_rate(downlink[1]))
@@ -94,7 +104,7 @@ def _row(study: str, res: dict[str, Any], **fields: Any) -> dict[str, Any]:
         "window_stages": t["window_end_stage"],
         "warmup_failed_open": t["warmup_failed_open"],
     }
-    for a in ATTACKS:
+    for a in PAPER_ATTACKS:
         row[f"{a}_max"] = res["asr_max"][a]
         row[f"{a}_mean"] = res["asr_mean"][a]
         row[f"{a}_pooled"] = res["asr_pooled"][a]
@@ -132,14 +142,14 @@ def _row(study: str, res: dict[str, Any], **fields: Any) -> dict[str, Any]:
         "audit_ok": res.get("audit", {}).get("ok"),
     }
     if "coalition" in res:
-        for a in ATTACKS:
+        for a in PAPER_ATTACKS:
             row[f"{a}_any"] = res["coalition"]["any_member_mean"][a]
             row[f"{a}_per_member"] = res["coalition"]["per_member_mean"][a]
     return row
 
 
 def _paper(row: dict[str, Any], values: tuple[float, ...] | None) -> dict[str, Any]:
-    for i, a in enumerate(ATTACKS):
+    for i, a in enumerate(PAPER_ATTACKS):
         row[f"paper_{a}_max"] = values[i] if values is not None and i < len(values) else NAN
     return row
 
@@ -162,7 +172,14 @@ def privacy_ablation(
         for seed in seeds:
             tr, dt = simulate_round(priv, peers, seed=seed, **sim)
             _save(tr, trace_dir, f"ablation_{priv.replace(',', '+')}_n{peers}_s{seed}")
-            row = _row("ablation", evaluate_trace(tr), privacy=priv, n=peers, m=sim.get("degree", 10), seed=seed)
+            row = _row(
+                "ablation",
+                evaluate_trace(tr, window=PAPER_WINDOW),
+                privacy=priv,
+                n=peers,
+                m=sim.get("degree", 10),
+                seed=seed,
+            )
             row |= {"R": sim.get("spray_ratio", 0.2), "a": 1, "sim_s": dt}
             rows.append(_paper(row, ASR_ABLATION.get(priv)))
     return rows
@@ -181,7 +198,14 @@ def sweep_degree(
         for seed in seeds:
             tr, dt = simulate_round("full", peers, degree=m, seed=seed, **sim)
             _save(tr, trace_dir, f"degree_m{m}_n{peers}_s{seed}")
-            row = _row("degree", evaluate_trace(tr), privacy="full", n=peers, m=m, R=sim.get("spray_ratio", 0.2))
+            row = _row(
+                "degree",
+                evaluate_trace(tr, window=PAPER_WINDOW),
+                privacy="full",
+                n=peers,
+                m=m,
+                R=sim.get("spray_ratio", 0.2),
+            )
             row |= {"a": 1, "seed": seed, "sim_s": dt, "inv_m": 1 / m}
             rows.append(_paper(row, (ASR_DEGREE.get(m, NAN),)))
     return rows
@@ -200,7 +224,9 @@ def sweep_spray(
         for seed in seeds:
             tr, dt = simulate_round("full", peers, spray_ratio=r, seed=seed, **sim)
             _save(tr, trace_dir, f"spray_R{int(round(100 * r))}_n{peers}_s{seed}")
-            row = _row("spray", evaluate_trace(tr), privacy="full", n=peers, m=sim.get("degree", 10), R=r)
+            row = _row(
+                "spray", evaluate_trace(tr, window=PAPER_WINDOW), privacy="full", n=peers, m=sim.get("degree", 10), R=r
+            )
             row |= {"a": 1, "seed": seed, "sim_s": dt}
             rows.append(_paper(row, (ASR_SPRAY.get(round(r, 2), NAN),)))
     return rows
@@ -218,7 +244,7 @@ def sweep_peers(
         for seed in seeds:
             tr, dt = simulate_round("full", n, seed=seed, **sim)
             _save(tr, trace_dir, f"peers_n{n}_s{seed}")
-            row = _row("peers", evaluate_trace(tr), privacy="full", n=n, m=sim.get("degree", 10))
+            row = _row("peers", evaluate_trace(tr, window=PAPER_WINDOW), privacy="full", n=n, m=sim.get("degree", 10))
             row |= {"R": sim.get("spray_ratio", 0.2), "a": 1, "seed": seed, "sim_s": dt}
             rows.append(_paper(row, ASR_PEERS.get(n)))
     return rows
@@ -238,7 +264,7 @@ def sweep_coalitions(
         tr, dt = simulate_round("full", peers, seed=seed, **sim)
         _save(tr, trace_dir, f"coalition_n{peers}_s{seed}")
         for a in sizes:
-            res = evaluate_trace(tr, attackers=a, coalitions=coalitions, seed=seed, audit=False)
+            res = evaluate_trace(tr, attackers=a, coalitions=coalitions, seed=seed, window=PAPER_WINDOW, audit=False)
             row = _row(
                 "coalition", res, privacy="full", n=peers, m=sim.get("degree", 10), R=sim.get("spray_ratio", 0.2)
             )
@@ -313,7 +339,7 @@ def study_point(
         privacy, peers, degree, spray_ratio, seed, chunks, chunk_bytes, tuple(uplink), tuple(downlink), **config
     )
     t0 = time.perf_counter()
-    res = evaluate_trace(tr)
+    res = evaluate_trace(tr, window=PAPER_WINDOW)
     fields = {"privacy": privacy, "n": peers, "m": degree, "R": spray_ratio, "a": 1, "seed": seed}
     rows = []
     for sweep in sweeps:
@@ -322,7 +348,7 @@ def study_point(
             rows.append(_paper_row(sweep, row))
             continue
         for a in attackers:
-            ca = evaluate_trace(tr, attackers=a, coalitions=coalitions, seed=seed, audit=False)
+            ca = evaluate_trace(tr, attackers=a, coalitions=coalitions, seed=seed, window=PAPER_WINDOW, audit=False)
             row = _row("coalition", ca, **(fields | {"a": a})) | {"inv_m": 1 / degree, "sim_s": dt}
             rows.append(_paper_row("coalition", row))
     summary = {
@@ -495,12 +521,12 @@ def derive_privacy(recs: list[Any]) -> dict[str, Any]:
         )
     if full is not None:
         paper = ASR_ABLATION["full"]
-        worst = max(full[f"{a}_max"] for a in ATTACKS)
+        worst = max(full[f"{a}_max"] for a in PAPER_ATTACKS)
         claim(
             f"full defences at n={full['n']:.0f}, m={full['m']:.0f}: max ASR <= 0.15 for every attack "
             f"(paper {' / '.join(f'{100 * p:.1f}' for p in paper)}%)",
             worst <= 0.15,
-            ", ".join(f"{a.capitalize()} {pct(full[f'{a}_max'])}" for a in ATTACKS)
+            ", ".join(f"{a.capitalize()} {pct(full[f'{a}_max'])}" for a in PAPER_ATTACKS)
             + f"; Elimination (not in the paper) {pct(full['elimination_max'])}",
         )
     gated = [r for s in ("ablation", "degree", "spray", "peers") for r in rows.get(s, []) if r.get("eq1_gating")]
@@ -516,7 +542,7 @@ def derive_privacy(recs: list[Any]) -> dict[str, Any]:
     deg = out.get("degree", {})
     if len(deg) >= 2:
         ms = sorted(deg)
-        best = [max(deg[m][f"{a}_max"] for a in ATTACKS) for m in ms]
+        best = [max(deg[m][f"{a}_max"] for a in PAPER_ATTACKS) for m in ms]
         fit = tracks_inverse_degree(ms, best)
         pm = [m for m in ms if m in ASR_DEGREE]
         pfit = tracks_inverse_degree(pm, [ASR_DEGREE[m] for m in pm])

@@ -99,6 +99,12 @@ class PeerBT:
         np.add.at(self.recip[self.me], j[j >= 0], 1)
         self.held += int(chunks.size)
 
+    def publish(self, chunks: np.ndarray) -> None:
+        """Own chunks this peer holds publicly from now on (hidden protocol, its update's copies left)."""
+        chunks = np.asarray(chunks, dtype=np.int64)
+        set_pending(self.hbits, np.full(chunks.size, self.me, dtype=np.int64), chunks, True)
+        self.held += int(chunks.size)
+
     # ------------------------------------------------------------------ one stage
     def begin_stage(self, stage: int, active: np.ndarray, can_send: np.ndarray) -> None:
         n = self.n

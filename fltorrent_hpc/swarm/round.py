@@ -56,37 +56,47 @@ class SwarmRound:
         self.nbr = self.overlay.nbr
         self.deg = self.overlay.degree
         self.privacy = config.privacy
-        self.gating = "gating" in self.privacy
-        self.k = config.cover_threshold(n, K)
+        # hidden protocol: an owner's chunks are not in its have row; they enter the swarm through seeds
+        self.hidden = config.hides_owners and n > 2  # it takes an owner, a mixer and a seed
+        self.gating = "gating" in self.privacy and not self.hidden
+        self.k = 0 if self.hidden else config.cover_threshold(n, K)
         self.kappa = config.kappa
         self.compute_maxflow = compute_maxflow
         self.maxflow_every = max(1, int(maxflow_every))  # bound only every k-th stage: one solve costs ~1 s at n=100
         # have-state; row n is a sentinel peer that holds nothing (pads neighbour lists)
         self.have = np.zeros((n + 1, self.N), dtype=bool)
         own = np.arange(self.N) // max(K, 1)
-        self.have[own, np.arange(self.N)] = True
+        self.own_held = 0 if self.hidden else K  # own chunks in each peer's have row at the start
         # the same bits chunk-major: a chunk's holders among a peer's neighbours sit in one short row, so the
         # per-candidate neighbour gathers of the schedulers hit a few cache lines instead of D random rows
         self.have_t = np.zeros((self.N, n + 1), dtype=bool)
-        self.have_t[np.arange(self.N), own] = True
+        if not self.hidden:
+            self.have[own, np.arange(self.N)] = True
+            self.have_t[np.arange(self.N), own] = True
+        # hidden protocol: chunks whose only copy is still their owner's private one (planned seeds)
+        self.unseeded = np.full(self.N, self.hidden, dtype=bool)
+        self.exposed = np.zeros(n, dtype=bool)  # hidden owners that had to publish their update (lost copies)
         self._have_flat = self.have_t.reshape(-1)  # view; np.take on it is ~4x faster than 2-D fancy indexing
         # bit-packed copies of the same bits for the compiled BitTorrent passes (swarm/bt_kernel.py)
         self.hbits = pack_rows(self.have)
         self.tbits = pack_rows(self.have_t)
         self.pbits = np.zeros_like(self.hbits)  # scheduled this stage, not yet delivered (cleared on complete)
-        self.held = np.full(n, K, dtype=np.int64)
-        self.holders = np.ones(self.N, dtype=np.int32)  # active holders per chunk
+        self.held = np.full(n, self.own_held, dtype=np.int64)
+        self.holders = np.full(self.N, 0 if self.hidden else 1, dtype=np.int32)  # active holders per chunk
         self.active = np.ones(n + 1, dtype=bool)
         self.active[n] = False
         self.left_at = np.full(n, -1, dtype=np.int64)
         self.complete_stage = np.where(self.held >= self.N, 0, -1).astype(np.int64)
         # lags
-        if "lags" in self.privacy and config.lag_slots > 1:
+        if "lags" in self.privacy and config.lag_slots > 1 and not self.hidden:
             self.lag = rng.below(config.lag_slots, self.seed, rng.LAGS, np.arange(n))
         else:
             self.lag = np.zeros(n, dtype=np.int64)
         # spray plan: floor(R*K) distinct own chunks per owner, each to a random non-neighbour
-        self.spray = self._plan_spray() if "spray" in self.privacy else self._empty_plan()
+        if self.hidden:
+            self.spray = self._plan_seeds()
+        else:
+            self.spray = self._plan_spray() if "spray" in self.privacy else self._empty_plan()
         # gating: a window of at most kappa owner chunks, opened once the eligible buffer reaches k
         self.win = np.full((n, self.kappa), -1, dtype=np.int64)
         self.in_window = np.zeros(self.N, dtype=bool)
@@ -153,11 +163,167 @@ class SwarmRound:
         keep = recv >= 0
         return {"sender": owners[keep], "receiver": recv[keep], "chunk": chunk[keep]}
 
+    # hidden protocol: each chunk goes owner -> mixer (a non-neighbour of the owner, which forwards it
+    # and keeps it hidden) -> seed (any other peer, which holds it publicly); per-chunk state below
+    AT_OWNER, AT_MIXER, SEEDED, DROPPED = 0, 1, 2, -1
+
+    def _candidates(self, u: int, exclude: set[int], non_nbr: bool) -> np.ndarray:
+        """Active peers other than u and `exclude`; with `non_nbr`, u's non-neighbours when it has any."""
+        n = self.n
+        ok = self.active[:n].copy()
+        ok[u] = False
+        ok[list(exclude)] = False
+        if non_nbr:
+            row = self.nbr[u]
+            nb = row[row < n]
+            far = ok.copy()
+            far[nb] = False
+            if far.any():
+                return np.flatnonzero(far)
+        return np.flatnonzero(ok)
+
+    def _pick(self, cand: np.ndarray, *key: int) -> int:
+        return int(cand[np.argmin(rng.uniform(self.seed, rng.SPRAY, *key, cand))]) if cand.size else -1
+
+    def _balanced(self, bad: np.ndarray, *key: int) -> np.ndarray:
+        """A seeded permutation p of the peers with bad[u, p[u]] False wherever swaps can make it so: every peer
+        carries exactly one block per permutation, so no peer is a hot spot of the seed phase."""
+        n = self.n
+        p = np.argsort(rng.uniform(self.seed, rng.SPRAY, *key, np.arange(n)))
+        order = np.argsort(rng.uniform(self.seed, rng.SPRAY, *key, 1, np.arange(n)))
+        for u in np.flatnonzero(bad[np.arange(n), p]):
+            if not bad[u, p[u]]:
+                continue  # fixed by an earlier swap
+            ok = ~bad[order, p[u]] & ~bad[u, p[order]]
+            j = order[np.argmax(ok)] if ok.any() else -1
+            if j >= 0:
+                p[u], p[j] = p[j], p[u]
+        return p
+
+    def _plan_seeds(self) -> dict[str, np.ndarray]:
+        """Hidden protocol: every chunk of every owner is split over `seed_peers` contiguous blocks; each block
+        has one mixer (a non-neighbour of its owner, which forwards and hides it) and one seed (any peer but
+        owner and mixer, which holds it publicly), so a seed's receipt names a mixer, never the owner, and the
+        owner's distance to its update's entry points is that of a random peer (docs/PRIVACY.md).  Mixers and
+        seeds come from balanced permutations: each peer mixes and seeds one block per permutation."""
+        n, K, N = self.n, self.K, self.N
+        self.seed_state = np.full(N, self.AT_OWNER, dtype=np.int64)
+        self.mixer = np.full(N, -1, dtype=np.int64)
+        self.seeder = np.full(N, -1, dtype=np.int64)
+        self.block_off = np.zeros(N, dtype=np.int64)  # offset of a chunk within its block (send order)
+        self.bad_mixers: set[int] = set()  # peers a seed refused a forward from: never mixers again
+        self.spray_to_neighbours = int(np.count_nonzero(n - 1 - self.deg == 0))  # owners adjacent to all
+        r = int(min(self.cfg.seed_peers, K))
+        adj = np.eye(n, dtype=bool)
+        e = self.overlay.edges.reshape(-1, 2)
+        adj[e[:, 0], e[:, 1]] = adj[e[:, 1], e[:, 0]] = True
+        adj[self.deg >= n - 1] = np.eye(n, dtype=bool)[self.deg >= n - 1]  # adjacent to all: any other peer
+        i = np.arange(K)
+        block = i * r // K if r else i
+        off = i - (-(-block * K // max(r, 1)))
+        self.block_off[:] = np.tile(off, n)
+        for b in range(r):
+            mix = self._balanced(adj, b, 0)
+            not_seed = np.eye(n, dtype=bool)
+            not_seed[np.arange(n), mix] = True
+            seed = self._balanced(not_seed, b, 1)
+            for u in range(n):
+                m, sd = int(mix[u]), int(seed[u])
+                if adj[u, m]:  # no swap could fix it: an individual pick (slightly unbalanced)
+                    m = self._pick(self._candidates(u, set(), True), u, b, 0)
+                if sd in (u, m):
+                    sd = self._pick(self._candidates(u, {m}, False), u, b, 1)
+                sel = u * K + i[block == b]
+                self.mixer[sel], self.seeder[sel] = m, sd  # n >= 3: there is always a third peer
+        self.seed_state[self.mixer < 0] = self.DROPPED
+        self.unseeded[:] = self.seed_state != self.DROPPED
+        return self._seed_items()
+
+    def _seed_items(self) -> dict[str, np.ndarray]:
+        """The seed sends due now: forwards (mixer -> seed) first, then first hops in block order."""
+        K = max(self.K, 1)
+        fwd = np.flatnonzero(self.seed_state == self.AT_MIXER)
+        first = np.flatnonzero(self.seed_state == self.AT_OWNER)
+        first = first[np.lexsort((first, first // K, self.block_off[first]))]
+        c = np.concatenate([fwd, first])
+        snd = np.concatenate([self.mixer[fwd], first // K])
+        rcv = np.concatenate([self.seeder[fwd], self.mixer[first]])
+        return {"sender": snd, "receiver": rcv, "chunk": c}
+
+    def _seed_delivered(self, s: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Advance delivered seed sends; returns which of them make the receiver a public holder (forwards)."""
+        first_hop = s == c // max(self.K, 1)
+        self.seed_state[c[first_hop]] = self.AT_MIXER
+        self.seed_state[c[~first_hop]] = self.SEEDED
+        self.unseeded[c[~first_hop]] = False
+        return ~first_hop
+
+    def _replan_seeds(self, banned: dict[int, set[int]] | None = None) -> None:
+        """Re-route seeds whose next hop left or refused its sender.  A mixer that left, or whose forward a seed
+        refused, never forwards again: its chunks go back to their owners' first hop, to a new mixer.  With no
+        peer left to pick, or once BitTorrent runs (seeds are tracker stages before it), the owner publishes its
+        update instead (`_expose`: it gives up hiding for this round); an inactive owner's chunks are dropped."""
+        banned = banned or {}
+        st, act = self.seed_state, self.active
+        owner = np.arange(self.N) // max(self.K, 1)
+        live = (st == self.AT_OWNER) | (st == self.AT_MIXER)
+        st[live & ~act[owner]] = self.DROPPED
+        expose = set()
+        for c in np.flatnonzero((st == self.AT_OWNER) | (st == self.AT_MIXER)):
+            u, m, sd = int(owner[c]), int(self.mixer[c]), int(self.seeder[c])
+            key = (u, int(c), self.stage)
+            if st[c] == self.AT_MIXER and (not act[m] or m in self.bad_mixers):
+                st[c] = self.AT_OWNER
+            if st[c] == self.AT_MIXER and not act[sd]:
+                sd = self._pick(self._candidates(u, {m}, False), *key, 3)
+                if sd < 0:
+                    st[c] = self.AT_OWNER
+            if st[c] == self.AT_OWNER:
+                avoid = banned.get(u, set()) | self.bad_mixers
+                cand = self._candidates(u, avoid, True)
+                if m not in cand:  # gone, refused, or a neighbour since a repair
+                    m = self._pick(cand, *key, 2)
+                if m >= 0 and (sd < 0 or not act[sd] or sd == m):
+                    sd = self._pick(self._candidates(u, {m}, False), *key, 3)
+            if m < 0 or sd < 0 or self.phase == BT:
+                expose.add(u)
+                continue
+            self.mixer[c], self.seeder[c] = m, sd
+        if expose:
+            gone = np.isin(owner, list(expose)) & ((st == self.AT_OWNER) | (st == self.AT_MIXER))
+            st[gone] = self.SEEDED
+            self.unseeded[gone] = False
+            self._expose(np.array(sorted(expose), dtype=np.int64))
+        self.unseeded &= st != self.DROPPED
+        self.spray = self._seed_items()
+        if self.spray["sender"].size == 0:
+            self.round_start = self.stage
+
+    def _expose(self, owners: np.ndarray) -> None:
+        """Owners hold their own update publicly from now on (the paper's state), as the have state sees it."""
+        for u in np.asarray(owners, dtype=np.int64):
+            if self.exposed[u] or not self.active[u]:
+                continue
+            self.exposed[u] = True
+            c = np.arange(u * self.K, (u + 1) * self.K, dtype=np.int64)
+            c = c[~self.have[u, c]]
+            if c.size == 0:
+                continue
+            self.have[u, c] = True
+            self.have_t[c, u] = True
+            set_pending(self.hbits, np.full(c.size, u, dtype=np.int64), c, True)
+            set_pending(self.tbits, c, np.full(c.size, u, dtype=np.int64), True)
+            self.held[u] += c.size
+            self.holders[c] += 1
+            done_now = (self.complete_stage < 0) & (self.held >= self.N)
+            self.complete_stage[done_now] = self.stage
+
     # ------------------------------------------------------------------ views
     @property
     def received(self) -> np.ndarray:
-        """X_v: non-owner chunks each peer holds."""
-        return self.held - self.K  # own chunks are always held
+        """X_v: non-owner chunks each peer holds (all it holds in the hidden protocol, where own chunks are
+        held only once downloaded back)."""
+        return self.held - self.own_held
 
     @property
     def owned_eligible(self) -> np.ndarray:
@@ -190,7 +356,10 @@ class SwarmRound:
         act = self.active[: self.n]
         if not act.any():
             return True
-        u = int(np.count_nonzero(self.holders > 0))
+        exists = self.holders > 0
+        if self.hidden:  # a chunk not yet seeded exists while its owner is active
+            exists |= self.unseeded & self.active[np.arange(self.N) // max(self.K, 1)]
+        u = int(np.count_nonzero(exists))
         return int(self.held[act].sum()) == int(act.sum()) * u
 
     def reconstructable(self) -> np.ndarray:
@@ -198,7 +367,9 @@ class SwarmRound:
         n, K = self.n, self.K
         if K == 0:
             return np.ones((n, n), dtype=bool)
-        return self.have[:n].reshape(n, n, K).all(axis=2)
+        A = self.have[:n].reshape(n, n, K).all(axis=2)
+        np.fill_diagonal(A, True)  # its own update (in the hidden protocol held privately until it comes back)
+        return A
 
     # ------------------------------------------------------------------ stage loop
     def may_send(self) -> np.ndarray:
@@ -241,6 +412,11 @@ class SwarmRound:
         m = np.ones(stage.size, dtype=bool) if delivered is None else np.asarray(delivered, dtype=bool)
         set_pending(self.pbits, stage.receiver.astype(np.int64), stage.chunk.astype(np.int64), False)
         r, c, s, kind = stage.receiver[m], stage.chunk[m], stage.sender[m], stage.kind[m]
+        if self.hidden and np.any(kind == SPRAY):  # a mixer holds what it forwards, but not publicly
+            sp = kind == SPRAY
+            public = np.ones(r.size, dtype=bool)
+            public[sp] = self._seed_delivered(s[sp], c[sp])
+            r, c, s, kind = r[public], c[public], s[public], kind[public]
         if r.size:
             bad = apply_delivered(
                 self.have,
@@ -264,7 +440,12 @@ class SwarmRound:
                 self._append_rlist(r, c)
             done_now = (self.complete_stage < 0) & (self.held >= self.N)
             self.complete_stage[done_now] = stage.index
-        if stage.kind.size and np.any(stage.kind == SPRAY):
+        if self.hidden:
+            if stage.kind.size and np.any(stage.kind == SPRAY):
+                self.spray = self._seed_items()
+                if self.spray["sender"].size == 0:
+                    self.round_start = self.stage + 1
+        elif stage.kind.size and np.any(stage.kind == SPRAY):
             sp = stage.kind == SPRAY
             sent = stage.sender[sp & m] * self.N + stage.chunk[sp & m]
             plan = self.spray["sender"] * self.N + self.spray["chunk"]
@@ -339,6 +520,13 @@ class SwarmRound:
         self.active[peers] = False
         self.left_at[peers] = self.stage
         self.holders -= self.have[peers].sum(axis=0).astype(np.int32)
+        if self.hidden:  # a seeded chunk whose every public copy left is seeded again by its (active) owner
+            lost = (self.seed_state == self.SEEDED) & (self.holders == 0)
+            lost &= self.active[np.arange(self.N) // max(self.K, 1)]
+            if lost.any():
+                self.seed_state[lost] = self.AT_OWNER
+                self.unseeded[lost] = True
+                self._replan_seeds(self.banned_by)
         for u in peers:
             ch = self.win[u][self.win[u] >= 0]
             self.in_window[ch] = False
@@ -349,9 +537,13 @@ class SwarmRound:
             sp = self.spray
             if sp["sender"].size:
                 keep = ~self.overlay.has_edge(sp["sender"], sp["receiver"])
-                self.spray = {k: v[keep] for k, v in sp.items()}
-                if self.spray["sender"].size == 0:
-                    self.round_start = self.stage
+                if self.hidden:
+                    self.nbr, self.deg = self.overlay.nbr, self.overlay.degree
+                    self._replan_seeds(self.banned_by)
+                else:
+                    self.spray = {k: v[keep] for k, v in sp.items()}
+                    if self.spray["sender"].size == 0:
+                        self.round_start = self.stage
             old_nbr = self.nbr
             self.nbr = self.overlay.nbr
             self.deg = self.overlay.degree
@@ -366,16 +558,21 @@ class SwarmRound:
         Only the edge goes, not the sender: one peer's report must not be able to exclude another peer.
         """
         sp = self.spray  # a pending spray item of that pair would be retried, and refused, every stage
-        if sp["sender"].size:
-            keep = ~((sp["sender"] == sender) & (sp["receiver"] == receiver))
-            if not keep.all():
-                self.spray = {k: v[keep] for k, v in sp.items()}
-                if self.spray["sender"].size == 0:
-                    self.round_start = self.stage
         if self.banned_by is None:  # first ban of the round: remember who neighboured whom
             self.banned_by = {}
             self._nbr0 = self.overlay.neighbors
         self.banned_by.setdefault(int(sender), set()).add(int(receiver))
+        if sp["sender"].size:
+            keep = ~((sp["sender"] == sender) & (sp["receiver"] == receiver))
+            if self.hidden:  # the seed goes through another peer (or, with none left, stays private)
+                fwd = (self.seed_state[sp["chunk"]] == self.AT_MIXER) & ~keep
+                if fwd.any():
+                    self.bad_mixers.add(int(sender))
+                self._replan_seeds(self.banned_by)
+            elif not keep.all():
+                self.spray = {k: v[keep] for k, v in sp.items()}
+                if self.spray["sender"].size == 0:
+                    self.round_start = self.stage
         ov = self.overlay.without_edges(np.array([[sender, receiver]]))
         if ov is self.overlay:
             return []

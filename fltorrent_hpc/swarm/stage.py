@@ -71,6 +71,7 @@ class RoundState(Protocol):
     stage: int
     phase: int
     gating: bool
+    hidden: bool
     compute_maxflow: bool
     maxflow_every: int
     up: np.ndarray
@@ -106,6 +107,10 @@ class RoundState(Protocol):
     def eligible(self, w: np.ndarray, c: np.ndarray) -> np.ndarray: ...
 
     def may_send(self) -> np.ndarray: ...
+
+    banned_by: dict[int, set[int]] | None
+
+    def _replan_seeds(self, banned: dict[int, set[int]] | None = None) -> None: ...
 
     def capacity(self) -> int: ...
 

@@ -32,9 +32,13 @@ def _spray(rnd: RoundState, b: StageBudget, col: Collector) -> None:
         return
     s, r, c = plan["sender"], plan["receiver"], plan["chunk"]
     alive = rnd.active[s] & rnd.active[r]
-    if not alive.all():  # an endpoint left: that spray item is void
-        rnd.spray = {k: v[alive] for k, v in plan.items()}
-        s, r, c = s[alive], r[alive], c[alive]
+    if not alive.all():  # an endpoint left: that spray item is void (a seed goes to another peer)
+        if rnd.hidden:
+            rnd._replan_seeds(rnd.banned_by)
+        else:
+            rnd.spray = {k: v[alive] for k, v in plan.items()}
+        plan = rnd.spray
+        s, r, c = plan["sender"], plan["receiver"], plan["chunk"]
     first = -np.arange(s.size, dtype=np.float64)  # plan order
     ok = take_per_group(s, first, b.up_left)
     ok &= take_per_group(np.where(ok, r, rnd.n), first, np.append(b.down_left[: rnd.n], 0))

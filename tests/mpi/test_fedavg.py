@@ -149,7 +149,7 @@ def test_unequal_weights_equal_hand_average_bit_exact(groups):
     assert all(b == blobs[0] for b in blobs)
 
 
-def silent_group(silent: int):
+def silent_group(silent: int, cfg=CFG):
     """A world-sized fltorrent group whose rank `silent` goes silent from stage 1 of every round: its engine
     runs over a FaultyTransport (the test-only fault injection of the transport layer)."""
     from fltorrent_hpc.api import group as flg
@@ -165,14 +165,17 @@ def silent_group(silent: int):
 
     flg._engine_factory = factory
     try:
-        return dist.new_group(list(range(dist.get_world_size())), backend="fltorrent", pg_options=CFG)
+        return dist.new_group(list(range(dist.get_world_size())), backend="fltorrent", pg_options=cfg)
     finally:
         flg._engine_factory = None
 
 
-def test_one_silent_peer_is_left_out_identically(groups):
+@pytest.mark.parametrize("protocol", ["paper", "hidden"])
+def test_one_silent_peer_is_left_out_identically(groups, protocol):
     """The others average without the silent peer, bit-identically; the silent peer either holds the same
-    result or (it stopped receiving too) keeps its own tensors with report.applied False."""
+    result or (it stopped receiving too) keeps its own tensors with report.applied False.  Under the hidden
+    protocol its whole update left in the seed stage (stage 0, unpaced) before it fell silent: it reached
+    every rank and is averaged, while the silent rank itself, lacking the others', reports applied False."""
     from mpi4py import MPI
 
     world = dist.get_world_size()
@@ -184,12 +187,12 @@ def test_one_silent_peer_is_left_out_identically(groups):
     xs = {r: tensors_for(r, 555, exact=False) for r in range(world)}
     mine = [t.clone() for t in xs[me]]
     box = {}
-    group = silent_group(silent)
+    group = silent_group(silent, CFG.replace(protocol=protocol))
 
     def body():
         rep = fltorrent_hpc.fedavg_(mine, weight=ws[me], group=group, privacy="full")
         box["rep"] = rep
-        parts = [r for r in range(world) if r != silent]
+        parts = [r for r in range(world) if r != silent or protocol == "hidden"]
         if me == silent and not rep.applied:
             return [] if all(same(a, b) for a, b in zip(mine, xs[me])) else ["silent rank's tensors changed"]
         errs = [] if rep.participants == parts else [f"participants {rep.participants}, expected {parts}"]

@@ -1,6 +1,7 @@
 """Elimination: a protocol-aware reference attack (not in the paper), scored as an expected success.
 
-It is not in `ATTACKS` because it does not make one guess per target: it counts the candidates left.
+It is not in `ATTACKS` because it does not make one guess per target: it counts the candidates left.  Its rule
+("a sender serves none of its own chunks") holds only inside a gated warm-up, so `evaluate_trace` judges it there.
 """
 
 from __future__ import annotations
