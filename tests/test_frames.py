@@ -21,7 +21,7 @@ from fltorrent_hpc.errors import ProtocolError, StaleFrameError
 from fltorrent_hpc.runtime import frames as F
 from fltorrent_hpc.runtime.engine import _Tracker
 from fltorrent_hpc.swarm import SwarmRound
-from fltorrent_hpc.swarm.bt_peer import pack_bits
+from fltorrent_hpc.swarm.bt_peer import pack_bits, unpack_bits
 from fltorrent_hpc.swarm.stage import BT, SPRAY, WARMUP
 from fltorrent_hpc.transport.base import MAGIC
 
@@ -260,6 +260,10 @@ def test_end_frame():
 def test_report():
     r = F.parse_report(report([1, 0, 1], [0, 4]), sender=ME, round_id=RID, n=N_PEERS, expected=3, stage=STAGE)
     assert r.ok.tolist() == [True, False, True] and r.banned.tolist() == [0, 4] and r.stage == STAGE
+    assert r.unserved.size == 0
+    # the tail: s a ban, n + s a sender whose directed data never came (both may name one sender)
+    r = F.parse_report(report([1], [4, N_PEERS + 1, N_PEERS + 4]), sender=ME, round_id=RID, n=N_PEERS, expected=1)
+    assert r.banned.tolist() == [4] and r.unserved.tolist() == [1, 4]
     assert F.parse_report(report([]), sender=ME, round_id=RID, n=N_PEERS, expected=0).ok.size == 0
     kw = dict(sender=ME, round_id=RID, n=N_PEERS, expected=3, stage=STAGE)
     bad = [
@@ -269,10 +273,12 @@ def test_report():
         report([1, 0, 1])[:4],  # header only
         report([1, 2, 1]),
         report([1, 0, -1]),
-        report([1, 0, 1], [5]),
+        report([1, 0, 1], [2 * N_PEERS]),
         report([1, 0, 1], [-1]),
         report([1, 0, 1], [3, 3]),
+        report([1, 0, 1], [N_PEERS + 3, N_PEERS + 3]),
         report([1, 0, 1], [ME]),
+        report([1, 0, 1], [N_PEERS + ME]),
         arr(head(F.KIND_REPORT), [-3]),
         arr(head(F.KIND_REPORT), [I64.min]),
     ]
@@ -288,7 +294,9 @@ def test_bt_report():
     f = bt_report([0, 3, 4], [0, 9, 9], [1, 0, 1], [3])
     r = F.parse_bt_report(f, sender=ME, round_id=RID, n=N_PEERS, K=K, stage=STAGE)
     assert r.senders.tolist() == [0, 3, 4] and r.chunks.tolist() == [0, 9, 9]
-    assert r.ok.tolist() == [True, False, True] and r.banned.tolist() == [3]
+    assert r.ok.tolist() == [True, False, True] and r.banned.tolist() == [3] and r.unserved.size == 0
+    r = F.parse_bt_report(bt_report([0], [0], [1], [N_PEERS + 3]), sender=ME, round_id=RID, n=N_PEERS, K=K)
+    assert r.banned.size == 0 and r.unserved.tolist() == [3]
     kw = dict(sender=ME, round_id=RID, n=N_PEERS, K=K, stage=STAGE)
     bad = [
         bt_report([0, 3], [0, 9], [1, 1], [3])[:-2],
@@ -305,7 +313,8 @@ def test_bt_report():
         bt_report([0, 3], [9, 9], [1, 1]),  # one chunk delivered twice
         bt_report([0], [0], [1], [0, 0]),
         bt_report([0], [0], [1], [ME]),
-        bt_report([0], [0], [1], [N_PEERS]),
+        bt_report([0], [0], [1], [2 * N_PEERS]),
+        bt_report([0], [0], [1], [N_PEERS + ME]),
     ]
     for frame in bad:
         with pytest.raises(ProtocolError, match=f"rank {ME} round {RID}"):
@@ -360,14 +369,44 @@ def test_grant_keep_have():
     assert g.tolist() == [True, False, True]
     assert F.parse_keep(arr([1, 0, 0]), **NKW, granted=g).tolist() == [True, False, False]
     assert F.parse_grant(arr([]), **NKW, asked=0).size == 0
-    for body, asked in ((arr([1, 0]), 3), (arr([1, 0, 1, 0]), 3), (arr([1, 2, 0]), 3), (arr([-1]), 1)):
+    # empty: none of my asks reached the granter in time, every request refused (not a violation)
+    assert F.parse_grant(arr([]), **NKW, asked=3).tolist() == [False, False, False]
+    for body, asked in ((arr([1, 0]), 3), (arr([1, 0, 1, 0]), 3), (arr([1, 2, 0]), 3), (arr([-1]), 1), (arr([0]), 0)):
         with pytest.raises(ProtocolError, match="grant"):
             F.parse_grant(body, **NKW, asked=asked)
     for body in (arr([1, 1, 0]), arr([1, 0]), arr([1, 0, 0, 0]), arr([1, 0, 5])):
         with pytest.raises(ProtocolError, match="keep"):
             F.parse_keep(body, **NKW, granted=g)
-    assert F.parse_have(arr([3, 0, 14]), **NKW, N=N).tolist() == [3, 0, 14]
-    for body in (arr([3, 3]), arr([N]), arr([-1]), arr([I64.max])):
+
+
+def test_have_delta_full_and_want():
+    """A have frame: flags, then this stage's chunks, or (HAVE_FULL) the sender's whole have set as bits;
+    HAVE_WANT asks for mine."""
+    h = F.parse_have(arr([0, 3, 0, 14]), **NKW, N=N)
+    assert h.chunks.tolist() == [3, 0, 14] and not h.full and not h.want
+    h = F.parse_have(arr([F.HAVE_WANT]), **NKW, N=N)
+    assert h.chunks.size == 0 and h.want and not h.full
+    for n_chunks in (N, 64, 65, 200):
+        held = np.random.default_rng(n_chunks).random(n_chunks) < 0.4
+        for flags in (F.HAVE_FULL, F.HAVE_FULL | F.HAVE_WANT):
+            h = F.parse_have(arr([flags], pack_bits(held).view(np.int64)), **NKW, N=n_chunks)
+            assert h.full and h.want == bool(flags & F.HAVE_WANT)
+            assert h.chunks.tolist() == np.flatnonzero(held).tolist()
+    bits = pack_bits(np.ones(N, bool)).view(np.int64)
+    bad = [
+        arr([]),  # no flags word
+        arr([4, 3]),  # an unknown flag
+        arr([-1, 3]),
+        arr([I64.min]),
+        arr([0, 3, 3]),  # a delta: the same chunk twice
+        arr([0, N]),
+        arr([1, -1]),
+        arr([0, I64.max]),
+        arr([F.HAVE_FULL]),  # full, but no bits
+        arr([F.HAVE_FULL], bits, [0]),  # a word too many
+        arr([F.HAVE_FULL], bits | np.int64(1 << N)),  # a bit beyond N
+    ]
+    for body in bad:
         with pytest.raises(ProtocolError, match="have"):
             F.parse_have(body, **NKW, N=N)
 
@@ -400,9 +439,14 @@ def test_peers_asks_of_a_driven_round_fit_the_bounds(monkeypatch):
         return keep
 
     def checked_received(self, senders, chunks):
-        F.parse_have(np.asarray(chunks, np.int64), **NKW, N=self.N)
+        F.parse_have(arr([0], np.asarray(chunks, np.int64)), **NKW, N=self.N)
+        out = received(self, senders, chunks)
+        held = unpack_bits(self.hbits[self.me], self.N)  # a full have frame (resync) of what it holds now
+        assert (
+            F.parse_have(arr([F.HAVE_FULL], pack_bits(held).view(np.int64)), **NKW, N=self.N).chunks.size == self.held
+        )
         checked["have"] += 1
-        return received(self, senders, chunks)
+        return out
 
     monkeypatch.setattr(PeerBT, "requests", checked_requests)
     monkeypatch.setattr(PeerBT, "settle", checked_settle)
@@ -432,18 +476,25 @@ PARSERS = {
     "end": (lambda f: F.parse_end(f, sender=TRACKER, round_id=RID, n=N_PEERS), [end_frame()]),
     "report": (
         lambda f: F.parse_report(f, sender=ME, round_id=RID, n=N_PEERS, expected=3, stage=STAGE),
-        [report([1, 0, 1], [0, 4])],
+        [report([1, 0, 1], [0, 4]), report([1, 0, 1], [0, N_PEERS + 4])],
     ),
     "bt report": (
         lambda f: F.parse_bt_report(f, sender=ME, round_id=RID, n=N_PEERS, K=K, stage=STAGE),
-        [bt_report([0, 3, 4], [0, 9, 9], [1, 0, 1], [3])],
+        [bt_report([0, 3, 4], [0, 9, 9], [1, 0, 1], [3]), bt_report([0], [0], [1], [3, N_PEERS + 3])],
     ),
     "bitfield": (lambda f: F.parse_bitfield(f, **NKW, N=N), [pack_bits(np.ones(N, bool)).view(np.int64)]),
     "budget": (lambda f: F.parse_budget(f, **NKW, max_value=10), [arr([3])]),
     "ask": (lambda f: F.parse_ask(f, **NKW, N=N, max_count=4), [arr([7, 4, 0, 13])]),
-    "grant": (lambda f: F.parse_grant(f, **NKW, asked=3), [arr([1, 0, 1])]),
+    "grant": (lambda f: F.parse_grant(f, **NKW, asked=3), [arr([1, 0, 1]), arr([])]),
     "keep": (lambda f: F.parse_keep(f, **NKW, granted=np.array([1, 0, 1], bool)), [arr([1, 0, 0])]),
-    "have": (lambda f: F.parse_have(f, **NKW, N=N), [arr([3, 0, 14])]),
+    "have": (
+        lambda f: F.parse_have(f, **NKW, N=N),
+        [
+            arr([0, 3, 0, 14]),
+            arr([F.HAVE_WANT]),
+            arr([F.HAVE_FULL | F.HAVE_WANT], pack_bits(np.ones(N, bool)).view(np.int64)),
+        ],
+    ),
 }
 EXTREMES = [I64.min, I64.min + 1, -(2**32), -1, 0, 1, 2, 3, 4, 5, 14, 15, 2**31, 2**32, I64.max - 1, I64.max]
 

@@ -54,6 +54,8 @@ class FedAvgReport:
     banned: list[int] = field(default_factory=list)
     bad_descriptors: list[int] = field(default_factory=list)
     nonfinite: list[int] = field(default_factory=list)
+    # senders that granted this rank chunks (or were directed to send them; named by the tracker) and never sent them
+    unserved: list[int] = field(default_factory=list)
     stats: dict = field(default_factory=dict, repr=False)
 
 
@@ -79,6 +81,7 @@ def _report(parts: list[int], weights: list[float], nbytes: int, st: dict) -> Fe
         banned=list(st.get("bad_senders", [])),
         bad_descriptors=list(st.get("bad_descriptors", [])),
         nonfinite=list(st.get("nonfinite", [])),
+        unserved=sorted(int(u) for u in st.get("unserved", {})),
         stats=st,
     )
 

@@ -6,7 +6,14 @@ int64 frames on a communicator of their own:
 
     bitfield   once, when the BitTorrent phase starts: my have row
     per pass   budget (pass >= 1: my upload left), requests (with what I miss), grants, keeps
-    have       after the stage's data moved: the chunks I received and verified
+    have       after the stage's data moved: the chunks I received and verified, or all I hold (resync)
+
+Bitfield resync: a rank that lacks a neighbour's have set (its bitfield never came, or a have frame of a
+stage it was active in) says so in its next have frame (HAVE_WANT); the neighbour's next have frame to it is
+then its full have set (HAVE_FULL).  A lost frame thus costs a stage or two, never the chunks only that
+neighbour holds.  Granted, then not served: a neighbour whose have frame of the stage came, but not the data
+of grants it made and I kept (an honest rank posts those sends before it sends that frame), is banned and
+named (`unserved`) after a short grace; one that went quiet costs a timeout, as before.
 
 `swarm.bt_peer.PeerBT` turns those into exactly the decisions the simulator makes, so the round equals
 the simulated one for the same seed, budgets and overlay.  Every frame carries (magic, round, stage, code)
@@ -27,7 +34,17 @@ from ..swarm.overlay import build_overlay
 from ..swarm.round import BT
 from ..transport import base as tb
 from ..transport.base import MAGIC, Transport
-from .frames import own_frame, parse_ask, parse_bitfield, parse_grant, parse_have, parse_keep, parse_neighbour_header
+from .frames import (
+    HAVE_FULL,
+    HAVE_WANT,
+    own_frame,
+    parse_ask,
+    parse_bitfield,
+    parse_grant,
+    parse_have,
+    parse_keep,
+    parse_neighbour_header,
+)
 
 TAG_NBR = 100  # + (stage % 1000) * 32 + code; codes: 0 bitfield, 1 have, 2 + 4 * pass + step
 BITFIELD, HAVE = 0, 1
@@ -113,6 +130,8 @@ class PeerStageRunner:
         self.stages = 0  # stages this rank decided itself
         self.N = n * K
         self.down = np.asarray(down, dtype=np.int64)
+        self.synced = np.zeros(n, dtype=bool)  # neighbours whose whole have set I hold (bitfield, every delta)
+        self.wanted: set[int] = set()  # neighbours that asked for my full have set: my next have frame is full
 
     def stage(
         self,
@@ -149,6 +168,7 @@ class PeerStageRunner:
                     misbehaved(w, e)
                     continue
                 pb.neighbour_has(w, have)
+                self.synced[w] = True
             alive[:] = [w for w in alive if w in got]
         published = np.zeros(0, np.int64) if publish is None else np.asarray(publish, dtype=np.int64)
         if published.size and self.started:  # own chunks it holds publicly from now on (hidden protocol)
@@ -225,16 +245,79 @@ class PeerStageRunner:
         r_from, r_chunk, s_to, s_chunk = cat(recv_s), cat(recv_c), cat(send_r), cat(send_c)
         ro, so = np.lexsort((r_chunk, r_from)), np.lexsort((s_chunk, s_to))
         r_from, r_chunk, s_to, s_chunk = r_from[ro], r_chunk[ro], s_to[so], s_chunk[so]
-        ok = peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64))
-        pb.received(r_from[ok], r_chunk[ok])
-        fresh = np.concatenate([published, r_chunk[ok]])
-        deltas = self.link.exchange(stage, HAVE, {w: fresh for w in alive}, time.monotonic() + cfg.stage_timeout_s)
-        for w, d in deltas.items():
+        late: list = []  # receives of kept grants unfinished at the data deadline (engine.Late)
+        try:
+            ok = peer.move(stage, s_to, s_chunk, r_from, r_chunk, np.full(r_from.size, BT, dtype=np.int64), late)
+            pb.received(r_from[ok], r_chunk[ok])
+            fresh = np.concatenate([published, r_chunk[ok]])  # (own chunks published this stage: hidden protocol)
+            talking = self._have_exchange(peer, stage, active, alive, fresh, misbehaved)
+            # live neighbours took every frame during the exchanges; one still pending after a short grace went
+            # to a peer that stopped listening (the tracker's report wait leaves this grace in its margin); the
+            # late receives get the same grace
+            grace = time.monotonic() + min(1.0, cfg.stage_timeout_s)
+            self._settle_late(peer, stage, late, talking, grace)
+        finally:
+            peer.eng.data.cancel([x.req for x in late])  # none outlives the stage, whatever raised
+        self.link.settle_sends(grace, peer.eng)
+        return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])
+
+    def _have_exchange(self, peer, stage: int, active: np.ndarray, alive: list[int], fresh: np.ndarray, misbehaved):
+        """Have frames: this stage's verified chunks to every live neighbour, or my full have set to one that
+        asked for it; HAVE_WANT to each whose set I lack.  Returns the neighbours whose frame came."""
+        pb = self.bt
+        full = None
+        out = {}
+        for w in alive:
+            flags = 0 if self.synced[w] else HAVE_WANT
+            if w in self.wanted:
+                if full is None:
+                    full = pack_bits(peer.have.reshape(-1)).view(np.int64)
+                out[w] = np.concatenate([[flags | HAVE_FULL], full]).astype(np.int64)
+            else:
+                out[w] = np.concatenate([[flags], fresh]).astype(np.int64)
+        got = self.link.exchange(stage, HAVE, out, time.monotonic() + self.cfg.stage_timeout_s)
+        sent_full = self.wanted & set(out)
+        self.wanted -= sent_full
+        for w in pb.neighbours.tolist():
+            if active[w] and w not in got:
+                self.synced[w] = False  # what it received this stage never reached me
+        for w, d in got.items():
             try:
-                pb.neighbour_has(w, parse_have(d, sender=w, round_id=self.rid, stage=stage, N=self.N))
+                h = parse_have(d, sender=w, round_id=self.rid, stage=stage, N=self.N)
             except ProtocolError as e:
                 misbehaved(w, e)
-        # live neighbours took every frame during the exchanges; one still pending after a short grace went
-        # to a peer that stopped listening (the tracker's report wait leaves this grace in its margin)
-        self.link.settle_sends(time.monotonic() + min(1.0, cfg.stage_timeout_s), peer.eng)
-        return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])
+                self.synced[w] = False
+                continue
+            pb.neighbour_has(w, h.chunks)
+            if h.full:
+                self.synced[w] = True
+            if h.want and w not in sent_full:  # (a want crossing my full frame is answered by it)
+                self.wanted.add(w)
+        return set(got)
+
+    @staticmethod
+    def _settle_late(peer, stage: int, late: list, talking: set[int], deadline: float) -> None:
+        """Receives of kept grants that had not arrived by the data deadline.  A sender that answered every
+        exchange of the stage, its have frame included, had posted those sends before that frame, so a run still
+        missing after the grace was never sent: granted, then not served.  It is banned (evidence for the
+        tracker in this stage's report) and named; a sender that went quiet costs only the timeout."""
+        data = peer.eng.data
+        wait = [i for i, x in enumerate(late) if x.sender in talking]
+        done = np.zeros(len(late), dtype=bool)
+        if wait:
+            done[wait] = tb.wait_until(data, [late[i].req for i in wait], deadline)
+        short: dict[int, int] = {}
+        for x, d in zip(late, done):
+            if d:  # it came, late: not counted as delivered (fetched again), but served
+                why = data.failed(x.req)
+                if why:
+                    peer.bad_senders.add(x.sender)
+                    peer.protocol_errors.setdefault(x.sender, f"stage {stage}: {why}")
+            elif x.sender in talking:
+                short[x.sender] = short.get(x.sender, 0) + x.chunks
+        late[:] = [x for x, d in zip(late, done) if not d]  # the caller cancels these
+        for src, k in short.items():
+            peer.bad_senders.add(src)
+            peer.unserved.setdefault(
+                src, f"stage {stage}: granted {k} chunk(s), then sent its have frame but not the data"
+            )

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -49,6 +49,16 @@ from .recorder import RoundRecorder
 KIND_ACK = 5  # a follower's confirmation of the end frame (read here, not by frames.py)
 DESC_HEAD = 8  # descriptor words before the digests: MAGIC, round, owner, K, then 4 float64 (weight, links, seed)
 TAG_DIRECTIVE, TAG_REPORT = 11, 12
+
+
+class Late(NamedTuple):
+    """A receive still unfinished at its stage's data deadline, kept posted (with its buffer) to tell a sender
+    that never sent from a slow one; completed or cancelled before the round's buffers go."""
+
+    sender: int
+    req: Any
+    chunks: int
+    buf: np.ndarray  # what MPI may still write: referenced until the request completes or is cancelled
 
 
 @dataclass
@@ -164,21 +174,41 @@ class SwarmEngine:
             )
             raise
 
-    def agree(self, meta: np.ndarray) -> None:
-        """Raise ShapeMismatchError on every rank unless every rank passed the same int64 `meta`."""
+    def agree(self, meta: np.ndarray, ref: int = 0) -> np.ndarray:
+        """Raise ShapeMismatchError on every rank unless every rank passed the same int64 `meta`; returns every
+        rank's `meta` ([size, words]).  With `ref` = -1 only the lengths must agree (the caller compares)."""
         meta = np.ascontiguousarray(meta, dtype=np.int64).reshape(-1)
         lens = self._allgather(np.array([meta.size], dtype=np.int64), "metadata lengths").reshape(-1)
         if np.any(lens != lens[0]):
             bad = int(np.flatnonzero(lens != lens[0])[0])
             raise ShapeMismatchError(f"rank {bad} sent {lens[bad]} metadata words where rank 0 sent {lens[0]}")
         allm = self._allgather(meta, "metadata")
-        diff = np.flatnonzero(np.any(allm != allm[0], axis=1))
+        diff = np.flatnonzero(np.any(allm != allm[ref], axis=1)) if ref >= 0 else np.zeros(0, np.int64)
         if diff.size:
             r = int(diff[0])
             raise ShapeMismatchError(
-                f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where rank 0 has "
-                f"{allm[0].tolist()}"
+                f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where rank {ref} has "
+                f"{allm[ref].tolist()}"
             )
+        return allm
+
+    def _agree_round(self, meta: np.ndarray) -> tuple[list[int], int]:
+        """The round's agreement (`round_meta` words): the ranks whose words differ from the tracker's in the
+        payload size alone, if they are fewer than half of all, and the tracker's size; every rank gets the same
+        answer.  Any other difference raises ShapeMismatchError on every rank, as `agree` does."""
+        allm = self.agree(meta, ref=-1)
+        ref = allm[self.tracker]
+        odd = np.flatnonzero(np.any(allm != ref, axis=1))
+        if not odd.size:
+            return [], int(ref[2])
+        rest = np.arange(allm.shape[1]) != 2  # every word but round_meta's nbytes
+        if 2 * odd.size < self.size and not np.any(allm[odd][:, rest] != ref[rest]):
+            return odd.tolist(), int(ref[2])
+        r = int(odd[0])
+        raise ShapeMismatchError(
+            f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where the tracker (rank "
+            f"{self.tracker}) has {ref.tolist()}"
+        )
 
     def round_meta(self, nbytes: int, cfg: SwarmConfig | None = None, consensus: bool = True, rid: int | None = None):
         """The int64 words every rank must agree on before a round: its shape and the protocol knobs that
@@ -235,8 +265,11 @@ class SwarmEngine:
         self.prune_orphans()
         C = cfg.chunk_bytes
         nbytes = int(pay.size)
+        odd: list[int] = []  # ranks whose payload size is not the tracker's: left out of the round
         if not agreed:
-            self.agree(self.round_meta(nbytes, cfg, consensus, rid))
+            odd, ref_nbytes = self._agree_round(self.round_meta(nbytes, cfg, consensus, rid))
+            if me in odd:  # take part in the descriptors' all-gather (an empty update of the agreed size), then raise
+                own, nbytes, pay, weight, out = nbytes, ref_nbytes, np.zeros(ref_nbytes, np.uint8), 0.0, None
         t0 = time.monotonic()
         K = math.ceil(nbytes / C) if nbytes else 0
         rseed = int(seed) if seed is not None else rng.round_seed(cfg.seed, rid)
@@ -248,12 +281,18 @@ class SwarmEngine:
         if K and cfg.integrity == "blake3":
             desc[DESC_HEAD:] = chunk_digests(pay, C, round_key(self.salt, rid, me)).view(np.int64).reshape(-1)
         alld = self._allgather(desc, "descriptors")
+        if me in odd:
+            raise ShapeMismatchError(
+                f"rank {me}: round {rid}'s payload here is {own} bytes, the tracker's (rank {self.tracker}) is "
+                f"{ref_nbytes}: this rank is left out of the round and the others complete it without it"
+            )
         # a descriptor not bound to this round and owner (replayed, forged), or whose weight or link rates are not
         # finite and >= 0, leaves its owner out on every rank (every rank sees the same all-gather)
         head = np.array([MAGIC, rid, 0, K], dtype=np.int64)
         all_info = np.ascontiguousarray(alld[:, 4:DESC_HEAD]).view(np.float64)
         sane = np.all(np.isfinite(all_info[:, :3]) & (all_info[:, :3] >= 0), axis=1)
         bad_desc = [u for u in range(n) if not (sane[u] and np.array_equal(alld[u, :4], head + [0, 0, u, 0]))]
+        bad_desc = sorted(set(bad_desc) | set(odd))
         all_info[bad_desc] = [0.0, 0.0, 0.0, 0.0]
         all_hash = np.ascontiguousarray(alld[:, DESC_HEAD:]).view(np.uint64).reshape(n, K, DIGEST_WORDS)
         weights = all_info[:, 0].copy()
@@ -288,11 +327,16 @@ class SwarmEngine:
                 },
             )
         peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc)
-        if me == self.tracker:
-            end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc).run()
-        else:
-            end = peer.follow()
-        return peer.finish(end, weights, consensus, t0, trace or cfg.trace)
+        try:
+            if me == self.tracker:
+                end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc).run()
+            else:
+                end = peer.follow()
+        finally:
+            peer.drop_late()  # no receive kept past its deadline outlives the round's buffers
+        res = peer.finish(end, weights, consensus, t0, trace or cfg.trace)
+        res.stats["shape_mismatch"] = odd  # ranks left out for a payload size other than the tracker's
+        return res
 
 
 _COMPILED: list[bool] = []
@@ -348,6 +392,9 @@ class _PeerState:
         self.refetched = 0
         self.bad_senders: set[int] = set()
         self.protocol_errors: dict[int, str] = {}  # neighbours banned for a frame that does not fit the protocol
+        self.unserved: dict[int, str] = {}  # senders named for granting (or being directed to send) and not sending
+        self.late: list[Late] = []  # the last directed stage's receives unfinished at its deadline
+        self.suspects: set[int] = set()  # senders whose directed data never came although the tracker moved on
         self.misbehaved: dict[int, str] = {}  # the tracker fills it: peers excluded for a bad report
         self.log: dict[str, list] = {
             k: [] for k in ("stage", "t_start", "t", "sender", "chunk", "phase", "bytes", "ok")
@@ -396,6 +443,7 @@ class _PeerState:
 
         n, me, K = self.eng.size, self.eng.rank, self.K
         stage, active, can_send, exposed = frames.parse_bt_stage(msg, sender=self.eng.tracker, round_id=self.rid, n=n)
+        self.settle_late()
         publish = np.zeros(0, dtype=np.int64)
         if self.hidden and exposed[me] and not self.have[me].all():
             # its update's public copies left: it holds it publicly from now on (announced with this stage's haves)
@@ -413,7 +461,37 @@ class _PeerState:
         banned[list(self.bad_senders)] = True
         body = self.runner.stage(self, stage, active, can_send & ~banned, refuse=banned, publish=publish)
         head = [self.eng.magic, self.rid, stage, KIND_REPORT]
-        return np.concatenate([head, body, np.array(sorted(self.bad_senders), dtype=np.int64)]).astype(np.int64)
+        return np.concatenate([head, body, self.tail()]).astype(np.int64)
+
+    def tail(self) -> np.ndarray:
+        """A report's tail: every sender banned this round (s), every one whose directed data never came (n + s)."""
+        n = self.eng.size
+        return np.array(sorted(self.bad_senders) + sorted(n + s for s in self.suspects), dtype=np.int64)
+
+    def settle_late(self) -> None:
+        """The last directed stage's receives that had not arrived by its deadline, once the tracker moved on: it
+        had every live peer's report, and a peer posts its sends before it reports, so a run still missing
+        after a short grace was never sent.  Its sender becomes a suspect in this rank's reports (the tracker,
+        which knows whether that sender had gone silent, names it and bans the pair); the receives are cancelled."""
+        late, self.late = self.late, []
+        if not late:
+            return
+        data = self.eng.data
+        done = tb.wait_until(data, [x.req for x in late], time.monotonic() + min(1.0, self.cfg.stage_timeout_s))
+        data.cancel([x.req for x, d in zip(late, done) if not d])
+        for x, d in zip(late, done):
+            why = data.failed(x.req) if d else None
+            if why:  # it came, late and longer than its run: refused, its sender banned
+                self.bad_senders.add(x.sender)
+                self.protocol_errors.setdefault(x.sender, why)
+            elif not d:
+                self.suspects.add(x.sender)
+
+    def drop_late(self) -> None:
+        """Cancel every receive kept past its deadline (the round is over, or failed)."""
+        late, self.late = self.late, []
+        if late:
+            self.eng.data.cancel([x.req for x in late])
 
     def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
@@ -421,15 +499,10 @@ class _PeerState:
         d = frames.parse_directive(
             msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank, own_ok=self.hidden
         )
+        self.settle_late()
         stage, nr = d.stage, d.r_from.size
-        ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind)
-        return np.concatenate(
-            [
-                [self.eng.magic, self.rid, stage, KIND_REPORT, nr],
-                ok.astype(np.int64),
-                np.array(sorted(self.bad_senders), dtype=np.int64),
-            ]
-        )
+        ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind, self.late)
+        return np.concatenate([[self.eng.magic, self.rid, stage, KIND_REPORT, nr], ok.astype(np.int64), self.tail()])
 
     def move(
         self,
@@ -439,9 +512,13 @@ class _PeerState:
         r_from: np.ndarray,
         r_chunk: np.ndarray,
         r_kind: np.ndarray,
+        late: list | None = None,
     ) -> np.ndarray:
         """Move one stage's bytes: post receives, paced sends, wait, verify.  Lists sorted by (peer, chunk);
-        returns which receives arrived intact."""
+        returns which receives arrived intact.  `late`: receives still unfinished at the deadline go there (`Late`,
+        with their buffers) instead of being cancelled, to tell a sender that never sent from a slow one
+        (`settle_late` once the tracker moved on; bt_stages after the have frames); the caller completes or
+        cancels them before the round's buffers go."""
         eng, K, nr = self.eng, self.K, r_from.size
         now = time.monotonic() - self.t0
         tag = data_tag(self.rid, stage)
@@ -505,7 +582,12 @@ class _PeerState:
             eng.data, rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]), on_done=arrived
         )
         rdone, sdone = done[: len(rreq)], done[len(rreq) :]
-        eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
+        if late is None:
+            eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
+        else:
+            for i, (r, d) in enumerate(zip(rreq, rdone)):
+                if not d:  # kept posted with the buffer it writes (a slot, or scratch for own chunks coming back)
+                    late.append(Late(rruns[i][0], r, rruns[i][3], into[i]))
         for r, v, d in zip(sreq, [v for v, _ in sviews], sdone):
             if not d:
                 self.eng.orphan(eng.data, [r], v)
@@ -555,6 +637,7 @@ class _PeerState:
             "bad_senders": sorted(self.bad_senders),
             "bad_descriptors": list(self.bad_desc),
             "protocol_errors": dict(self.protocol_errors),  # neighbour -> what its frame got wrong
+            "unserved": dict(self.unserved),  # sender -> the grants (or directed sends) it did not serve
             "misbehaved": dict(self.misbehaved),  # tracker only: peer -> the report that got it excluded
             "excluded": np.flatnonzero(left).tolist(),
             "silent": self.silent,
@@ -706,14 +789,14 @@ class _Tracker:
                 stage=st.index,
             )
             delivered[recv_idx[me]] = rep.ok
-            self._note_bans(me, rep.banned)
+            self._note_bans(me, rep)
         tb.wait_all(eng.ctrl, sends, self.cfg.timeout_s, lambda p, s=st.index: f"directive sends of stage {s}")
         reports, silent = self._collect_reports(act.tolist(), st.index, self.cfg.stage_timeout_s)
         for p, msg in reports.items():
             ri = recv_idx[p]
             try:
                 rep = frames.parse_report(msg, sender=p, round_id=self.rid, n=n, expected=ri.size, stage=st.index)
-                self._note_bans(p, rep.banned)
+                self._note_bans(p, rep)
             except ProtocolError as e:  # a report that does not fit: its sender is excluded, the round goes on
                 self._misbehaved(p, st.index, e, silent)
                 continue
@@ -754,7 +837,7 @@ class _Tracker:
                 rep = frames.parse_bt_report(
                     reports[p], sender=p, round_id=self.rid, n=n, K=K, stage=rnd.stage, own_ok=rnd.hidden
                 )
-                self._note_bans(p, rep.banned)
+                self._note_bans(p, rep)
             except ProtocolError as e:
                 if p == me:
                     raise
@@ -785,10 +868,20 @@ class _Tracker:
         if p not in silent:
             silent.append(p)
 
-    def _note_bans(self, receiver: int, senders: np.ndarray) -> None:
-        """The senders `receiver` reports it banned (the tail of its report: every ban of the round so far; in
-        range, distinct and not the reporter, as frames.parse_report / parse_bt_report checked)."""
-        for s in senders.tolist():
+    def _note_bans(self, receiver: int, rep) -> None:
+        """The senders `receiver` reports it banned, and those whose directed data never reached it (the tail of its
+        report: all of the round so far; in range, distinct and not the reporter, as frames.parse_report /
+        parse_bt_report checked).  An unserved sender still in the round had reported in time when it should
+        have sent (a peer posts its sends before it reports): it is named, and the pair banned; one that had gone
+        silent was excluded for that already."""
+        for s in rep.unserved.tolist():
+            if (s, receiver) in self._banned or not self.rnd.active[s]:
+                continue
+            why = f"stage {self.rnd.stage}: rank {receiver} reports directed chunks it never sent"
+            self.peer.unserved.setdefault(s, why)
+            self._banned.add((s, receiver))
+            self._new_bans.append((s, receiver))
+        for s in rep.banned.tolist():
             if (s, receiver) not in self._banned:
                 self._banned.add((s, receiver))
                 self._new_bans.append((s, receiver))

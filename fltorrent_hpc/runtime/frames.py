@@ -16,14 +16,18 @@ Layouts (after the 4-word header; n peers, K chunks each, N = n*K chunk ids, W(x
     directive   tracker -> peer   ns, nr, s_to[ns], s_chunk[ns], r_from[nr], r_chunk[nr], r_kind[nr]
     BT stage    tracker -> peer   n, active bits[W(n)], may-send bits[W(n)]
     end         tracker -> peer   stages, s_bt, warm_us, failed_open, agreed[n], left[n]
-    report      peer -> tracker   nr, ok[nr], banned senders...                (a directed stage)
-    BT report   peer -> tracker   nr, senders[nr], chunks[nr], ok[nr], banned senders...
+    report      peer -> tracker   nr, ok[nr], tail...                          (a directed stage)
+    BT report   peer -> tracker   nr, senders[nr], chunks[nr], ok[nr], tail...
+                                  tail: s for each sender the reporter banned, n + s for each sender whose
+                                  directed data never came though the tracker moved on (the tracker decides)
     bitfield    neighbours        have bits[W(N)]
     budget      neighbours        upload left (1 word)
     ask         neighbours        missing, chunk ids...
-    grant       neighbours        one 0/1 flag per chunk asked
+    grant       neighbours        one 0/1 flag per chunk asked (empty: no ask reached the granter in time)
     keep        neighbours        one 0/1 flag per chunk asked (a subset of the grants)
-    have        neighbours        chunk ids received and verified this stage
+    have        neighbours        flags, then chunk ids received and verified this stage, or (flag FULL)
+                                  have bits[W(N)]: everything the neighbour holds; flag WANT: "I lack your
+                                  have set, send me a FULL frame" (bitfield resync)
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ..transport.base import MAGIC
 StaleFrame = StaleFrameError  # the name callers read: "discard it, keep waiting"
 
 KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
+HAVE_WANT, HAVE_FULL = 1, 2  # have-frame flags: send me your full have set / this frame carries mine
 HEAD = 4  # header words: MAGIC, round, stage, kind (or neighbour code)
 PHASES = (SPRAY, WARMUP, BT)
 _INT64 = np.dtype(np.int64)
@@ -82,6 +87,7 @@ class Report(NamedTuple):
     stage: int
     ok: np.ndarray  # bool [nr], in the order of the directive's receives
     banned: np.ndarray  # int64: senders the reporter banned (the round so far)
+    unserved: np.ndarray  # int64: senders whose directed data never reached the reporter (the round so far)
 
 
 class BTReport(NamedTuple):
@@ -90,11 +96,18 @@ class BTReport(NamedTuple):
     chunks: np.ndarray  # int64 [nr]
     ok: np.ndarray  # bool [nr]
     banned: np.ndarray  # int64
+    unserved: np.ndarray  # int64
 
 
 class Bitfield(NamedTuple):
     have: np.ndarray  # bool [N]
     chunks: np.ndarray  # int64: flatnonzero(have)
+
+
+class Have(NamedTuple):
+    chunks: np.ndarray  # int64: chunks the neighbour announces (this stage's delta, or all it holds if full)
+    full: bool  # the frame carries the neighbour's whole have set (a bitfield), not a delta
+    want: bool  # the neighbour lacks my have set: my next have frame to it must be full
 
 
 class Ask(NamedTuple):
@@ -165,11 +178,13 @@ def _n_words(bits: int) -> int:
     return (bits + 63) // 64
 
 
-def _banned(tail: np.ndarray, n: int, reporter: int, where: str) -> np.ndarray:
-    _ids(tail, n, where, "banned sender", unique=True)
-    if tail.size and np.any(tail == reporter):
-        raise ProtocolError(f"{where}: the reporter names itself as a banned sender")
-    return tail
+def _banned(tail: np.ndarray, n: int, reporter: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A report's tail -> (banned senders, unserved senders): s is a ban, n + s an unserved directed transfer;
+    each value at most once, never the reporter itself."""
+    _ids(tail, 2 * n, where, "banned or unserved sender", unique=True)
+    if tail.size and np.any(tail % n == reporter):
+        raise ProtocolError(f"{where}: the reporter names itself as a banned or unserved sender")
+    return tail[tail < n], tail[tail >= n] - n
 
 
 # ---------------------------------------------------------------------------------------------- headers
@@ -323,7 +338,7 @@ def parse_end(frame, *, sender: int, round_id: int, n: int, min_stage: int = 0) 
 # ---------------------------------------------------------------------------------------------- peer -> tracker
 def parse_report(frame, *, sender: int, round_id: int, n: int, expected: int, stage: int | None = None) -> Report:
     """A directed stage's report: nr (== `expected`, the receives the tracker told `sender` of), ok[nr] (0/1),
-    then the senders `sender` banned (in range, distinct, not itself)."""
+    then the tail: senders `sender` banned (s) and whose directed data never came (n + s), distinct, not itself."""
     what = "report"
     h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_REPORT, stage=stage, what=what)
     where = _where(sender, round_id, h.stage, what)
@@ -336,15 +351,15 @@ def parse_report(frame, *, sender: int, round_id: int, n: int, expected: int, st
     if msg.size < HEAD + 1 + nr:
         raise ProtocolError(f"{where} has {msg.size} words, {nr} receives need {HEAD + 1 + nr}")
     ok = _flags(msg[5 : 5 + nr], where, "delivered")
-    return Report(h.stage, ok, _banned(msg[5 + nr :], n, sender, where))
+    return Report(h.stage, ok, *_banned(msg[5 + nr :], n, sender, where))
 
 
 def parse_bt_report(
     frame, *, sender: int, round_id: int, n: int, K: int, stage: int | None = None, own_ok: bool = False
 ) -> BTReport:
-    """A peer-decided stage's report: nr, senders[nr], chunks[nr], ok[nr], then banned senders.  Senders are
-    peers other than `sender`; chunks are in the round and not `sender`'s own (unless `own_ok`: the hidden
-    protocol, where an owner downloads its update back); no chunk arrived twice."""
+    """A peer-decided stage's report: nr, senders[nr], chunks[nr], ok[nr], then the tail (as in a report).
+    Senders are peers other than `sender`; chunks are in the round and not `sender`'s own (unless `own_ok`: the
+    hidden protocol, where an owner downloads its update back); no chunk arrived twice."""
     what = "BitTorrent report"
     h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_REPORT, stage=stage, what=what)
     where = _where(sender, round_id, h.stage, what)
@@ -365,7 +380,7 @@ def parse_bt_report(
         raise ProtocolError(f"{where}: rank {sender} reports receiving a chunk of its own update")
     ok = _flags(msg[5 + 2 * nr : 5 + 3 * nr], where, "ok")
     _ids(c[ok], n * K, where, "delivered chunk", unique=True)
-    return BTReport(h.stage, s, c, ok, _banned(msg[5 + 3 * nr :], n, sender, where))
+    return BTReport(h.stage, s, c, ok, *_banned(msg[5 + 3 * nr :], n, sender, where))
 
 
 # ---------------------------------------------------------------------------------------------- neighbours
@@ -415,9 +430,13 @@ def parse_ask(body, *, sender: int, round_id: int, stage: int, N: int, max_count
 
 
 def parse_grant(body, *, sender: int, round_id: int, stage: int, asked: int) -> np.ndarray:
-    """One 0/1 flag per chunk I asked of `sender` (exactly `asked` words); returns bool [asked]."""
+    """One 0/1 flag per chunk I asked of `sender` (exactly `asked` words); returns bool [asked].  An empty frame
+    says that none of my asks reached `sender` before its exchange deadline: every request refused, not a
+    violation (a late ask is the asker's delay, never the granter's fault)."""
     where = _where(sender, round_id, stage, "grant")
     b = _words(body, where)
+    if b.size == 0:
+        return np.zeros(max(0, int(asked)), dtype=bool)
     if b.size != asked:
         raise ProtocolError(f"{where} has {b.size} flags, {asked} chunks were asked")
     return _flags(b, where, "grant")
@@ -436,10 +455,25 @@ def parse_keep(body, *, sender: int, round_id: int, stage: int, granted: np.ndar
     return k
 
 
-def parse_have(body, *, sender: int, round_id: int, stage: int, N: int) -> np.ndarray:
-    """The chunks the neighbour received and verified this stage: ids in 0..N-1, no duplicates."""
+def parse_have(body, *, sender: int, round_id: int, stage: int, N: int) -> Have:
+    """A flags word (HAVE_WANT | HAVE_FULL, nothing else), then either the chunks the neighbour received and
+    verified this stage (ids in 0..N-1, no duplicates) or, with HAVE_FULL, exactly W(N) words of have bits
+    (bits beyond N are 0): everything it holds, sent because I asked (HAVE_WANT in my last have frame)."""
     where = _where(sender, round_id, stage, "have")
-    return _ids(_words(body, where), N, where, "chunk", unique=True)
+    b = _words(body, where)
+    if b.size < 1:
+        raise ProtocolError(f"{where} is empty, no flags word")
+    flags = int(b[0])
+    if flags & ~(HAVE_WANT | HAVE_FULL):
+        raise ProtocolError(f"{where}: flags {flags} outside 0..{HAVE_WANT | HAVE_FULL}")
+    rest = b[1:]
+    if flags & HAVE_FULL:
+        if rest.size != _n_words(N):
+            raise ProtocolError(f"{where} has {rest.size} have-bit words, expected {_n_words(N)}")
+        chunks = np.flatnonzero(_bits(rest, N, where, "full have set")).astype(np.int64)
+    else:
+        chunks = _ids(rest, N, where, "chunk", unique=True)
+    return Have(chunks, bool(flags & HAVE_FULL), bool(flags & HAVE_WANT))
 
 
 def own_frame(msg: np.ndarray, magic: int) -> np.ndarray | None:

@@ -42,6 +42,8 @@ class Fault:
         size, e.g. an earlier round's descriptor).
     channel: "data", "ctrl", "nbr" (the engine's contexts) or None for every context.
     peer: the destination it applies to, None for all.
+    code: only control frames whose fourth word (a tracker frame's kind, a neighbour frame's code, e.g.
+        bt_stages.BITFIELD) is `code`; None for every message.  A data message has no code and never matches.
     round_id / from_stage / to_stage: the window (None: any round; stages inclusive).  A send that is no
         control frame and no data message has no stage and matches only a fault for any round from stage
         0.  All-gathers (the round's descriptors) are faulted only by "corrupt" (this rank's own
@@ -59,6 +61,7 @@ class Fault:
     stride: int = 4096
     offset: int = 0
     nbytes: int | None = None  # set: an all-gather fault, for contributions of this many bytes only
+    code: int | None = None  # set: only control frames of this kind or neighbour code
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -68,8 +71,12 @@ class Fault:
         if self.stride < 1:
             raise ConfigError("Fault stride must be >= 1")
 
-    def matches(self, channel: str, dest: int, round_id: int | None, stage: int | None) -> bool:
+    def matches(
+        self, channel: str, dest: int, round_id: int | None, stage: int | None, code: int | None = None
+    ) -> bool:
         if self.channel is not None and self.channel != channel:
+            return False
+        if self.code is not None and code != self.code:
             return False
         if self.peer is not None and self.peer != dest:
             return False
@@ -139,10 +146,11 @@ class FaultyTransport(Transport):
 
     def _fault(self, buf: np.ndarray, dest: int, tag: int) -> Fault | None:
         stage = self._stage_of(buf, tag)
+        code = int(buf[3]) if self.name != "data" and stage is not None else None
         for f in self.faults:
             if f.nbytes is not None or f.action == "replay":
                 continue  # all-gather faults
-            if f.matches(self.name, dest, self._epoch.round_id, stage):
+            if f.matches(self.name, dest, self._epoch.round_id, stage, code):
                 return f
         return None
 

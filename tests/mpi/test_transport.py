@@ -235,3 +235,28 @@ def test_fault_window_picks_the_stage_and_the_channel():
         ok = np.array_equal(got, payload) if R == 1 else True
         ok &= not inj if R == 0 else True
         assert agree(ok)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_fault_code_picks_one_kind_of_control_frame():
+    """A fault with a `code` drops only control frames of that kind (here neighbour code 0, the bitfield);
+    the next frame, of another code, goes through."""
+    base = MPITransport(COMM)
+    t = FaultyTransport(base, [Fault("drop", channel="nbr", code=0)]) if R == 0 else base
+    d = t.dup("nbr")
+    ok = True
+    frames = [np.array([MAGIC, 0, 3, code, 40 + code], dtype=np.int64) for code in (0, 1)]
+    COMM.Barrier()
+    if R == 0:
+        for f in frames:
+            wait_all(d, [d.post_send(f, 1, 31)], 10.0, lambda p: "frame send")
+        ok = t.injected == {"drop": 1}
+    elif R == 1:
+        got = recv_frame(d, 0, 31, 10.0, "the frame that was not dropped")
+        ok = got.tolist() == frames[1].tolist()
+        time.sleep(0.2)
+        ok &= d.poll_frame(0, 31) is None
+    COMM.Barrier()
+    d.close()
+    base.close()
+    assert agree(ok)
