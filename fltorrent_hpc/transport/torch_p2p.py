@@ -1,0 +1,706 @@
+"""The torch-native transport: the Transport interface over torch's gloo point-to-point, for launches without
+an MPI launcher (torchrun, any env:// rendezvous).
+
+`connect(store, rank, size)` bootstraps it from the Store torch hands the backend creator: a private gloo
+ProcessGroup (under its own PrefixStore, so it never meets a user's gloo group) holds one TCP connection per
+pair of ranks.  Gloo's point-to-point is not MPI's; four of its properties shape this module [measured, torch
+2.13 / its bundled gloo]:
+
+1. A message longer than the receive posted for it aborts the receiving *process* (gloo::EnforceNotMet on
+   gloo's I/O thread); a shorter one completes without saying its length.  So a receive must know the length
+   of the message before it is posted.
+2. There is no probe and no cancel: a posted receive stays posted until a message fills it.
+3. A send or receive Work never reports completion unless someone waits on it, and a wait that times out
+   closes every connection of the group.  So gloo waits run in threads without a gloo timeout (the group is
+   built with a 30-day one); the callers' own deadlines (base.py's bounded waits) bound what they wait for.
+4. Messages of one pair on one gloo tag ("slot") match in the order they were posted.
+
+Hence the framing (a size-prefixed protocol): every message is a fixed 32-byte header (magic, context, tag,
+nbytes) on the one header slot of its pair, and a body on a slot of its own per (context, tag) that the sender
+posts *before* the header.  One daemon listener thread per peer always waits for that peer's next header;
+matching (context, source, tag, in order; ANY_SOURCE), probing and cancelling happen here, in Python:
+
+- a header that a posted receive matches: its body goes straight into that receive's buffer (a longer message
+  is received into scratch and fails the receive as `Truncated`, MPI_ERR_TRUNCATE's meaning; one longer than
+  DRAIN_BYTES is left unread and closes its (source, context, tag) stream, so gloo never sees a mismatch);
+- an unexpected small message (<= EAGER_BYTES: control frames) is received at once, so `poll_frame` finds it
+  whole; an unexpected large one stays at its sender until a receive matches it (rendezvous), so a rank holds
+  its posted receives and small frames, never a second copy of the data.
+
+The listener receives a body right after its header (the sender posted the body first, so it is on its way)
+and the bodies of one (context, tag) are received in header order, so gloo's in-order matching never pairs a
+body with another message's receive.  Send completions are observed by waiter threads, one per (peer, context,
+tag) stream while it has sends in flight (gloo completes one slot's sends in order).  `dup` is local (a new
+context number; every rank must dup in the same order, as with MPI).  `close` sends each peer a closing
+header, which ends that peer's listener for this rank.  Nothing a peer sends is unpickled: bodies land in
+numpy buffers, headers are four int64 words checked before use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import PeerTimeoutError, ProtocolError, TransportError
+from .base import ANY_SOURCE, Request, Transport, Truncated
+
+__all__ = ["TorchTransport", "connect", "EAGER_BYTES", "DRAIN_BYTES"]
+
+HDR_MAGIC = 0x464C5448  # "FLTH": first word of every header
+HDR_SLOT = 0  # gloo tag of every header between a pair
+CLOSE = -1  # the context word of a closing header
+TAG_SPAN = 1 << 16  # logical tags 0..65534 in each context; 65535 is the all-gather's
+GATHER_TAG = TAG_SPAN - 1
+MAX_CONTEXTS = (2**31 - 2) // TAG_SPAN  # body slot 1 + ctx * TAG_SPAN + tag stays a positive int32
+EAGER_BYTES = int(os.environ.get("FLTORRENT_TORCH_EAGER_BYTES", str(64 << 10)))
+DRAIN_BYTES = 64 << 20  # a message longer than its receive is consumed up to this size; beyond, its stream closes
+CANCEL_WAIT_S = 30.0  # cancel() of a receive whose body is already arriving waits at most this long
+GLOO_TIMEOUT = timedelta(days=30)  # a gloo wait that expires closes every pair: our deadlines bound waits instead
+EXIT_WAIT_S = float(os.environ.get("FLTORRENT_TORCH_EXIT_WAIT_S", "20"))  # at exit: wait for peers' goodbyes
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # wires of this process, closed and drained at exit
+
+
+class _Req:
+    """A send or receive of this transport; `done` is set by whichever thread completes it."""
+
+    __slots__ = ("kind", "seq", "buf", "ctx", "source", "tag", "state", "done", "reported", "why", "got", "keep")
+
+    def __init__(self, kind: str, seq: int, buf: np.ndarray, ctx: int, peer: int, tag: int):
+        self.kind, self.seq, self.buf, self.ctx, self.source, self.tag = kind, seq, buf, ctx, peer, tag
+        self.state = "waiting"  # receives: waiting (unmatched) -> matched (its body is arriving) -> done
+        self.done = False
+        self.reported = False
+        self.why: str | None = None
+        self.got: tuple[int, int] | None = None  # (source, nbytes) of a receive that succeeded
+        self.keep: Any = None  # buffers and gloo Works that must outlive the transfer
+
+
+class _Gather:
+    """An all-gather: a receive from and a send to every other rank; complete when all of them are."""
+
+    __slots__ = ("parts", "nbytes", "reported")
+
+    def __init__(self, parts: list[_Req], nbytes: int):
+        self.parts, self.nbytes, self.reported = parts, nbytes, False
+
+    @property
+    def done(self) -> bool:
+        return all(p.done for p in self.parts)
+
+
+class _Msg:
+    """A message whose header arrived and that no receive has taken yet.
+
+    state: "arriving" (its body is being received into `data`), "here" (`data` holds it), "at_sender"
+    (rendezvous: the body waits at its sender until a receive matches).  `target`: a receive that matched it
+    while it was arriving.
+    """
+
+    __slots__ = ("source", "nbytes", "seq", "state", "data", "target")
+
+    def __init__(self, source: int, nbytes: int, seq: int, state: str, data: np.ndarray | None = None):
+        self.source, self.nbytes, self.seq, self.state, self.data = source, nbytes, seq, state, data
+        self.target: _Req | None = None
+
+
+def _frame_buffer(nbytes: int) -> np.ndarray:
+    """`nbytes` of uint8 over int64 storage, so a frame can be read as int64 words without a copy."""
+    return np.empty((nbytes + 7) // 8, dtype=np.int64).view(np.uint8)[:nbytes]
+
+
+def _flat(buf: np.ndarray, what: str) -> np.ndarray:
+    if not buf.flags.c_contiguous:
+        raise TransportError(f"the torch transport needs a contiguous buffer to {what}")
+    return buf.reshape(-1).view(np.uint8)
+
+
+def _reason(e: BaseException) -> str:
+    """Gloo's error text without its source path and its boilerplate."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically")[0][:240]
+
+
+class _Wire:
+    """What every context of one root TorchTransport shares: the gloo group, matching state, threads."""
+
+    def __init__(self, pg: Any, rank: int, size: int, hosts: list[str], label: str):
+        self.pg, self.rank, self.size, self.hosts, self.label = pg, rank, size, hosts, label
+        self.lock = threading.Condition()
+        self.waiting: dict[tuple[int, int, int], deque[_Req]] = {}  # (ctx, source or ANY, tag) -> receives
+        self.stash: dict[tuple[int, int, int], deque[_Msg]] = {}  # (ctx, source, tag) -> arrived messages
+        self.poisoned: set[tuple[int, int, int]] = set()  # streams whose next body can no longer be framed
+        self.gone: dict[int, str] = {}  # peer -> why nothing more will come from it
+        self.streams: dict[tuple, deque] = {}  # waiter-thread queues of (gloo works, on_done)
+        self.seq = itertools.count()
+        self.next_ctx = 1
+        self.closed = False
+        self.threads: set[threading.Thread] = set()  # every thread of this wire still running
+        self._close_head = np.array([HDR_MAGIC, CLOSE, 0, 0], dtype=np.int64)
+        for peer in range(size):
+            if peer != rank:
+                self._spawn(self._listen, peer, name=f"fltorrent-{label}-listen-{peer}")
+        _LIVE.add(self)
+
+    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        """Start a daemon thread that this wire tracks until it ends (lock held or not)."""
+
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                self.threads.discard(threading.current_thread())
+
+        th = threading.Thread(target=run, daemon=True, name=name)
+        self.threads.add(th)
+        th.start()
+
+    # ------------------------------------------------------------------------------ gloo primitives
+    @staticmethod
+    def _wait(works: Sequence[Any]) -> str | None:
+        """Block (no gloo timeout) until every work completed; the reason the first one failed, or None."""
+        for w in works:
+            try:
+                w.wait()
+            except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError for a closed or failed pair
+                return _reason(e)
+        return None
+
+    def _post_body(self, peer: int, ctx: int, tag: int, target: np.ndarray) -> list[Any]:
+        """Post the gloo receive of a body whose length is known (lock held: bodies of a stream in order)."""
+        if not target.size:
+            return []
+        return [self.pg.recv([torch.from_numpy(target)], peer, 1 + ctx * TAG_SPAN + tag)]
+
+    def _defer(self, key: tuple, works: list[Any], on_done: Callable[[str | None], None]) -> None:
+        """Have a waiter thread of stream `key` wait for `works` (after the stream's earlier ones), then call
+        `on_done(why)` under the lock.  Lock held."""
+        q = self.streams.get(key)
+        if q is None:
+            q = self.streams[key] = deque()
+            self._spawn(self._drain, key, q, name=f"fltorrent-{self.label}-wait")
+        q.append((works, on_done))
+
+    def _drain(self, key: tuple, q: deque) -> None:
+        while True:
+            with self.lock:
+                if not q:
+                    del self.streams[key]
+                    return
+                works, on_done = q[0]
+            why = self._wait(works)
+            with self.lock:
+                q.popleft()
+                on_done(why)
+                self.lock.notify_all()
+
+    def _complete(self, req: _Req, why: str | None, got: tuple[int, int] | None = None) -> None:
+        """Lock held."""
+        req.why, req.got, req.state, req.done = why, None if why else got, "done", True
+
+    # ------------------------------------------------------------------------------ receiving
+    def _listen(self, peer: int) -> None:
+        """This rank's listener for `peer`: read each header, then act on it, until the peer closes or fails."""
+        head = np.zeros(4, dtype=np.int64)
+        view = torch.from_numpy(head)
+        while True:
+            try:
+                why = self._wait([self.pg.recv([view], peer, HDR_SLOT)])
+            except Exception as e:  # noqa: BLE001 - posting on a pair gloo already closed
+                why = _reason(e)
+            if why is not None:
+                self._lose(peer, f"rank {peer} is unreachable ({why})")
+                return
+            magic, ctx, tag, nbytes = (int(x) for x in head)
+            if magic == HDR_MAGIC and ctx == CLOSE:  # nothing more will come; receives still waiting for it
+                return  # stay bounded by their callers' deadlines, as with MPI
+            if magic != HDR_MAGIC or not (0 <= ctx < MAX_CONTEXTS and 0 <= tag < TAG_SPAN) or nbytes < 0:
+                self._lose(peer, f"rank {peer} sent a malformed header {head.tolist()}; its messages cannot be framed")
+                return
+            why = self._on_header(peer, ctx, tag, nbytes)
+            if why is not None:
+                self._lose(peer, f"rank {peer} failed during a message ({why})")
+                return
+
+    def _on_header(self, peer: int, ctx: int, tag: int, nbytes: int) -> str | None:
+        """Match a header to a posted receive, receive a small unexpected body now, or leave it at the sender;
+        once this wire is closed, receive and drop it (so the sender's send completes).  The reason a body
+        failed, or None."""
+        key = (ctx, peer, tag)
+        with self.lock:
+            if key in self.poisoned:
+                return None
+            works, finish = self._discard(key, nbytes) if self.closed else self._route(key, nbytes)
+        why = self._wait(works)
+        if finish is not None:
+            with self.lock:
+                finish(why)
+                self.lock.notify_all()
+        return why
+
+    def _route(self, key: tuple, nbytes: int) -> tuple[list[Any], Callable | None]:
+        """Post the receive of a header's body where it belongs (lock held): the gloo works to wait for and what
+        to do when they completed; ([], None) when the body stays at its sender."""
+        ctx, peer, tag = key
+        msg = _Msg(peer, nbytes, next(self.seq), "arriving")
+        q = self.stash.get(key)
+        req = None if q else self._take_waiting(ctx, peer, tag)
+        if req is not None:
+            plan = self._start_body(key, msg, req)
+            if plan is None:
+                self.lock.notify_all()
+                return [], None
+            target, finish = plan
+        elif nbytes <= EAGER_BYTES and not (q and any(m.state == "at_sender" for m in q)):
+            msg.data = target = _frame_buffer(nbytes)
+            self.stash.setdefault(key, deque()).append(msg)
+
+            def finish(why: str | None, m: _Msg = msg) -> None:
+                self._arrived(key, m, why)
+        else:
+            msg.state = "at_sender"
+            self.stash.setdefault(key, deque()).append(msg)
+            return [], None
+        try:
+            return self._post_body(peer, ctx, tag, target), finish
+        except Exception as e:  # noqa: BLE001 - a pair gloo closed: the listener learns it at its next header
+            finish(_reason(e))
+            return [], None
+
+    def _discard(self, key: tuple, nbytes: int) -> tuple[list[Any], None]:
+        """Post a receive that drops a body nobody will take (lock held); too large to drop: close its stream."""
+        if nbytes > DRAIN_BYTES:
+            self.poisoned.add(key)
+            return [], None
+        ctx, peer, tag = key
+        try:
+            return self._post_body(peer, ctx, tag, np.empty(nbytes, dtype=np.uint8)), None
+        except Exception:  # noqa: BLE001 - the pair is gone: nothing to drop
+            return [], None
+
+    def _start_body(self, key: tuple, msg: _Msg, req: _Req) -> tuple[np.ndarray, Callable] | None:
+        """Where `msg`'s body goes now that `req` takes it, and what completes `req` (None: nothing to receive).
+        Lock held."""
+        peer, n, cap = msg.source, msg.nbytes, req.buf.size
+        req.state = "matched"
+        if n <= cap:
+            return req.buf[:n], lambda why: self._complete(req, why, (peer, n))
+        too_long = Truncated(
+            f"rank {peer} sent {n} bytes (context {key[0]}, tag {key[2]}), longer than the {cap}-byte receive"
+        )
+        if n > DRAIN_BYTES:  # not worth the memory to consume: nothing more of this stream can be framed
+            self.poisoned.add(key)
+            self._complete(req, Truncated(f"{too_long}; the stream is closed"))
+            return None
+        return np.empty(n, dtype=np.uint8), lambda why: self._complete(req, why or too_long)
+
+    def _arrived(self, key: tuple, msg: _Msg, why: str | None) -> None:
+        """An unexpected message's body arrived (or failed).  Lock held."""
+        if msg.target is not None:  # a receive took it while it was arriving
+            if why:
+                self._complete(msg.target, why)
+            else:
+                self._deliver(msg, msg.target)
+            return
+        if why:
+            q = self.stash.get(key)
+            if q and msg in q:
+                q.remove(msg)
+            return
+        msg.state = "here"
+
+    def _deliver(self, msg: _Msg, req: _Req) -> None:
+        """Copy an arrived message into a receive and complete it.  Lock held."""
+        n, cap = msg.nbytes, req.buf.size
+        if n > cap:
+            self._complete(req, Truncated(f"rank {msg.source} sent {n} bytes, longer than the {cap}-byte receive"))
+            return
+        req.buf[:n] = msg.data
+        self._complete(req, None, (msg.source, n))
+
+    def _take_waiting(self, ctx: int, peer: int, tag: int) -> _Req | None:
+        """The earliest posted receive that a message from `peer` matches (exact source or ANY).  Lock held."""
+        best_key = None
+        for key in ((ctx, peer, tag), (ctx, ANY_SOURCE, tag)):
+            q = self.waiting.get(key)
+            if q and (best_key is None or q[0].seq < self.waiting[best_key][0].seq):
+                best_key = key
+        if best_key is None:
+            return None
+        q = self.waiting[best_key]
+        req = q.popleft()
+        if not q:
+            del self.waiting[best_key]
+        return req
+
+    def _take_stash(self, ctx: int, source: int, tag: int) -> tuple[_Msg, tuple] | None:
+        """The first unclaimed message of stream (ctx, source, tag); for ANY_SOURCE the earliest of any source."""
+        if source == ANY_SOURCE:
+            heads = [(q[0].seq, k) for k in ((ctx, s, tag) for s in range(self.size)) if (q := self.stash.get(k))]
+            if not heads:
+                return None
+            key = min(heads)[1]
+        else:
+            key = (ctx, source, tag)
+            if not self.stash.get(key):
+                return None
+        q = self.stash[key]
+        msg = q.popleft()
+        if not q:
+            del self.stash[key]
+        return msg, key
+
+    def recv(self, ctx: int, source: int, tag: int, flat: np.ndarray, name: str) -> _Req:
+        req = _Req("recv", next(self.seq), flat, ctx, source, tag)
+        with self.lock:
+            self._check_open(name)
+            found = self._take_stash(ctx, source, tag)
+            if found is None:
+                if source != ANY_SOURCE and source in self.gone:
+                    self._complete(req, self.gone[source])
+                else:
+                    self.waiting.setdefault((ctx, source, tag), deque()).append(req)
+                return req
+            msg, key = found
+            if msg.state == "here":
+                self._deliver(msg, req)
+            elif msg.state == "arriving":
+                msg.target = req
+                req.state = "matched"
+            else:  # at_sender: fetch the body now
+                plan = self._start_body(key, msg, req)
+                if plan is not None:
+                    target, finish = plan
+                    try:
+                        works = self._post_body(msg.source, ctx, tag, target)
+                    except Exception as e:  # noqa: BLE001
+                        finish(_reason(e))
+                        return req
+                    req.keep = target
+                    self._defer(("recv", *key), works, finish)
+        return req
+
+    def poll(self, ctx: int, source: int, tag: int, name: str) -> np.ndarray | None:
+        key = (ctx, source, tag)
+        with self.lock:
+            self._check_open(name)
+            q = self.stash.get(key)
+            if not q or q[0].state == "arriving":
+                return None
+            msg = q[0]
+            if msg.state == "at_sender":  # a frame too large to come eagerly: fetch it, report it when here
+                if msg.nbytes > DRAIN_BYTES:
+                    q.popleft()
+                    self.poisoned.add(key)
+                    raise ProtocolError(f"rank {source} announced a {msg.nbytes}-byte frame on {name}; refused")
+                msg.state, msg.data = "arriving", _frame_buffer(msg.nbytes)
+                try:
+                    works = self._post_body(source, ctx, tag, msg.data)
+                except Exception as e:  # noqa: BLE001
+                    self._arrived(key, msg, _reason(e))
+                    return None
+                self._defer(("frame", *key), works, lambda why, m=msg: self._arrived(key, m, why))
+                return None
+            q.popleft()
+            if not q:
+                del self.stash[key]
+        if msg.nbytes % 8:
+            raise ProtocolError(f"rank {source} sent a {msg.nbytes}-byte frame on {name}, not int64 words")
+        return msg.data.view(np.int64)
+
+    def _lose(self, peer: int, why: str) -> None:
+        """Nothing more will come from `peer`: fail the receives that wait for it alone."""
+        with self.lock:
+            self.gone.setdefault(peer, why)
+            for key in [k for k in self.waiting if k[1] == peer]:
+                for req in self.waiting.pop(key):
+                    self._complete(req, why)
+            self.lock.notify_all()
+
+    # ------------------------------------------------------------------------------ sending
+    def send(self, ctx: int, dest: int, tag: int, flat: np.ndarray, name: str) -> _Req:
+        req = _Req("send", next(self.seq), flat, ctx, dest, tag)
+        with self.lock:
+            self._check_open(name)
+            if dest == self.rank:
+                self._send_to_self(ctx, tag, flat)
+                self._complete(req, None)
+                return req
+            if dest in self.gone:
+                self._complete(req, self.gone[dest])
+                return req
+            head = np.array([HDR_MAGIC, ctx, tag, flat.size], dtype=np.int64)
+            body = flat if flat.flags.writeable else flat.copy()  # torch.from_numpy wants a writeable array
+            try:
+                works = [self.pg.send([torch.from_numpy(body)], dest, 1 + ctx * TAG_SPAN + tag)] if flat.size else []
+                works.append(self.pg.send([torch.from_numpy(head)], dest, HDR_SLOT))
+            except Exception as e:  # noqa: BLE001
+                self._complete(req, f"gloo could not send to rank {dest} on {name}: {_reason(e)}")
+                return req
+            req.keep = (body, head, works)
+            self._defer(("send", dest, ctx, tag), works, lambda why: self._complete(req, why))
+        return req
+
+    def _send_to_self(self, ctx: int, tag: int, flat: np.ndarray) -> None:
+        """A message to this rank never touches gloo: deliver it, or keep a copy for the receive to come."""
+        key = (ctx, self.rank, tag)
+        msg = _Msg(self.rank, flat.size, next(self.seq), "here", flat.copy())
+        req = None if self.stash.get(key) else self._take_waiting(ctx, self.rank, tag)
+        if req is None:
+            self.stash.setdefault(key, deque()).append(msg)
+        else:
+            self._deliver(msg, req)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def cancel(self, reqs: Sequence[_Req], abandon: bool) -> None:
+        with self.lock:
+            arriving = []
+            for r in reqs:
+                if r.kind == "recv" and r.state == "waiting":
+                    q = self.waiting.get((r.ctx, r.source, r.tag))
+                    if q is not None and r in q:
+                        q.remove(r)
+                    self._complete(r, None)
+                elif r.kind == "recv" and r.state == "matched":
+                    arriving.append(r)
+                # a send cannot be withdrawn from gloo; it stays referenced (its stream's waiter) until sent
+                if not abandon:
+                    r.reported = True
+            if abandon:
+                return
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while any(not r.done for r in arriving):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportError(
+                        f"{self.label}: {sum(not r.done for r in arriving)} cancelled receive(s) whose message was "
+                        f"already arriving did not complete within {CANCEL_WAIT_S:.0f}s"
+                    )
+                self.lock.wait(min(left, 0.1))
+
+    def new_context(self) -> int:
+        with self.lock:
+            ctx = self.next_ctx
+            if ctx >= MAX_CONTEXTS:
+                raise TransportError(f"{self.label}: more than {MAX_CONTEXTS} contexts")
+            self.next_ctx += 1
+            return ctx
+
+    def _check_open(self, name: str) -> None:
+        if self.closed:
+            raise TransportError(f"{name}: this transport is closed")
+
+    def close(self) -> None:
+        """Tell every peer this rank is done (its listener for us ends when the goodbye arrives), fail receives
+        still waiting, and drop the messages nobody will take, so the peers' sends of them complete."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for q in self.waiting.values():
+                for req in q:
+                    self._complete(req, f"{self.label}: the transport was closed")
+            self.waiting.clear()
+            for key, q in self.stash.items():
+                for msg in q:  # at_sender bodies, in stream order; arriving ones are already being received
+                    if msg.state == "at_sender" and key not in self.poisoned:
+                        works, _ = self._discard(key, msg.nbytes)
+                        if works:
+                            self._defer(("drop", *key), works, lambda why: None)
+            self.stash.clear()
+            works = []
+            for peer in range(self.size):
+                if peer != self.rank and peer not in self.gone:
+                    try:
+                        works.append(self.pg.send([torch.from_numpy(self._close_head)], peer, HDR_SLOT))
+                    except Exception:  # noqa: BLE001 - a pair gloo closed already: that peer needs no goodbye
+                        pass
+            if works:  # keeps the works (and this wire) alive until gloo has sent them
+                self._spawn(self._wait, works, name=f"fltorrent-{self.label}-bye")
+            self.lock.notify_all()
+
+    def join(self, deadline: float) -> bool:
+        """Wait (until `deadline`, monotonic) for this wire's threads to end; whether they all did."""
+        while self.threads:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            th = next(iter(list(self.threads)), None)
+            if th is not None:
+                th.join(min(left, 0.2))
+        return True
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """Close every wire and wait (bounded) until its threads ended.
+
+    A Python thread that returns from gloo's wait while the interpreter finalizes aborts the process (on Python
+    3.11 it is ended with pthread_exit, which cannot unwind through the C++ frames of the wait: "terminate called
+    without an active exception").  So at exit every wire says goodbye to its peers and waits up to
+    FLTORRENT_TORCH_EXIT_WAIT_S for theirs: once every rank closed, no thread is left inside gloo.
+    """
+    wires = list(_LIVE)
+    for w in wires:
+        try:
+            w.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for w in wires:
+        w.join(deadline)
+
+
+class TorchTransport(Transport):
+    """One context of a gloo-backed transport (see the module doc); build the root with `connect`."""
+
+    def __init__(self, wire: _Wire, ctx: int, name: str):
+        self._wire, self._ctx, self.name = wire, ctx, name
+        self.rank, self.size = wire.rank, wire.size
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"TorchTransport({self.name!r}, rank={self.rank}, size={self.size}, context={self._ctx})"
+
+    def _open(self) -> _Wire:
+        if self._closed:
+            raise TransportError(f"{self.name}: this transport is closed")
+        return self._wire
+
+    def _peer(self, peer: int, tag: int, what: str, any_ok: bool = False) -> None:
+        if not (0 <= peer < self.size or (any_ok and peer == ANY_SOURCE)):
+            raise TransportError(f"{self.name}: cannot {what} rank {peer} of a group of {self.size}")
+        if not 0 <= tag < GATHER_TAG:
+            raise TransportError(f"{self.name}: tag {tag} outside [0, {GATHER_TAG})")
+
+    def dup(self, name: str) -> TorchTransport:
+        return TorchTransport(self._wire, self._open().new_context(), name)
+
+    def post_send(self, buf: np.ndarray, dest: int, tag: int) -> Request:
+        self._peer(dest, tag, "send to")
+        return self._open().send(self._ctx, dest, tag, _flat(buf, "send"), self.name)
+
+    def post_recv(self, buf: np.ndarray, source: int, tag: int) -> Request:
+        self._peer(source, tag, "receive from", any_ok=True)
+        return self._open().recv(self._ctx, source, tag, _flat(buf, "receive"), self.name)
+
+    def post_recv_status(self, buf: np.ndarray, source: int, tag: int) -> Request:
+        return self.post_recv(buf, source, tag)
+
+    def recv_status(self, req: Request) -> tuple[int, int]:
+        if not isinstance(req, _Req) or req.got is None:
+            raise TransportError(f"{self.name}: recv_status of a request that is not a completed receive")
+        return req.got
+
+    def test(self, reqs: Sequence[Request]) -> list[int]:
+        out = []
+        for i, r in enumerate(reqs):
+            if not r.reported and r.done:
+                r.reported = True
+                out.append(i)
+        return out
+
+    def failed(self, req: Request) -> str | None:
+        if isinstance(req, _Gather):
+            for p in req.parts:
+                why = p.why
+                if why:
+                    return f"all-gather: {why}"
+                if p.kind == "recv" and p.got is not None and p.got[1] != req.nbytes:
+                    return f"all-gather: rank {p.got[0]} contributed {p.got[1]} bytes, expected {req.nbytes}"
+            return None
+        why, req.why = req.why, None
+        return why
+
+    def cancel(self, reqs: Sequence[Request]) -> None:
+        self._wire.cancel(self._parts(reqs), abandon=False)
+        for r in reqs:
+            r.reported = True
+
+    def abandon(self, reqs: Sequence[Request]) -> None:
+        self._wire.cancel(self._parts(reqs), abandon=True)
+
+    @staticmethod
+    def _parts(reqs: Sequence[Request]) -> list[_Req]:
+        return [p for r in reqs for p in (r.parts if isinstance(r, _Gather) else [r])]
+
+    def poll_frame(self, source: int, tag: int) -> np.ndarray | None:
+        self._peer(source, tag, "poll")
+        return self._open().poll(self._ctx, source, tag, self.name)
+
+    def post_allgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
+        wire = self._open()
+        flat = _flat(send, "send")
+        rows = _flat(recv, "receive").reshape(self.size, -1) if recv.size else np.empty((self.size, 0), np.uint8)
+        if rows.shape[1] != flat.size:
+            raise TransportError(f"{self.name}: all-gather rows of {rows.shape[1]} bytes for {flat.size}-byte inputs")
+        rows[self.rank] = flat
+        parts = [wire.recv(self._ctx, r, GATHER_TAG, rows[r], self.name) for r in range(self.size) if r != self.rank]
+        parts += [wire.send(self._ctx, r, GATHER_TAG, flat, self.name) for r in range(self.size) if r != self.rank]
+        return _Gather(parts, flat.size)
+
+    def local_size(self) -> int:
+        hosts = self._wire.hosts
+        return sum(h == hosts[self.rank] for h in hosts)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._ctx == 0:
+            self._wire.close()
+
+
+def connect(store: Any, rank: int, size: int, *, timeout_s: float, name: str = "world") -> TorchTransport:
+    """The root TorchTransport of `size` ranks that share `store` (collective; bounded by `timeout_s`).
+
+    `name` keys this transport's entries in the store: it must be the same on every rank and new for the store
+    (torch gives each process group a store of its own, so "world" suits a group's one transport).
+    """
+    import torch.distributed as dist
+
+    if not 0 <= rank < size:
+        raise TransportError(f"torch transport {name}: rank {rank} outside a group of {size}")
+    prefix = dist.PrefixStore(f"fltorrent/torch/{name}/", store)
+    keys = [f"host/{r}" for r in range(size)]
+    prefix.set(keys[rank], socket.gethostname())
+    try:
+        prefix.wait(keys, timedelta(seconds=timeout_s))
+    except Exception as e:  # torch raises DistStoreError or RuntimeError on timeout
+        missing = [r for r in range(size) if not prefix.check([keys[r]])]
+        raise PeerTimeoutError(
+            f"fltorrent torch transport {name}: rank(s) {missing} did not arrive within {timeout_s:.0f}s"
+        ) from e
+    hosts = [prefix.get(k).decode() for k in keys]
+    pg = None
+    if size > 1:
+        box: dict[str, Any] = {}
+
+        def build() -> None:
+            try:
+                box["pg"] = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", prefix), rank, size, GLOO_TIMEOUT)
+            except Exception as e:  # noqa: BLE001 - reported below, on the caller's thread
+                box["error"] = e
+
+        th = threading.Thread(target=build, daemon=True, name=f"fltorrent-{name}-connect")
+        th.start()
+        th.join(timeout_s)  # gloo's own connect would wait for the 30-day timeout
+        if th.is_alive():
+            raise PeerTimeoutError(f"fltorrent torch transport {name}: gloo did not connect within {timeout_s:.0f}s")
+        if "error" in box:
+            raise TransportError(f"fltorrent torch transport {name}: gloo could not connect: {box['error']}")
+        pg = box["pg"]
+    return TorchTransport(_Wire(pg, rank, size, hosts, name), 0, name)
