@@ -59,15 +59,17 @@ from .base import ANY_SOURCE, Request, Transport, Truncated
 __all__ = ["TorchTransport", "connect", "EAGER_BYTES", "DRAIN_BYTES"]
 
 HDR_MAGIC = 0x464C5448  # "FLTH": first word of every header
-HDR_SLOT = 0  # gloo tag of every header between a pair
+HDR_BYTES = 32  # magic, context, tag, nbytes: four int64 words
+HDR_SLOT = 0  # gloo tag of every header (with the body of a small message) between a pair
 CLOSE = -1  # the context word of a closing header
 TAG_SPAN = 1 << 16  # logical tags 0..65534 in each context; 65535 is the all-gather's
 GATHER_TAG = TAG_SPAN - 1
 MAX_CONTEXTS = (2**31 - 2) // TAG_SPAN  # body slot 1 + ctx * TAG_SPAN + tag stays a positive int32
-EAGER_BYTES = int(os.environ.get("FLTORRENT_TORCH_EAGER_BYTES", str(64 << 10)))
+EAGER_BYTES = 64 << 10  # a body up to this size travels with its header (fixed: every rank must post this size)
 DRAIN_BYTES = 64 << 20  # a message longer than its receive is consumed up to this size; beyond, its stream closes
 CANCEL_WAIT_S = 30.0  # cancel() of a receive whose body is already arriving waits at most this long
 GLOO_TIMEOUT = timedelta(days=30)  # a gloo wait that expires closes every pair: our deadlines bound waits instead
+WAITER_LINGER_S = 2.0  # an idle pooled waiter thread ends after this long
 EXIT_WAIT_S = float(os.environ.get("FLTORRENT_TORCH_EXIT_WAIT_S", "20"))  # at exit: wait for peers' goodbyes
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # wires of this process, closed and drained at exit
 
@@ -103,16 +105,19 @@ class _Gather:
 class _Msg:
     """A message whose header arrived and that no receive has taken yet.
 
-    state: "arriving" (its body is being received into `data`), "here" (`data` holds it), "at_sender"
-    (rendezvous: the body waits at its sender until a receive matches).  `target`: a receive that matched it
-    while it was arriving.
+    state: "here" (`data` holds it), "at_sender" (rendezvous: a large body waits at its sender until a receive
+    matches), "arriving" (a large frame `poll_frame` is fetching into `data`).
     """
 
-    __slots__ = ("source", "nbytes", "seq", "state", "data", "target")
+    __slots__ = ("source", "nbytes", "seq", "state", "data")
 
     def __init__(self, source: int, nbytes: int, seq: int, state: str, data: np.ndarray | None = None):
         self.source, self.nbytes, self.seq, self.state, self.data = source, nbytes, seq, state, data
-        self.target: _Req | None = None
+
+
+def _body_slot(ctx: int, tag: int) -> int:
+    """The gloo tag of a large body of (context, tag): its own slot, so bodies of a stream match in order."""
+    return 1 + ctx * TAG_SPAN + tag
 
 
 def _frame_buffer(nbytes: int) -> np.ndarray:
@@ -139,24 +144,31 @@ class _Wire:
 
     def __init__(self, pg: Any, rank: int, size: int, hosts: list[str], label: str):
         self.pg, self.rank, self.size, self.hosts, self.label = pg, rank, size, hosts, label
-        self.lock = threading.Condition()
+        mutex = threading.Lock()
+        self.lock = threading.Condition(mutex)  # guards everything below; notified when a request completes
+        self.outbox_cv = {p: threading.Condition(mutex) for p in range(size)}  # wakes one peer's reaper
         self.waiting: dict[tuple[int, int, int], deque[_Req]] = {}  # (ctx, source or ANY, tag) -> receives
         self.stash: dict[tuple[int, int, int], deque[_Msg]] = {}  # (ctx, source, tag) -> arrived messages
         self.poisoned: set[tuple[int, int, int]] = set()  # streams whose next body can no longer be framed
         self.gone: dict[int, str] = {}  # peer -> why nothing more will come from it
-        self.streams: dict[tuple, deque] = {}  # waiter-thread queues of (gloo works, on_done)
+        self.streams: dict[tuple, deque] = {}  # large bodies in flight, per stream: (gloo works, on_done)
+        self.ready: deque[tuple] = deque()  # streams with work that no waiter is serving
+        self.waiters_idle = 0
+        self.waiter_cv = threading.Condition(mutex)
+        self.outbox: dict[int, deque] = {}  # peer -> header-slot sends (work, buffer) its reaper waits for
         self.seq = itertools.count()
         self.next_ctx = 1
         self.closed = False
         self.threads: set[threading.Thread] = set()  # every thread of this wire still running
-        self._close_head = np.array([HDR_MAGIC, CLOSE, 0, 0], dtype=np.int64)
         for peer in range(size):
             if peer != rank:
                 self._spawn(self._listen, peer, name=f"fltorrent-{label}-listen-{peer}")
+                self.outbox[peer] = deque()
+                self._spawn(self._reap, peer, self.outbox[peer], name=f"fltorrent-{label}-reap-{peer}")
         _LIVE.add(self)
 
     def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
-        """Start a daemon thread that this wire tracks until it ends (lock held or not)."""
+        """Start a daemon thread that this wire tracks until it ends."""
 
         def run() -> None:
             try:
@@ -180,32 +192,64 @@ class _Wire:
         return None
 
     def _post_body(self, peer: int, ctx: int, tag: int, target: np.ndarray) -> list[Any]:
-        """Post the gloo receive of a body whose length is known (lock held: bodies of a stream in order)."""
-        if not target.size:
-            return []
-        return [self.pg.recv([torch.from_numpy(target)], peer, 1 + ctx * TAG_SPAN + tag)]
+        """Post the gloo receive of a large body whose length is known (lock held: a stream's bodies in order)."""
+        return [self.pg.recv([torch.from_numpy(target)], peer, _body_slot(ctx, tag))] if target.size else []
 
     def _defer(self, key: tuple, works: list[Any], on_done: Callable[[str | None], None]) -> None:
-        """Have a waiter thread of stream `key` wait for `works` (after the stream's earlier ones), then call
-        `on_done(why)` under the lock.  Lock held."""
+        """Have a waiter thread wait for `works` after the earlier works of stream `key`, then call `on_done(why)`
+        under the lock.  Waiters are pooled: an idle one lingers WAITER_LINGER_S for the next stream, and a new
+        one starts when none is idle (a waiter may wait long: a body its receiver has not asked for).  Lock held."""
         q = self.streams.get(key)
         if q is None:
             q = self.streams[key] = deque()
-            self._spawn(self._drain, key, q, name=f"fltorrent-{self.label}-wait")
+            self.ready.append(key)
+            if self.waiters_idle:
+                self.waiter_cv.notify()
+            else:
+                self._spawn(self._serve, name=f"fltorrent-{self.label}-wait")
         q.append((works, on_done))
 
-    def _drain(self, key: tuple, q: deque) -> None:
+    def _serve(self) -> None:
+        """A pooled waiter: serve one stream until it is empty, then the next ready one; end after lingering."""
         while True:
             with self.lock:
+                deadline = time.monotonic() + WAITER_LINGER_S
+                while not self.ready:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self.closed and not self.streams:
+                        return
+                    self.waiters_idle += 1
+                    self.waiter_cv.wait(min(left, 1.0))
+                    self.waiters_idle -= 1
+                key = self.ready.popleft()
+                q = self.streams[key]
+            while True:
+                with self.lock:
+                    if not q:
+                        del self.streams[key]
+                        break
+                    works, on_done = q[0]
+                why = self._wait(works)
+                with self.lock:
+                    q.popleft()
+                    on_done(why)
+                    self.lock.notify_all()
+
+    def _reap(self, peer: int, q: deque) -> None:
+        """Wait, in order, for this rank's header-slot messages to `peer` (gloo completes one slot in order and
+        the peer's listener always has a receive posted), keeping their buffers alive until gloo sent them."""
+        while True:
+            with self.lock:
+                while not q and not self.closed:
+                    self.outbox_cv[peer].wait()
                 if not q:
-                    del self.streams[key]
                     return
-                works, on_done = q[0]
-            why = self._wait(works)
+                work, _keep = q[0]
+            why = self._wait([work])
             with self.lock:
                 q.popleft()
-                on_done(why)
-                self.lock.notify_all()
+            if why is not None:
+                self._lose(peer, f"rank {peer} is unreachable ({why})")
 
     def _complete(self, req: _Req, why: str | None, got: tuple[int, int] | None = None) -> None:
         """Lock held."""
@@ -213,9 +257,11 @@ class _Wire:
 
     # ------------------------------------------------------------------------------ receiving
     def _listen(self, peer: int) -> None:
-        """This rank's listener for `peer`: read each header, then act on it, until the peer closes or fails."""
-        head = np.zeros(4, dtype=np.int64)
-        view = torch.from_numpy(head)
+        """This rank's listener for `peer`: one receive always posted on the header slot, until the peer says
+        goodbye or fails.  A message carries its header and, when small, its body."""
+        buf = np.zeros(HDR_BYTES + EAGER_BYTES, dtype=np.uint8)
+        head = buf[:HDR_BYTES].view(np.int64)
+        view = torch.from_numpy(buf)
         while True:
             try:
                 why = self._wait([self.pg.recv([view], peer, HDR_SLOT)])
@@ -230,70 +276,72 @@ class _Wire:
             if magic != HDR_MAGIC or not (0 <= ctx < MAX_CONTEXTS and 0 <= tag < TAG_SPAN) or nbytes < 0:
                 self._lose(peer, f"rank {peer} sent a malformed header {head.tolist()}; its messages cannot be framed")
                 return
-            why = self._on_header(peer, ctx, tag, nbytes)
+            body = buf[HDR_BYTES : HDR_BYTES + nbytes] if nbytes <= EAGER_BYTES else None
+            why = self._on_message((ctx, peer, tag), nbytes, body)
             if why is not None:
                 self._lose(peer, f"rank {peer} failed during a message ({why})")
                 return
 
-    def _on_header(self, peer: int, ctx: int, tag: int, nbytes: int) -> str | None:
-        """Match a header to a posted receive, receive a small unexpected body now, or leave it at the sender;
-        once this wire is closed, receive and drop it (so the sender's send completes).  The reason a body
-        failed, or None."""
-        key = (ctx, peer, tag)
+    def _on_message(self, key: tuple, nbytes: int, body: np.ndarray | None) -> str | None:
+        """Deliver or keep a small message (its body came with the header); match a large one's header to a
+        posted receive and receive its body now, or leave the body at its sender.  Once this wire is closed,
+        large bodies are received and dropped, so the sender's send completes.  The reason a body failed."""
+        ctx, peer, tag = key
+        finish: Callable | None = None
         with self.lock:
             if key in self.poisoned:
                 return None
-            works, finish = self._discard(key, nbytes) if self.closed else self._route(key, nbytes)
-        why = self._wait(works)
+            if self.closed:
+                works = [] if body is not None else self._discard(key, nbytes)
+            else:
+                msg = _Msg(peer, nbytes, next(self.seq), "here")
+                q = self.stash.get(key)
+                req = None if q else self._take_waiting(ctx, peer, tag)
+                if body is not None:
+                    if req is not None:
+                        self._deliver(peer, body, req)
+                    else:
+                        msg.data = _frame_buffer(nbytes)
+                        msg.data[:] = body
+                        self.stash.setdefault(key, deque()).append(msg)
+                    self.lock.notify_all()
+                    return None
+                if req is None:
+                    msg.state = "at_sender"
+                    self.stash.setdefault(key, deque()).append(msg)
+                    return None
+                plan = self._start_body(key, msg, req)
+                if plan is None:
+                    self.lock.notify_all()
+                    return None
+                target, finish = plan
+                try:
+                    works = self._post_body(peer, ctx, tag, target)
+                except Exception as e:  # noqa: BLE001 - the pair is gone
+                    finish(_reason(e))
+                    return _reason(e)
+        why = self._wait(works)  # the sender posted the body before the header: it is on its way
         if finish is not None:
             with self.lock:
                 finish(why)
                 self.lock.notify_all()
         return why
 
-    def _route(self, key: tuple, nbytes: int) -> tuple[list[Any], Callable | None]:
-        """Post the receive of a header's body where it belongs (lock held): the gloo works to wait for and what
-        to do when they completed; ([], None) when the body stays at its sender."""
-        ctx, peer, tag = key
-        msg = _Msg(peer, nbytes, next(self.seq), "arriving")
-        q = self.stash.get(key)
-        req = None if q else self._take_waiting(ctx, peer, tag)
-        if req is not None:
-            plan = self._start_body(key, msg, req)
-            if plan is None:
-                self.lock.notify_all()
-                return [], None
-            target, finish = plan
-        elif nbytes <= EAGER_BYTES and not (q and any(m.state == "at_sender" for m in q)):
-            msg.data = target = _frame_buffer(nbytes)
-            self.stash.setdefault(key, deque()).append(msg)
-
-            def finish(why: str | None, m: _Msg = msg) -> None:
-                self._arrived(key, m, why)
-        else:
-            msg.state = "at_sender"
-            self.stash.setdefault(key, deque()).append(msg)
-            return [], None
-        try:
-            return self._post_body(peer, ctx, tag, target), finish
-        except Exception as e:  # noqa: BLE001 - a pair gloo closed: the listener learns it at its next header
-            finish(_reason(e))
-            return [], None
-
-    def _discard(self, key: tuple, nbytes: int) -> tuple[list[Any], None]:
-        """Post a receive that drops a body nobody will take (lock held); too large to drop: close its stream."""
+    def _discard(self, key: tuple, nbytes: int) -> list[Any]:
+        """Post a receive that drops a large body nobody will take (lock held); too large to drop: the stream
+        closes (the sender's send never completes)."""
         if nbytes > DRAIN_BYTES:
             self.poisoned.add(key)
-            return [], None
+            return []
         ctx, peer, tag = key
         try:
-            return self._post_body(peer, ctx, tag, np.empty(nbytes, dtype=np.uint8)), None
+            return self._post_body(peer, ctx, tag, np.empty(nbytes, dtype=np.uint8))
         except Exception:  # noqa: BLE001 - the pair is gone: nothing to drop
-            return [], None
+            return []
 
     def _start_body(self, key: tuple, msg: _Msg, req: _Req) -> tuple[np.ndarray, Callable] | None:
-        """Where `msg`'s body goes now that `req` takes it, and what completes `req` (None: nothing to receive).
-        Lock held."""
+        """Where a large body goes now that `req` takes it, and what completes `req` (None: nothing to receive:
+        too long to drain, its stream closes).  Lock held."""
         peer, n, cap = msg.source, msg.nbytes, req.buf.size
         req.state = "matched"
         if n <= cap:
@@ -308,28 +356,24 @@ class _Wire:
         return np.empty(n, dtype=np.uint8), lambda why: self._complete(req, why or too_long)
 
     def _arrived(self, key: tuple, msg: _Msg, why: str | None) -> None:
-        """An unexpected message's body arrived (or failed).  Lock held."""
-        if msg.target is not None:  # a receive took it while it was arriving
-            if why:
-                self._complete(msg.target, why)
-            else:
-                self._deliver(msg, msg.target)
-            return
+        """A large frame that `poll` fetched arrived (or failed).  Lock held."""
         if why:
             q = self.stash.get(key)
             if q and msg in q:
                 q.remove(msg)
+                if not q:
+                    del self.stash[key]
             return
         msg.state = "here"
 
-    def _deliver(self, msg: _Msg, req: _Req) -> None:
-        """Copy an arrived message into a receive and complete it.  Lock held."""
-        n, cap = msg.nbytes, req.buf.size
+    def _deliver(self, source: int, data: np.ndarray, req: _Req) -> None:
+        """Copy a message that is here into a receive and complete it.  Lock held."""
+        n, cap = data.size, req.buf.size
         if n > cap:
-            self._complete(req, Truncated(f"rank {msg.source} sent {n} bytes, longer than the {cap}-byte receive"))
+            self._complete(req, Truncated(f"rank {source} sent {n} bytes, longer than the {cap}-byte receive"))
             return
-        req.buf[:n] = msg.data
-        self._complete(req, None, (msg.source, n))
+        req.buf[:n] = data
+        self._complete(req, None, (source, n))
 
     def _take_waiting(self, ctx: int, peer: int, tag: int) -> _Req | None:
         """The earliest posted receive that a message from `peer` matches (exact source or ANY).  Lock held."""
@@ -347,7 +391,8 @@ class _Wire:
         return req
 
     def _take_stash(self, ctx: int, source: int, tag: int) -> tuple[_Msg, tuple] | None:
-        """The first unclaimed message of stream (ctx, source, tag); for ANY_SOURCE the earliest of any source."""
+        """The first unclaimed message of stream (ctx, source, tag); for ANY_SOURCE the earliest of any source.
+        A large frame `poll` is fetching is not yet claimable (None)."""
         if source == ANY_SOURCE:
             heads = [(q[0].seq, k) for k in ((ctx, s, tag) for s in range(self.size)) if (q := self.stash.get(k))]
             if not heads:
@@ -358,6 +403,8 @@ class _Wire:
             if not self.stash.get(key):
                 return None
         q = self.stash[key]
+        if q[0].state == "arriving":
+            return None
         msg = q.popleft()
         if not q:
             del self.stash[key]
@@ -376,21 +423,18 @@ class _Wire:
                 return req
             msg, key = found
             if msg.state == "here":
-                self._deliver(msg, req)
-            elif msg.state == "arriving":
-                msg.target = req
-                req.state = "matched"
-            else:  # at_sender: fetch the body now
-                plan = self._start_body(key, msg, req)
-                if plan is not None:
-                    target, finish = plan
-                    try:
-                        works = self._post_body(msg.source, ctx, tag, target)
-                    except Exception as e:  # noqa: BLE001
-                        finish(_reason(e))
-                        return req
-                    req.keep = target
-                    self._defer(("recv", *key), works, finish)
+                self._deliver(msg.source, msg.data, req)
+                return req
+            plan = self._start_body(key, msg, req)  # at_sender: fetch the body now
+            if plan is not None:
+                target, finish = plan
+                try:
+                    works = self._post_body(msg.source, ctx, tag, target)
+                except Exception as e:  # noqa: BLE001 - the pair is gone
+                    finish(_reason(e))
+                    return req
+                req.keep = target
+                self._defer(("recv", *key), works, finish)
         return req
 
     def poll(self, ctx: int, source: int, tag: int, name: str) -> np.ndarray | None:
@@ -401,7 +445,7 @@ class _Wire:
             if not q or q[0].state == "arriving":
                 return None
             msg = q[0]
-            if msg.state == "at_sender":  # a frame too large to come eagerly: fetch it, report it when here
+            if msg.state == "at_sender":  # a frame too large to come with its header: fetch it, report it later
                 if msg.nbytes > DRAIN_BYTES:
                     q.popleft()
                     self.poisoned.add(key)
@@ -409,7 +453,7 @@ class _Wire:
                 msg.state, msg.data = "arriving", _frame_buffer(msg.nbytes)
                 try:
                     works = self._post_body(source, ctx, tag, msg.data)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - the pair is gone
                     self._arrived(key, msg, _reason(e))
                     return None
                 self._defer(("frame", *key), works, lambda why, m=msg: self._arrived(key, m, why))
@@ -432,7 +476,11 @@ class _Wire:
 
     # ------------------------------------------------------------------------------ sending
     def send(self, ctx: int, dest: int, tag: int, flat: np.ndarray, name: str) -> _Req:
+        """Small messages go with their header in one gloo message and complete at once (the copy is the
+        transport's); a large one's body goes on its own slot, before its header, and completes when gloo
+        sent it, which is when the receiver took it."""
         req = _Req("send", next(self.seq), flat, ctx, dest, tag)
+        n = flat.size
         with self.lock:
             self._check_open(name)
             if dest == self.rank:
@@ -442,27 +490,40 @@ class _Wire:
             if dest in self.gone:
                 self._complete(req, self.gone[dest])
                 return req
-            head = np.array([HDR_MAGIC, ctx, tag, flat.size], dtype=np.int64)
-            body = flat if flat.flags.writeable else flat.copy()  # torch.from_numpy wants a writeable array
             try:
-                works = [self.pg.send([torch.from_numpy(body)], dest, 1 + ctx * TAG_SPAN + tag)] if flat.size else []
-                works.append(self.pg.send([torch.from_numpy(head)], dest, HDR_SLOT))
-            except Exception as e:  # noqa: BLE001
+                if n <= EAGER_BYTES:
+                    msg = np.empty(HDR_BYTES + n, dtype=np.uint8)
+                    msg[:HDR_BYTES].view(np.int64)[:] = (HDR_MAGIC, ctx, tag, n)
+                    msg[HDR_BYTES:] = flat
+                    self._post_header(dest, msg)
+                    self._complete(req, None)
+                    return req
+                body = flat if flat.flags.writeable else flat.copy()  # torch.from_numpy wants it writeable
+                work = self.pg.send([torch.from_numpy(body)], dest, _body_slot(ctx, tag))
+                self._post_header(dest, np.array([HDR_MAGIC, ctx, tag, n], dtype=np.int64).view(np.uint8))
+            except Exception as e:  # noqa: BLE001 - a pair gloo closed
                 self._complete(req, f"gloo could not send to rank {dest} on {name}: {_reason(e)}")
                 return req
-            req.keep = (body, head, works)
-            self._defer(("send", dest, ctx, tag), works, lambda why: self._complete(req, why))
+            req.keep = body
+            self._defer(("send", dest, ctx, tag), [work], lambda why: self._complete(req, why))
         return req
+
+    def _post_header(self, dest: int, msg: np.ndarray) -> None:
+        """Send one header-slot message; its reaper keeps `msg` alive until gloo sent it.  Lock held."""
+        work = self.pg.send([torch.from_numpy(msg)], dest, HDR_SLOT)
+        self.outbox[dest].append((work, msg))
+        self.outbox_cv[dest].notify()
 
     def _send_to_self(self, ctx: int, tag: int, flat: np.ndarray) -> None:
         """A message to this rank never touches gloo: deliver it, or keep a copy for the receive to come."""
         key = (ctx, self.rank, tag)
-        msg = _Msg(self.rank, flat.size, next(self.seq), "here", flat.copy())
         req = None if self.stash.get(key) else self._take_waiting(ctx, self.rank, tag)
-        if req is None:
-            self.stash.setdefault(key, deque()).append(msg)
-        else:
-            self._deliver(msg, req)
+        if req is not None:
+            self._deliver(self.rank, flat, req)
+            return
+        msg = _Msg(self.rank, flat.size, next(self.seq), "here", _frame_buffer(flat.size))
+        msg.data[:] = flat
+        self.stash.setdefault(key, deque()).append(msg)
 
     # ------------------------------------------------------------------------------ lifecycle
     def cancel(self, reqs: Sequence[_Req], abandon: bool) -> None:
@@ -476,7 +537,7 @@ class _Wire:
                     self._complete(r, None)
                 elif r.kind == "recv" and r.state == "matched":
                     arriving.append(r)
-                # a send cannot be withdrawn from gloo; it stays referenced (its stream's waiter) until sent
+                # a large send cannot be withdrawn from gloo; its stream's waiter keeps it until gloo sent it
                 if not abandon:
                     r.reported = True
             if abandon:
@@ -505,32 +566,32 @@ class _Wire:
 
     def close(self) -> None:
         """Tell every peer this rank is done (its listener for us ends when the goodbye arrives), fail receives
-        still waiting, and drop the messages nobody will take, so the peers' sends of them complete."""
+        still waiting, and drop the large messages nobody will take, so the peers' sends of them complete."""
         with self.lock:
             if self.closed:
                 return
-            self.closed = True
             for q in self.waiting.values():
                 for req in q:
                     self._complete(req, f"{self.label}: the transport was closed")
             self.waiting.clear()
             for key, q in self.stash.items():
-                for msg in q:  # at_sender bodies, in stream order; arriving ones are already being received
+                for msg in q:  # bodies left at their senders, in stream order
                     if msg.state == "at_sender" and key not in self.poisoned:
-                        works, _ = self._discard(key, msg.nbytes)
+                        works = self._discard(key, msg.nbytes)
                         if works:
                             self._defer(("drop", *key), works, lambda why: None)
             self.stash.clear()
-            works = []
             for peer in range(self.size):
                 if peer != self.rank and peer not in self.gone:
                     try:
-                        works.append(self.pg.send([torch.from_numpy(self._close_head)], peer, HDR_SLOT))
+                        self._post_header(peer, np.array([HDR_MAGIC, CLOSE, 0, 0], dtype=np.int64).view(np.uint8))
                     except Exception:  # noqa: BLE001 - a pair gloo closed already: that peer needs no goodbye
                         pass
-            if works:  # keeps the works (and this wire) alive until gloo has sent them
-                self._spawn(self._wait, works, name=f"fltorrent-{self.label}-bye")
+            self.closed = True  # the reapers end once their goodbye is sent, idle waiters at once
             self.lock.notify_all()
+            self.waiter_cv.notify_all()
+            for cv in self.outbox_cv.values():
+                cv.notify_all()
 
     def join(self, deadline: float) -> bool:
         """Wait (until `deadline`, monotonic) for this wire's threads to end; whether they all did."""

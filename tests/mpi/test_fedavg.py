@@ -161,8 +161,8 @@ def test_one_silent_peer_is_left_out_identically(groups, protocol):
     protocol its whole update left in the seed stage (stage 0, unpaced) before it fell silent: it reached
     every rank and is averaged, while the silent rank itself, lacking the others', reports applied False."""
     world = dist.get_world_size()
-    if world < 2:
-        pytest.skip("needs two ranks")
+    if world < 3:  # with two, the tracker is left alone, and a tracker left alone fails the round by design
+        pytest.skip("needs three ranks")
     silent = world - 1
     me = dist.get_rank()
     ws = {r: float(r + 1) for r in range(world)}
