@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import LaunchError
 
@@ -84,6 +85,26 @@ def transport_choice(environ: dict | None = None) -> str:
     if want != "auto":
         return want
     return "mpi" if detect_launcher(env) is not None else "torch"
+
+
+def env_store(timeout_s: float, environ: dict | None = None) -> tuple[Any, int, int]:
+    """(store, rank, world size) for a launch without MPI: the default group's store once torch.distributed is
+    initialised, else the env:// rendezvous that torchrun's variables describe, else (a plain `python`, no RANK
+    nor WORLD_SIZE) a private store of one rank.  Bounded by `timeout_s`."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    env = os.environ if environ is None else environ
+    if dist.is_initialized():
+        return dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return dist.HashStore(), 0, 1
+    try:
+        store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    except (ValueError, RuntimeError) as e:  # a missing variable, an unreachable MASTER_ADDR:MASTER_PORT
+        raise LaunchError(f"fltorrent: no MPI launcher and no usable env:// rendezvous: {e}") from e
+    return store, int(rank), int(size)
 
 
 def free_port(host: str = "") -> int:

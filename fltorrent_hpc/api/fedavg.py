@@ -209,7 +209,7 @@ def _standalone_group() -> Any:
     torch.distributed is initialised, else env:// as torchrun sets it; one rank for a plain `python`)."""
     if "pg" not in _STANDALONE:
         from ..config import SwarmConfig
-        from ..launch import transport_choice
+        from ..launch import env_store, transport_choice
         from .group import FLTorrentProcessGroup
 
         cfg = SwarmConfig.from_env()
@@ -220,25 +220,10 @@ def _standalone_group() -> Any:
         else:
             from ..transport.torch_p2p import connect
 
-            store, rank, size = _torch_store(cfg.timeout_s)
+            store, rank, size = env_store(cfg.timeout_s)
             net = connect(store, rank, size, timeout_s=cfg.timeout_s, name="fedavg-standalone")
         _STANDALONE["pg"] = FLTorrentProcessGroup(net, timeout_s=cfg.timeout_s, config=cfg, name="fedavg")
     return _STANDALONE["pg"]
-
-
-def _torch_store(timeout_s: float) -> tuple[Any, int, int]:
-    """(store, rank, world size) for the standalone group without MPI."""
-    import os
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        return dist.HashStore(), 0, 1
-    store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
-    return store, int(rank), int(size)
 
 
 def _pack(tensors: list[torch.Tensor], layout: Layout) -> np.ndarray:

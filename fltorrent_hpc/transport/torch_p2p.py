@@ -15,25 +15,28 @@ pair of ranks.  Gloo's point-to-point is not MPI's; four of its properties shape
    built with a 30-day one); the callers' own deadlines (base.py's bounded waits) bound what they wait for.
 4. Messages of one pair on one gloo tag ("slot") match in the order they were posted.
 
-Hence the framing (a size-prefixed protocol): every message is a fixed 32-byte header (magic, context, tag,
-nbytes) on the one header slot of its pair, and a body on a slot of its own per (context, tag) that the sender
-posts *before* the header.  One daemon listener thread per peer always waits for that peer's next header;
-matching (context, source, tag, in order; ANY_SOURCE), probing and cancelling happen here, in Python:
+Hence the framing (a size-prefixed protocol).  Every message starts with a fixed 32-byte header (magic,
+context, tag, nbytes) on the one header slot of its pair.  A body up to EAGER_BYTES (64 KiB: control frames,
+small chunk runs) travels in the same gloo message: each peer's listener thread keeps HEADER_RING receives of
+32 B + 64 KiB posted there (gloo accepts a shorter message), reads the header and copies the body out.  A
+larger body goes on a slot of its own per (context, tag), posted by the sender *before* its header, and is
+received only by a receive that knows its length:
 
-- a header that a posted receive matches: its body goes straight into that receive's buffer (a longer message
-  is received into scratch and fails the receive as `Truncated`, MPI_ERR_TRUNCATE's meaning; one longer than
-  DRAIN_BYTES is left unread and closes its (source, context, tag) stream, so gloo never sees a mismatch);
-- an unexpected small message (<= EAGER_BYTES: control frames) is received at once, so `poll_frame` finds it
-  whole; an unexpected large one stays at its sender until a receive matches it (rendezvous), so a rank holds
-  its posted receives and small frames, never a second copy of the data.
+- a header that a posted receive matches: the listener receives the body straight into that receive's buffer
+  (the body is on its way: the sender posted it first);
+- an unmatched one leaves the body at its sender (rendezvous) until a receive takes it, so a rank never holds
+  a second copy of the data; the bodies of one (context, tag) are received in header order, so gloo's in-order
+  matching never pairs a body with another message's receive;
+- a message longer than its receive fails that receive as `Truncated` (MPI_ERR_TRUNCATE's meaning) and is
+  consumed; one longer than DRAIN_BYTES is left unread and closes its (source, context, tag) stream.
 
-The listener receives a body right after its header (the sender posted the body first, so it is on its way)
-and the bodies of one (context, tag) are received in header order, so gloo's in-order matching never pairs a
-body with another message's receive.  Send completions are observed by waiter threads, one per (peer, context,
-tag) stream while it has sends in flight (gloo completes one slot's sends in order).  `dup` is local (a new
-context number; every rank must dup in the same order, as with MPI).  `close` sends each peer a closing
-header, which ends that peer's listener for this rank.  Nothing a peer sends is unpickled: bodies land in
-numpy buffers, headers are four int64 words checked before use.
+Matching (context, source, tag, in order; ANY_SOURCE), probing and cancelling happen here, in Python.  A small
+send completes once copied (as an MPI eager send; a reaper thread per peer waits for gloo, in order, to free the
+copy); a large one completes when gloo sent its body, which a pooled waiter thread observes.  `dup` is local (a
+new context number; every rank must dup in the same order, as with MPI).  `close` sends each peer a goodbye
+header, which ends that peer's listener for this rank; at exit every transport closes and waits for its peers'
+goodbyes (see `_drain_at_exit`).  Nothing a peer sends is unpickled: bodies land in numpy buffers, headers are
+four int64 words checked before use.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ EAGER_BYTES = 64 << 10  # a body up to this size travels with its header (fixed:
 DRAIN_BYTES = 64 << 20  # a message longer than its receive is consumed up to this size; beyond, its stream closes
 CANCEL_WAIT_S = 30.0  # cancel() of a receive whose body is already arriving waits at most this long
 GLOO_TIMEOUT = timedelta(days=30)  # a gloo wait that expires closes every pair: our deadlines bound waits instead
+HEADER_RING = 4  # header-slot receives a listener keeps posted per peer (4 x 64 KiB)
 WAITER_LINGER_S = 2.0  # an idle pooled waiter thread ends after this long
 EXIT_WAIT_S = float(os.environ.get("FLTORRENT_TORCH_EXIT_WAIT_S", "20"))  # at exit: wait for peers' goodbyes
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # wires of this process, closed and drained at exit
@@ -160,6 +164,7 @@ class _Wire:
         self.next_ctx = 1
         self.closed = False
         self.threads: set[threading.Thread] = set()  # every thread of this wire still running
+        self.leftover: list = []  # gloo works that may never complete, kept referenced (gloo holds their buffers)
         for peer in range(size):
             if peer != rank:
                 self._spawn(self._listen, peer, name=f"fltorrent-{label}-listen-{peer}")
@@ -257,19 +262,26 @@ class _Wire:
 
     # ------------------------------------------------------------------------------ receiving
     def _listen(self, peer: int) -> None:
-        """This rank's listener for `peer`: one receive always posted on the header slot, until the peer says
-        goodbye or fails.  A message carries its header and, when small, its body."""
-        buf = np.zeros(HDR_BYTES + EAGER_BYTES, dtype=np.uint8)
-        head = buf[:HDR_BYTES].view(np.int64)
-        view = torch.from_numpy(buf)
+        """This rank's listener for `peer`: HEADER_RING receives always posted on the header slot (so a burst of
+        small messages is not one round trip each), handled in order, until the peer says goodbye or fails.  A
+        message carries its header and, when small, its body."""
+        bufs = [np.zeros(HDR_BYTES + EAGER_BYTES, dtype=np.uint8) for _ in range(HEADER_RING)]
+        posted: deque = deque()
+        self.leftover.append(posted)  # receives still posted when the listener ends stay referenced
+        try:
+            for b in bufs:
+                posted.append((b, self.pg.recv([torch.from_numpy(b)], peer, HDR_SLOT)))
+        except Exception as e:  # noqa: BLE001 - a pair gloo already closed
+            self._lose(peer, f"rank {peer} is unreachable ({_reason(e)})")
+            return
         while True:
-            try:
-                why = self._wait([self.pg.recv([view], peer, HDR_SLOT)])
-            except Exception as e:  # noqa: BLE001 - posting on a pair gloo already closed
-                why = _reason(e)
+            buf, work = posted[0]
+            why = self._wait([work])
             if why is not None:
                 self._lose(peer, f"rank {peer} is unreachable ({why})")
                 return
+            posted.popleft()
+            head = buf[:HDR_BYTES].view(np.int64)
             magic, ctx, tag, nbytes = (int(x) for x in head)
             if magic == HDR_MAGIC and ctx == CLOSE:  # nothing more will come; receives still waiting for it
                 return  # stay bounded by their callers' deadlines, as with MPI
@@ -277,9 +289,14 @@ class _Wire:
                 self._lose(peer, f"rank {peer} sent a malformed header {head.tolist()}; its messages cannot be framed")
                 return
             body = buf[HDR_BYTES : HDR_BYTES + nbytes] if nbytes <= EAGER_BYTES else None
-            why = self._on_message((ctx, peer, tag), nbytes, body)
+            why = self._on_message((ctx, peer, tag), nbytes, body)  # copies the body out of `buf`
             if why is not None:
                 self._lose(peer, f"rank {peer} failed during a message ({why})")
+                return
+            try:
+                posted.append((buf, self.pg.recv([torch.from_numpy(buf)], peer, HDR_SLOT)))
+            except Exception as e:  # noqa: BLE001
+                self._lose(peer, f"rank {peer} is unreachable ({_reason(e)})")
                 return
 
     def _on_message(self, key: tuple, nbytes: int, body: np.ndarray | None) -> str | None:
@@ -481,6 +498,7 @@ class _Wire:
         sent it, which is when the receiver took it."""
         req = _Req("send", next(self.seq), flat, ctx, dest, tag)
         n = flat.size
+        work = None
         with self.lock:
             self._check_open(name)
             if dest == self.rank:
@@ -502,6 +520,8 @@ class _Wire:
                 work = self.pg.send([torch.from_numpy(body)], dest, _body_slot(ctx, tag))
                 self._post_header(dest, np.array([HDR_MAGIC, ctx, tag, n], dtype=np.int64).view(np.uint8))
             except Exception as e:  # noqa: BLE001 - a pair gloo closed
+                if work is not None:  # a body without its header: gloo may still hold it
+                    self.leftover.append((work, body))
                 self._complete(req, f"gloo could not send to rank {dest} on {name}: {_reason(e)}")
                 return req
             req.keep = body

@@ -7,6 +7,7 @@ launcher, a gloo group of torch.distributed otherwise (tests/test_torchrun.py ru
 
 from __future__ import annotations
 
+import os
 import traceback
 from typing import Any
 
@@ -39,3 +40,12 @@ def all_ok(fn) -> None:
     reports = gather([e[-1500:] for e in errs[:4]])
     bad = {r: e for r, e in enumerate(reports) if e}
     assert not bad, "\n".join(f"rank {r}: {e}" for r, e in bad.items())
+
+
+def group_sizes(world: int) -> list[int]:
+    """The group sizes k (groups of ranks 0..k-1) the collective tests cover: all of 1..world, or those that
+    FLTORRENT_TEST_GROUP_SIZES lists (the world's is always kept: fedavg's tests use it)."""
+    want = os.environ.get("FLTORRENT_TEST_GROUP_SIZES", "")
+    if not want.strip():
+        return list(range(1, world + 1))
+    return sorted({int(k) for k in want.split(",") if 0 < int(k) < world} | {world})

@@ -19,7 +19,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import all_ok, gather
+from dist_harness import all_ok, gather, group_sizes
 from torch.distributed.distributed_c10d import AllgatherOptions
 
 import fltorrent_hpc  # noqa: F401  (registers the backend, fills env:// variables under mpiexec)
@@ -108,7 +108,7 @@ def groups():
     _init()
     world = dist.get_world_size()
     out = {}
-    for k in range(1, world + 1):
+    for k in group_sizes(world):
         fl = dist.new_group(list(range(k)), backend="fltorrent", pg_options=CFG)
         gl = dist.new_group(list(range(k)), backend="gloo")
         out[k] = (fl, gl) if dist.get_rank() < k else None

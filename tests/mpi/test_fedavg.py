@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import all_ok, gather
+from dist_harness import all_ok, gather, group_sizes
 
 import fltorrent_hpc
 from fltorrent_hpc.api.fedavg import FedAvgReport, _standalone_group
@@ -93,7 +93,7 @@ def groups():
     _init()
     world = dist.get_world_size()
     out = {}
-    for k in range(1, world + 1):
+    for k in group_sizes(world):
         g = dist.new_group(list(range(k)), backend="fltorrent", pg_options=CFG)
         out[k] = g if dist.get_rank() < k else None
     return out
