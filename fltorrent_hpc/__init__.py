@@ -1,9 +1,10 @@
-"""fltorrent_hpc: serverless federated averaging by BitTorrent-style chunk swarming over MPI.
+"""fltorrent_hpc: serverless federated averaging by BitTorrent-style chunk swarming over MPI (or, without an
+MPI launcher, torch's gloo point-to-point).
 
 `import fltorrent_hpc` registers the torch.distributed backend "fltorrent" and, under mpiexec/srun, fills in
 the env:// rendezvous variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; see launch.py), so existing
-torch code runs unchanged with `dist.init_process_group("fltorrent")`.  FLTORRENT_RENDEZVOUS=0 skips the
-rendezvous (then set the variables yourself).
+torch code runs unchanged with `dist.init_process_group("fltorrent")`, under torchrun too.
+FLTORRENT_RENDEZVOUS=0 skips the rendezvous (then set the variables yourself).
 """
 
 from __future__ import annotations

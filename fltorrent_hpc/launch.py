@@ -1,10 +1,13 @@
-"""MPI launcher detection and the torch rendezvous that rides on it.
+"""MPI launcher detection, the torch rendezvous that rides on it, and the choice of transport.
 
 `dist.init_process_group("fltorrent")` uses torch's `env://` rendezvous, which needs RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT.  `mpiexec` and `srun` set none of them, so `prepare_env()` (called by
 `import fltorrent_hpc`) fills them in from MPI: torch rank r is MPI rank r of COMM_WORLD, and rank 0
 picks its host and a free port and shares them with one bounded broadcast.  Variables that are already
 set are left alone, so torchrun-style setups and explicit sbatch exports keep working.
+
+`transport_choice()` picks the backend's data plane: MPI under an MPI launcher, torch's own point-to-point
+(gloo, transport/torch_p2p.py) otherwise, e.g. under torchrun; FLTORRENT_TRANSPORT=mpi|torch overrides it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import LaunchError
 
@@ -66,6 +70,41 @@ def _size_from_slurm(env) -> int:
         return int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NPROCS", "0")))
     except ValueError:
         return 0
+
+
+TRANSPORTS = ("auto", "mpi", "torch")
+
+
+def transport_choice(environ: dict | None = None) -> str:
+    """ "mpi" under mpiexec/srun, "torch" without an MPI launcher (torchrun, a plain env:// launch); the
+    FLTORRENT_TRANSPORT variable (auto, mpi, torch) overrides the detection."""
+    env = os.environ if environ is None else environ
+    want = env.get("FLTORRENT_TRANSPORT", "auto").strip().lower() or "auto"
+    if want not in TRANSPORTS:
+        raise LaunchError(f"FLTORRENT_TRANSPORT={want!r}: choose one of {', '.join(TRANSPORTS)}")
+    if want != "auto":
+        return want
+    return "mpi" if detect_launcher(env) is not None else "torch"
+
+
+def env_store(timeout_s: float, environ: dict | None = None) -> tuple[Any, int, int]:
+    """(store, rank, world size) for a launch without MPI: the default group's store once torch.distributed is
+    initialised, else the env:// rendezvous that torchrun's variables describe, else (a plain `python`, no RANK
+    nor WORLD_SIZE) a private store of one rank.  Bounded by `timeout_s`."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    env = os.environ if environ is None else environ
+    if dist.is_initialized():
+        return dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return dist.HashStore(), 0, 1
+    try:
+        store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    except (ValueError, RuntimeError) as e:  # a missing variable, an unreachable MASTER_ADDR:MASTER_PORT
+        raise LaunchError(f"fltorrent: no MPI launcher and no usable env:// rendezvous: {e}") from e
+    return store, int(rank), int(size)
 
 
 def free_port(host: str = "") -> int:

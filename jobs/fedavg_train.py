@@ -1,6 +1,7 @@
-"""Federated training over the swarm: every MPI rank is an FL peer, every round is one `fltorrent_hpc.fedavg_`.
+"""Federated training over the swarm: every rank is an FL peer, every round is one `fltorrent_hpc.fedavg_`.
 
     mpiexec -n 4 python jobs/fedavg_train.py --rounds 10 --baseline central,gossip --out runs/iid
+    torchrun --nproc_per_node=4 jobs/fedavg_train.py --rounds 10 --baseline central   # no MPI: torch's gloo
     mpiexec -n 4 python jobs/fedavg_train.py --split dirichlet --alpha 0.1 --baseline central,gossip
     mpiexec -n 4 python jobs/fedavg_train.py --rule median --poison 1 --baseline central
     mpiexec -n 4 python jobs/fedavg_train.py --out runs/iid --resume          # continue from the last checkpoint
@@ -19,7 +20,8 @@ aggregated in place on every peer:
 
 Baselines, run in the same job from the same initial parameters with the same data order:
 
-- ``central``: server FedAvg semantics: the peers' parameters (or updates) are all-gathered with MPI and every
+- ``central``: server FedAvg semantics: the peers' parameters (or updates) are all-gathered (MPI, or the
+  torch-native transport under torchrun) and every
   rank reduces them in rank order with the same reduction code (aggregate.py, the kernels fedavg_ uses), so a
   round whose every update arrived must give bit-identical parameters; ``bitexact_rounds`` counts them.
 - ``gossip``: decentralised neighbour averaging (D-PSGD style) on an overlay from the swarm's generator
@@ -39,6 +41,7 @@ has).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -141,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=0, help="stop cleanly after this round (testing resume)")
     g.add_argument("--kill-at", type=int, default=0, help="SIGKILL every rank after this round's checkpoint")
     g.add_argument("--quiet", action="store_true", help="no per-round lines")
+    g.add_argument("--dump-params", default=None, help="write each rank's final swarm parameters to PATH.rankR.bin")
     g.add_argument(
         "--progress",
         default="auto",
@@ -193,36 +197,48 @@ def split_name(a: argparse.Namespace) -> str:
     return "iid" if a.split == "iid" else f"dir{a.alpha:g}"
 
 
-# ----------------------------------------------------------------------------------------------- MPI helpers
+# ----------------------------------------------------------------------------------------------- collectives
+
+
+_COLLS = itertools.count()
 
 
 class Coll:
-    """Bounded collectives on a private duplicate of COMM_WORLD (numpy buffers only, never pickle)."""
+    """Bounded collectives of the job itself (numpy buffers only, never pickle) on a transport of its own: a
+    duplicate of MPI COMM_WORLD under mpiexec/srun, the torch-native transport over torchrun's env:// store
+    otherwise (then `store` is (store, rank, size), which the "fltorrent" group is built on too)."""
 
     def __init__(self, timeout_s: float):
-        from mpi4py import MPI
+        from fltorrent_hpc.launch import env_store, transport_choice
 
-        self.MPI = MPI
-        self.comm = MPI.COMM_WORLD.Dup()
-        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.store: tuple | None = None
+        if transport_choice() == "mpi":
+            from mpi4py import MPI
+
+            from fltorrent_hpc.transport.mpi import MPITransport
+
+            self.net = MPITransport(MPI.COMM_WORLD, "fedavg_train")
+        else:
+            from fltorrent_hpc.transport.torch_p2p import connect
+
+            self.store = env_store(timeout_s)
+            store, rank, size = self.store
+            name = f"fedavg_train-{next(_COLLS)}"  # train() may run more than once in a process (tests)
+            self.net = connect(store, rank, size, timeout_s=timeout_s, name=name)
+        self.rank, self.size = self.net.rank, self.net.size
         self.timeout_s = timeout_s
 
-    def _wait(self, req, what: str) -> None:
-        from fltorrent_hpc.transport.mpi import wait_requests
-
-        wait_requests([req], self.timeout_s, lambda _: f"{what} over {self.size} ranks")
-
     def allgather(self, arr: np.ndarray, what: str = "allgather") -> np.ndarray:
-        arr = np.ascontiguousarray(arr)
-        out = np.empty((self.size,) + arr.shape, dtype=arr.dtype)
-        self._wait(self.comm.Iallgather([arr, self.MPI.BYTE], [out, self.MPI.BYTE]), what)
-        return out
+        from fltorrent_hpc.transport.base import allgather
+
+        return allgather(self.net, np.ascontiguousarray(arr), self.timeout_s, f"{what} over {self.size} ranks")
 
     def allreduce(self, values, op: str = "sum", dtype=np.float64) -> np.ndarray:
-        arr = np.ascontiguousarray(np.asarray(values, dtype=dtype).reshape(-1))
-        out = np.empty_like(arr)
-        mop = {"sum": self.MPI.SUM, "min": self.MPI.MIN, "max": self.MPI.MAX}[op]
-        self._wait(self.comm.Iallreduce(arr, out, op=mop), f"allreduce({op})")
+        """An all-gather, then the reduction in rank order on every rank (the same bits everywhere)."""
+        rows = self.allgather(np.asarray(values, dtype=dtype).reshape(-1), f"allreduce({op})")
+        out = rows[0].copy()
+        for r in rows[1:]:
+            out = out + r if op == "sum" else np.minimum(out, r) if op == "min" else np.maximum(out, r)
         return out
 
     def bcast_bytes(self, data: bytes, width: int = 4096) -> bytes:
@@ -231,22 +247,25 @@ class Coll:
             if len(data) > width:
                 raise ValueError(f"broadcast record of {len(data)} bytes exceeds {width}")
             buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
-        self._wait(self.comm.Ibcast(buf, root=0), "broadcast")
-        return bytes(buf).rstrip(b"\0")
+        return bytes(self.allgather(buf, "broadcast")[0]).rstrip(b"\0")
 
     def barrier(self) -> None:
-        self._wait(self.comm.Ibarrier(), "barrier")
+        self.allgather(np.zeros(1, dtype=np.uint8), "barrier")
 
     def free(self) -> None:
-        self.comm.Free()
+        self.net.close()
 
 
-def get_group(a: argparse.Namespace, trace_path: str) -> Any:
+def get_group(a: argparse.Namespace, trace_path: str, coll: Coll) -> Any:
     """The "fltorrent" default process group (created here unless the caller already made one)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python jobs/fedavg_train.py`: one peer (MPI singleton)
+        where: dict[str, Any] = {}
+        if coll.store is not None:  # no MPI: the group shares the job's env:// store (one rendezvous)
+            store, rank, size = coll.store
+            where = {"store": dist.PrefixStore("fltorrent_group/", store), "rank": rank, "world_size": size}
+        elif "RANK" not in os.environ:  # a plain `python jobs/fedavg_train.py` under FLTORRENT_TRANSPORT=mpi
             from fltorrent_hpc.launch import rendezvous
 
             rendezvous()
@@ -264,7 +283,7 @@ def get_group(a: argparse.Namespace, trace_path: str) -> Any:
         )
         if a.privacy is not None:
             cfg = cfg.replace(privacy=a.privacy)
-        dist.init_process_group("fltorrent", pg_options=cfg, timeout=timedelta(seconds=a.timeout))
+        dist.init_process_group("fltorrent", pg_options=cfg, timeout=timedelta(seconds=a.timeout), **where)
     if dist.get_backend() != "fltorrent":
         raise RuntimeError(f"fedavg_train needs the 'fltorrent' default group, found {dist.get_backend()!r}")
     return dist.group.WORLD
@@ -567,7 +586,7 @@ def train(a: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     coll.barrier()
     trace_tmp = "" if a.no_trace else str(out / "trace" / "current.h5")
-    pg = get_group(a, trace_tmp)
+    pg = get_group(a, trace_tmp, coll)
     trace_base = getattr(pg.config, "trace", "") if n > 1 else ""
     tracker = int(getattr(pg.config, "tracker_rank", 0))
     device = pick_device(a.device)
@@ -682,6 +701,9 @@ def train(a: argparse.Namespace) -> dict:
     summary["wall_s"] = time.perf_counter() - t_start
     summary["final_params_sha"] = params_digest(models["swarm"])
     summary["final_params_sha_by_model"] = {k: params_digest(m) for k, m in models.items()}  # gossip: rank 0's
+    if a.dump_params:  # every rank's final swarm parameters, raw bytes (compare launchers bit for bit)
+        blob = b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in fl_tensors(models["swarm"]))
+        Path(f"{a.dump_params}.rank{rank}.bin").write_bytes(blob)
     if rank == 0:
         jp = Path(a.json) if a.json else out / "summary.json"
         jp.parent.mkdir(parents=True, exist_ok=True)

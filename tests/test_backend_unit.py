@@ -98,12 +98,33 @@ def test_rendezvous_on_one_rank_fills_env():
     assert env["MASTER_ADDR"] == "127.0.0.1"
 
 
-def test_world_larger_than_mpi_raises_launch_error():
+def test_world_larger_than_mpi_raises_launch_error(monkeypatch):
+    """With the MPI transport forced and no MPI launcher, a world of 4 cannot be MPI's world of 1."""
+    monkeypatch.setenv("FLTORRENT_TRANSPORT", "mpi")
     opts = SimpleNamespace(
         group_rank=0, group_size=4, global_ranks_in_group=[], timeout=timedelta(seconds=5), group_id="0", store=None
     )
     with pytest.raises(LaunchError, match="mpiexec"):
         registration._create_process_group(opts, None)
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, "torch"),  # torchrun, a plain env:// launch
+        ({"PMI_RANK": "0", "PMI_SIZE": "2"}, "mpi"),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, "mpi"),
+        ({"PMI_RANK": "0", "PMI_SIZE": "2", "FLTORRENT_TRANSPORT": "torch"}, "torch"),
+        ({"FLTORRENT_TRANSPORT": "MPI"}, "mpi"),
+    ],
+)
+def test_transport_choice_follows_the_launcher(env, want):
+    assert launch.transport_choice(env) == want
+
+
+def test_transport_choice_rejects_unknown_names():
+    with pytest.raises(LaunchError, match="FLTORRENT_TRANSPORT"):
+        launch.transport_choice({"FLTORRENT_TRANSPORT": "nccl"})
 
 
 def test_bad_pg_options_type():

@@ -22,6 +22,7 @@ BOUND_S = 150.0  # per reduced command, with room for a loaded 2-core machine
 # (pattern, replacement): the full-size knobs each command uses, shrunk; every pattern must match somewhere
 REDUCE = [
     (r"mpiexec -n 4 ", "mpiexec -n 2 "),
+    (r"--nproc_per_node=4 ", "--nproc_per_node=2 "),
     (r"--rounds 10\b", "--rounds 2"),
     (r"--peers 100 ", "--peers 12 --update-bytes 2MiB "),
     (r"--peers 100,200,500\b", "--peers 10,14"),

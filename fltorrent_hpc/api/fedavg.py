@@ -102,7 +102,7 @@ def fedavg_(
         mapping, or an iterable of tensors, all on one device; dtypes fp32, fp16, bf16 (cast fp64 to fp32).
     weight: this peer's FedAvg weight (e.g. its sample count), >= 0 and finite.
     group: an "fltorrent" process group; None = the default group, or, when torch.distributed is not
-        initialised, a private group over MPI COMM_WORLD.
+        initialised, a private group over every rank (MPI COMM_WORLD, or the torch-native transport).
     deadline: wall-clock seconds for the swarm; peers not reconstructed by then are left out of A.  None: the
         group config's `deadline_s` (FLTORRENT_DEADLINE_S); either way capped by the round's timeout.
     privacy: "full", "none", "spray,lags", ... (PAPER.md privacy mechanisms); None: the group config's
@@ -207,15 +207,25 @@ def _resolve_group(group: Any) -> Any:
 
 
 def _standalone_group() -> Any:
-    """A private group over MPI COMM_WORLD for scripts that never initialise torch.distributed (collective)."""
+    """A private group over every rank for scripts that never pick a group (collective): MPI COMM_WORLD under
+    an MPI launcher; otherwise the torch-native transport over torch's store (the default group's when
+    torch.distributed is initialised, else env:// as torchrun sets it; one rank for a plain `python`)."""
     if "pg" not in _STANDALONE:
-        from mpi4py import MPI
-
         from ..config import SwarmConfig
+        from ..launch import env_store, transport_choice
         from .group import FLTorrentProcessGroup
 
         cfg = SwarmConfig.from_env()
-        _STANDALONE["pg"] = FLTorrentProcessGroup(MPI.COMM_WORLD, timeout_s=cfg.timeout_s, config=cfg, name="fedavg")
+        if transport_choice() == "mpi":
+            from mpi4py import MPI
+
+            net: Any = MPI.COMM_WORLD
+        else:
+            from ..transport.torch_p2p import connect
+
+            store, rank, size = env_store(cfg.timeout_s)
+            net = connect(store, rank, size, timeout_s=cfg.timeout_s, name="fedavg-standalone")
+        _STANDALONE["pg"] = FLTorrentProcessGroup(net, timeout_s=cfg.timeout_s, config=cfg, name="fedavg")
     return _STANDALONE["pg"]
 
 

@@ -1,4 +1,4 @@
-"""The "fltorrent" ProcessGroup: a thin torch.distributed group over the swarm engine and MPI point-to-point.
+"""The "fltorrent" ProcessGroup: a thin torch.distributed group over the swarm engine and a Transport.
 
 The group only validates, converts options, hands work to one communication thread and returns a Work
 (work.py):
@@ -6,10 +6,12 @@ The group only validates, converts options, hands work to one communication thre
 - dissemination-shaped collectives (all_gather*, broadcast, all_reduce, reduce) are swarm rounds of the
   engine: every rank publishes its tensor bytes, every rank receives all of them, reductions run locally in
   rank order (reductions.py), so every rank gets bit-identical results;
-- the others (reduce_scatter, all_to_all, gather, scatter, barrier, send/recv) are direct MPI
-  point-to-point exchanges on the group's own duplicated communicators.
+- the others (reduce_scatter, all_to_all, gather, scatter, barrier, send/recv) are direct point-to-point
+  exchanges on the group's own transport contexts.
 
-Every MPI wait is a Test loop bounded by the group timeout (or the op's `opts.timeout`) and fails with
+The transport is MPI under mpiexec/srun (an mpi4py communicator, wrapped in an MPITransport) and torch's gloo
+point-to-point under torchrun (transport/torch_p2p.py); the group reaches either only through the Transport
+interface.  Every wait is a test loop bounded by the group timeout (or the op's `opts.timeout`) and fails with
 PeerTimeoutError naming the op and the peers still outstanding.  Before each collective the ranks agree
 once on a fixed-width descriptor (wire.py: op, dtype, shape, root, reduce op and, for a swarm round, the
 engine's round words), so a mismatch raises on every rank and the engine does not agree a second time.
@@ -33,15 +35,24 @@ import torch
 import torch.distributed as dist
 
 from ..config import SwarmConfig, parse_privacy
-from ..errors import FLTorrentError, PeerTimeoutError, ShapeMismatchError, TruncationError, UnsupportedError
+from ..errors import (
+    FLTorrentError,
+    PeerTimeoutError,
+    ShapeMismatchError,
+    TransportError,
+    TruncationError,
+    UnsupportedError,
+)
 from ..swarm.rng import round_seed
-from ..transport.mpi import SPIN as _SPIN
-from ..transport.mpi import pause as _pause
+from ..transport.base import ANY_SOURCE, Transport, Truncated
+from ..transport.base import SPIN as _SPIN
+from ..transport.base import pause as _pause
 from . import wire
 from .reductions import check_reduce, reduce_into, reduce_op
 from .work import P2P, STOP, FLTorrentWork, Job, unset_timeout
 
 BACKEND_NAME = "fltorrent"
+TAG_LIMIT = 32767  # user tags are [0, TAG_LIMIT); monitored_barrier uses TAG_LIMIT itself (MPI's TAG_UB >= 32767)
 
 # Set by tests (or by a user who brings an engine) to replace `fltorrent_hpc.runtime.engine.SwarmEngine`.
 _engine_factory: Callable[..., Any] | None = None
@@ -50,11 +61,15 @@ _LIVE_GROUPS: weakref.WeakSet = weakref.WeakSet()
 
 
 class FLTorrentProcessGroup(dist.ProcessGroup):
-    """The "fltorrent" ProcessGroup: validate, convert options, queue for the comm thread, return a Work."""
+    """The "fltorrent" ProcessGroup: validate, convert options, queue for the comm thread, return a Work.
+
+    `net` is the group's root Transport (the group closes it at shutdown) or an mpi4py communicator, which is
+    wrapped in an MPITransport (freed at shutdown only when `owns_comm`: a sub-communicator the creator made).
+    """
 
     def __init__(
         self,
-        comm: Any,
+        net: Any,
         *,
         timeout_s: float,
         config: SwarmConfig | None = None,
@@ -62,23 +77,23 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         name: str = "",
         owns_comm: bool = False,
     ) -> None:
-        from mpi4py import MPI
+        if not isinstance(net, Transport):  # an mpi4py communicator
+            from ..transport.mpi import MPITransport
 
-        super().__init__(comm.Get_rank(), comm.Get_size())
-        self._MPI = MPI
-        self._rank, self._size = comm.Get_rank(), comm.Get_size()
+            net = MPITransport(net, name or "fltorrent", dup=False, owned=owns_comm)
+        super().__init__(net.rank, net.size)
+        self._rank, self._size = net.rank, net.size
         self._timeout_s = float(timeout_s)
         self._config = (config or SwarmConfig.from_env()).replace(timeout_s=float(timeout_s))
         self._global_ranks = list(global_ranks) if global_ranks is not None else list(range(self._size))
         self._label = name or "fltorrent"
         self._group_name = self._label
         self._group_desc = "fltorrent"
-        self._owns_comm = owns_comm  # free `comm` at shutdown (sub-communicators the creator made)
-        self._comm = comm
-        self._coll = comm.Dup()  # agreement + direct (p2p-shaped) collectives, tagged by sequence number
-        self._p2p = comm.Dup()  # user send/recv with user tags
-        self._tag_ub = int(comm.Get_attr(MPI.TAG_UB) or 32767)
-        self._engine = _make_engine(comm, self._config) if self._size > 1 else None
+        self._net: Transport | None = net
+        self._comm = getattr(net, "comm", None)  # the MPI communicator under an MPI transport, else None
+        self._coll: Transport | None = net.dup("coll")  # agreement + direct collectives, tagged by sequence number
+        self._p2p: Transport | None = net.dup("p2p")  # user send/recv with user tags
+        self._engine = _make_engine(net, self._config) if self._size > 1 else None
         self._seq = itertools.count(1)
         self._submit_lock = threading.Lock()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -171,29 +186,27 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     def _progress_p2p(self) -> bool:
         if not self._inflight:
             return False
-        MPI = self._MPI
+        net = self._p2p
         now = time.monotonic()
         progressed, keep = False, []
-        for op in self._inflight:
-            status = MPI.Status()
-            try:
-                done = op.req.Test(status)
-            except MPI.Exception as e:
+        got = set(net.test([op.req for op in self._inflight]))
+        for i, op in enumerate(self._inflight):
+            if i in got:
                 progressed = True
-                op.work._finish(_p2p_error(op, e))
-                continue
-            if done:
-                progressed = True
+                why = net.failed(op.req)
+                if why:
+                    op.work._finish(_p2p_error(op, why))
+                    continue
                 try:
                     if op.done_cb is not None:
-                        op.done_cb(status)
+                        op.done_cb(op.req)
                     op.work._finish()
                 except BaseException as e:  # noqa: BLE001
                     op.work._finish(e)
             elif now > op.deadline:
                 progressed = True
                 if op.what.startswith("recv"):
-                    _cancel(op.req)
+                    self._cancel(net, [op.req])
                 else:
                     self._graveyard.append((op.req, op.keep))
                 op.work._finish(
@@ -207,37 +220,45 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     def _fail_inflight(self, exc: BaseException) -> None:
         for op in self._inflight:
             if op.what.startswith("recv"):
-                _cancel(op.req)
+                self._cancel(self._p2p, [op.req])
             else:
                 self._graveyard.append((op.req, op.keep))
             op.work._finish(exc)
         self._inflight = []
 
     def _wait_reqs(
-        self, reqs: list, peers: list, deadline: float, what: str, recv_mask: Sequence[bool] = (), keep: Any = None
+        self,
+        net: Transport,
+        reqs: list,
+        peers: list,
+        deadline: float,
+        what: str,
+        recv_mask: Sequence[bool] = (),
+        keep: Any = None,
+        pending_out: list | None = None,
     ) -> None:
-        """Test loop over MPI requests with a deadline; keeps user p2p moving meanwhile.
+        """Test loop over `net`'s requests with a deadline; keeps user p2p moving meanwhile.
 
         On timeout, pending receives are cancelled (so they cannot match a later message); other requests and
-        their buffers are parked for good, since MPI may still touch them.
+        their buffers are parked for good, since the transport may still touch them.  `pending_out` receives the
+        peers still outstanding.  A request that completed with an error raises TransportError.
         """
-        MPI = self._MPI
-        pending = [i for i, r in enumerate(reqs) if r != MPI.REQUEST_NULL]
+        done = np.zeros(len(reqs), dtype=bool)
         idle = 0
-        while pending:
-            idx = MPI.Request.Testsome([reqs[i] for i in pending])
-            if idx:
-                done = {pending[i] for i in idx}
-                pending = [i for i in pending if i not in done]
+        while not done.all():
+            live = np.flatnonzero(~done)
+            got = net.test([reqs[i] for i in live])
+            if got:
+                done[live[got]] = True
                 idle = 0
                 continue
             if time.monotonic() > deadline:
-                waiting = sorted({peers[i] for i in pending}, key=str)
-                for i in pending:
-                    if i < len(recv_mask) and recv_mask[i]:
-                        _cancel(reqs[i])
-                    else:
-                        self._graveyard.append((reqs[i], keep))
+                waiting = sorted({peers[i] for i in live}, key=str)
+                if pending_out is not None:
+                    pending_out.extend(peers[i] for i in live)
+                recvs = [reqs[i] for i in live if i < len(recv_mask) and recv_mask[i]]
+                self._graveyard.extend((reqs[i], keep) for i in live if not (i < len(recv_mask) and recv_mask[i]))
+                self._cancel(net, recvs)
                 err = PeerTimeoutError(f"fltorrent {what}: still waiting on rank(s) {waiting} at the deadline")
                 self._broken = err
                 raise err
@@ -245,6 +266,18 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 self._progress_p2p()
             idle += 1
             _pause(idle)
+        why = [w for w in (net.failed(r) for r in reqs) if w]
+        if why:
+            raise TransportError(f"fltorrent {what}: {why[0]}")
+
+    def _cancel(self, net: Transport | None, reqs: list) -> None:
+        """Cancel pending receives (on failure paths; a transport that cannot keeps them in the graveyard)."""
+        if not reqs or net is None:
+            return
+        try:
+            net.cancel(reqs)
+        except Exception:  # noqa: BLE001 - best effort: keep them referenced instead
+            self._graveyard.extend((r, None) for r in reqs)
 
     # ----------------------------------------------------------------- submission
 
@@ -317,8 +350,8 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 raise FLTorrentError(f"fltorrent {name} #{seq}: rejected locally")
             return
         allm = np.empty((self._size, wire.META_W), dtype=np.int64)
-        req = self._coll.Iallgather(meta, allm)
-        self._wait_reqs([req], ["all"], deadline, f"{name} #{seq} agreement", keep=(meta, allm))
+        req = self._coll.post_allgather(meta, allm)
+        self._wait_reqs(self._coll, [req], ["all"], deadline, f"{name} #{seq} agreement", keep=(meta, allm))
         rejected = [r for r in range(self._size) if allm[r, 3]]
         if rejected:
             raise FLTorrentError(
@@ -591,18 +624,18 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     def _exchange(
         self, sends: dict[int, np.ndarray], recvs: dict[int, np.ndarray], tag: int, deadline: float, what: str
     ) -> None:
-        """Post every Irecv, then every Isend, on the collective communicator; bounded wait on all."""
+        """Post every receive, then every send, on the collective context; bounded wait on all."""
         reqs, peers = [], []
         for peer, buf in recvs.items():
-            reqs.append(self._coll.Irecv([buf, self._MPI.BYTE], source=peer, tag=tag))
+            reqs.append(self._coll.post_recv(buf, peer, tag))
             peers.append(peer)
         for peer, buf in sends.items():
-            reqs.append(self._coll.Isend([buf, self._MPI.BYTE], dest=peer, tag=tag))
+            reqs.append(self._coll.post_send(buf, peer, tag))
             peers.append(peer)
-        self._wait_reqs(reqs, peers, deadline, what, [True] * len(recvs), (sends, recvs))
+        self._wait_reqs(self._coll, reqs, peers, deadline, what, [True] * len(recvs), (sends, recvs))
 
     def _tag(self, seq: int) -> int:
-        return seq % min(self._tag_ub, 32767)
+        return seq % TAG_LIMIT
 
     def reduce_scatter(
         self, output_tensors: list[torch.Tensor], input_tensors: list[list[torch.Tensor]], opts: Any = None
@@ -742,8 +775,9 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             # every rank checks the whole split matrix: what r sends to s must be what s expects from r
             allsz = np.empty((n, 2 * n), dtype=np.int64)
             if n > 1:
-                req = self._coll.Iallgather(sizes, allsz)
-                self._wait_reqs([req], ["all"], deadline, f"{name} #{seq} split agreement", keep=(sizes, allsz))
+                req = self._coll.post_allgather(sizes, allsz)
+                what = f"{name} #{seq} split agreement"
+                self._wait_reqs(self._coll, [req], ["all"], deadline, what, keep=(sizes, allsz))
             else:
                 allsz[0] = sizes
             bad = [(r, s) for r in range(n) for s in range(n) if allsz[r, s] != allsz[s, n + r]]
@@ -846,8 +880,10 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             meta = wire.meta(0, "barrier")
 
             def run(deadline, seq):
-                if self._size > 1:
-                    self._wait_reqs([self._coll.Ibarrier()], ["all"], deadline, f"barrier #{seq}")
+                if self._size > 1:  # an all-gather of one byte: the transports' one collective
+                    mine, allb = np.zeros(1, dtype=np.uint8), np.empty(self._size, dtype=np.uint8)
+                    req = self._coll.post_allgather(mine, allb)
+                    self._wait_reqs(self._coll, [req], ["all"], deadline, f"barrier #{seq}", keep=(mine, allb))
 
             return _Plan(meta, run, [], ())
 
@@ -856,32 +892,36 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     def monitored_barrier(self, timeout: timedelta | None = None, wait_all_ranks: bool = False) -> None:
         """Rank 0 collects a token from every rank, then releases them; names the ranks that never came."""
         limit = self._timeout_s if unset_timeout(timeout) else timeout.total_seconds()
-        tag = self._tag_ub  # a tag user collectives never use (they stay < 32767)
-        tag = min(tag, 32767)
+        tag = TAG_LIMIT  # a tag user send/recv never use (they stay below it)
 
         def run(deadline):
             if self._size == 1:
                 return
+            net = self._p2p
             tok = {r: np.zeros(1, dtype=np.uint8) for r in range(self._size)}
+            others = list(range(1, self._size))
             if self._rank == 0:
-                reqs = [self._p2p.Irecv(tok[r], source=r, tag=tag) for r in range(1, self._size)]
+                reqs = [net.post_recv(tok[r], r, tag) for r in others]
+                missing: list = []
                 try:
-                    self._wait_reqs(reqs, list(range(1, self._size)), deadline, "monitored_barrier")
+                    self._wait_reqs(net, reqs, others, deadline, "monitored_barrier", [True] * len(reqs), tok, missing)
                 except PeerTimeoutError:
-                    missing = [r for r, q in zip(range(1, self._size), reqs) if q != self._MPI.REQUEST_NULL]
                     shown = missing if wait_all_ranks else missing[:1]
                     raise PeerTimeoutError(
                         f"fltorrent monitored_barrier: rank(s) {shown} failed to pass the barrier within {limit:.1f}s"
                     ) from None
-                rel = [self._p2p.Isend(tok[0], dest=r, tag=tag) for r in range(1, self._size)]
-                self._wait_reqs(rel, list(range(1, self._size)), deadline, "monitored_barrier release")
+                rel = [net.post_send(tok[0], r, tag) for r in others]
+                self._wait_reqs(net, rel, others, deadline, "monitored_barrier release", keep=tok)
             else:
-                self._wait_reqs([self._p2p.Isend(tok[self._rank], dest=0, tag=tag)], [0], deadline, "monitored_barrier")
+                self._wait_reqs(net, [net.post_send(tok[self._rank], 0, tag)], [0], deadline, "monitored_barrier")
                 self._wait_reqs(
-                    [self._p2p.Irecv(tok[0], source=0, tag=tag)],
+                    net,
+                    [net.post_recv(tok[0], 0, tag)],
                     [0],
                     deadline,
                     "monitored_barrier release (rank 0 reported a missing rank or died)",
+                    [True],
+                    tok,
                 )
 
         self._submit("monitored_barrier", run, [], limit).wait()
@@ -889,8 +929,8 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     # ----------------------------------------------------------------- point-to-point
 
     def _check_tag(self, tag: int, what: str) -> int:
-        if not 0 <= int(tag) < min(self._tag_ub, 32767):
-            raise UnsupportedError(f"{what}: tag {tag} must be in [0, 32767)")
+        if not 0 <= int(tag) < TAG_LIMIT:
+            raise UnsupportedError(f"{what}: tag {tag} must be in [0, {TAG_LIMIT})")
         return int(tag)
 
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int = 0) -> FLTorrentWork:  # noqa: N803
@@ -903,7 +943,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         work = FLTorrentWork(f"send to {dst}", [t], (), limit_s=2 * self._timeout_s + 60)
 
         def post(deadline):
-            req = self._p2p.Isend([buf, self._MPI.BYTE], dest=dst, tag=tag)
+            req = self._p2p.post_send(buf, dst, tag)
             self._inflight.append(P2P(req, work, deadline, f"send of {buf.size} B (tag {tag})", dst, buf))
 
         return self._post(work, post)
@@ -926,17 +966,15 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             f"recv from {src if src >= 0 else 'any'}", [t], wire.devices_of([t]), limit_s=2 * self._timeout_s + 60
         )
 
-        def done(status):
-            work._source = status.Get_source()
-            n = status.Get_count(self._MPI.BYTE)
+        def done(req):
+            work._source, n = self._p2p.recv_status(req)
             if n != buf.size:
                 raise ShapeMismatchError(f"recv: got {n} bytes from rank {work._source}, expected {buf.size}")
             if not direct:
                 wire.write(t, wire.from_bytes(buf, t.dtype, t.shape))
 
         def post(deadline):
-            source = self._MPI.ANY_SOURCE if src < 0 else src
-            req = self._p2p.Irecv([buf, self._MPI.BYTE], source=source, tag=tag)
+            req = self._p2p.post_recv_status(buf, ANY_SOURCE if src < 0 else src, tag)
             what = f"recv of {buf.size} B (tag {tag})"
             self._inflight.append(P2P(req, work, deadline, what, src if src >= 0 else "any", buf, done))
 
@@ -947,7 +985,10 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         self._check_usable(work._name)
 
         def run(deadline):
-            post(deadline)
+            try:
+                post(deadline)
+            except BaseException as e:  # noqa: BLE001 - a post that failed fails its Work, not the comm thread
+                work._finish(e)
 
         self._q.put(Job(work._name, run, None, self._timeout_s))
         return work
@@ -984,12 +1025,12 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
 
     def _release(self) -> None:
         if self._thread.is_alive():
-            return  # still inside MPI; freeing its communicators under it would crash
+            return  # still inside the transport; freeing its contexts under it would crash
         for attr in ("_coll", "_p2p"):
             c = getattr(self, attr, None)
             if c is not None:
                 try:
-                    c.Free()
+                    c.close()
                 except Exception:  # noqa: BLE001 - MPI may already be finalized
                     pass
                 setattr(self, attr, None)
@@ -999,11 +1040,12 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             except Exception:  # noqa: BLE001
                 pass
             self._engine = None
-        if self._owns_comm and self._comm is not None:
+        if self._net is not None:  # frees an owned MPI sub-communicator; says goodbye to gloo peers
             try:
-                self._comm.Free()
+                self._net.close()
             except Exception:  # noqa: BLE001
                 pass
+            self._net = None
             self._comm = None
 
 
@@ -1060,30 +1102,19 @@ def swarm_deadline_s(deadline_s: float | None, config_deadline_s: float, left_s:
     return left if asked is None else max(min(float(asked), left), 1e-3)
 
 
-def _make_engine(comm: Any, config: SwarmConfig) -> Any:
+def _make_engine(net: Transport, config: SwarmConfig) -> Any:
     if _engine_factory is not None:
-        return _engine_factory(comm, config)
+        return _engine_factory(net, config)
     from ..runtime.engine import SwarmEngine  # lazy: backend.py imports before the engine exists
 
-    return SwarmEngine(comm, config)
+    return SwarmEngine(net, config)
 
 
-def _cancel(req: Any) -> None:
-    """Cancel a pending receive (best effort, on the failure path only)."""
-    try:
-        req.Cancel()
-        req.Wait()
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def _p2p_error(op: P2P, e: Exception) -> Exception:
-    """An MPI failure of a user send/recv as an fltorrent error, classified by MPI's error class."""
-    from mpi4py import MPI
-
-    if isinstance(e, MPI.Exception) and e.Get_error_class() == MPI.ERR_TRUNCATE:
-        return TruncationError(f"fltorrent {op.what} from rank {op.peer}: message longer than the buffer")
-    return FLTorrentError(f"fltorrent {op.what} with rank {op.peer}: {e}")
+def _p2p_error(op: P2P, why: str) -> Exception:
+    """A failed user send/recv as an fltorrent error, classified by the reason's type (Truncated: too long)."""
+    if isinstance(why, Truncated):
+        return TruncationError(f"fltorrent {op.what} from rank {op.peer}: message longer than the buffer ({why})")
+    return FLTorrentError(f"fltorrent {op.what} with rank {op.peer}: {why}")
 
 
 @atexit.register

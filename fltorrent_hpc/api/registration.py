@@ -1,8 +1,10 @@
 """Registration of the torch.distributed backend "fltorrent" and the creator torch calls for each group.
 
 `import fltorrent_hpc` calls `register_backend()`; torch then calls `_create_process_group` for the default
-group and for every `dist.new_group(..., backend="fltorrent")` member, which maps the torch group onto an
-MPI communicator (COMM_WORLD or a sub-communicator of exactly those world ranks).
+group and for every `dist.new_group(..., backend="fltorrent")` member.  Under an MPI launcher it maps the torch
+group onto an MPI communicator (COMM_WORLD or a sub-communicator of exactly those world ranks); without one
+(torchrun, a plain env:// launch) it connects the members with torch's own gloo point-to-point, bootstrapped
+from the Store torch hands the creator (a store of the group's own, so sub-groups work the same way).
 """
 
 from __future__ import annotations
@@ -34,9 +36,7 @@ register = register_backend
 
 def _create_process_group(dist_opts: Any, backend_options: Any = None) -> FLTorrentProcessGroup:
     """Creator called by torch for the default group and for every `new_group` member (non-members never are)."""
-    from mpi4py import MPI
-
-    from ..launch import check_world
+    from ..launch import check_world, transport_choice
 
     if backend_options is not None and not isinstance(backend_options, SwarmConfig):
         raise UnsupportedError(f"fltorrent pg_options must be a SwarmConfig, got {type(backend_options).__name__}")
@@ -46,6 +46,16 @@ def _create_process_group(dist_opts: Any, backend_options: Any = None) -> FLTorr
     timeout_s = torch_timeout.total_seconds() if explicit else config.timeout_s
     rank, size = int(dist_opts.group_rank), int(dist_opts.group_size)
     ranks = [int(r) for r in dist_opts.global_ranks_in_group]
+    if transport_choice() == "torch":
+        from ..transport.torch_p2p import connect
+
+        net = connect(dist_opts.store, rank, size, timeout_s=timeout_s)
+        members = ranks or list(range(size))
+        return FLTorrentProcessGroup(
+            net, timeout_s=timeout_s, config=config, global_ranks=members, name=str(dist_opts.group_id)
+        )
+    from mpi4py import MPI
+
     if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
         raise LaunchError("fltorrent needs MPI_THREAD_MULTIPLE; unset MPI4PY_RC_THREAD_LEVEL or set it to 'multiple'")
     if not ranks:  # the default group: torch's world must be MPI's world

@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PeerTimeoutError, TransportError
+from ..errors import PeerTimeoutError, TransportError, UnsupportedError
 
 MAGIC = 0x464C5452  # "FLTR": first word of every control frame
 POLL_S = 20e-6
 SPIN = int(os.environ.get("FLTORRENT_POLL_SPIN", "200"))  # idle polls with only a yield between them
 
+ANY_SOURCE = -1  # post_recv_status from whichever rank sends first (MPI_ANY_SOURCE)
 TAG_DATA = 22  # data tags: TAG_DATA + (round % 2) * 16000 + stage % 16000, all below 32767
 Request = Any  # an opaque handle of the transport that made it
 GRAVEYARD: list = []  # (transport, request, buffers...) of collectives abandoned on a timeout
@@ -44,6 +45,11 @@ def data_tag(round_id: int, stage: int) -> int:
 def stage_of_data_tag(tag: int) -> int:
     """The stage (mod 16000) a data tag was made for."""
     return (tag - TAG_DATA) % 16000
+
+
+class Truncated(str):
+    """A `failed` reason saying the message was longer than its receive (MPI_ERR_TRUNCATE), so a caller can
+    classify the failure by type (the torch API's recv raises TruncationError) instead of by its text."""
 
 
 class Transport(ABC):
@@ -86,6 +92,16 @@ class Transport(ABC):
         """Why a request that `test` reported complete failed (e.g. a message longer than its receive buffer),
         or None when it succeeded.  Asked once per request."""
         return None
+
+    def post_recv_status(self, buf: np.ndarray, source: int, tag: int) -> Request:
+        """A `post_recv` whose sender and length `recv_status` reports once it completed; `source` may be
+        ANY_SOURCE.  For receives whose sender or length the caller does not know (the torch API's recv and
+        recv_anysource); the runtime never needs it.  Optional."""
+        raise UnsupportedError(f"{type(self).__name__} cannot report the source and length of a receive")
+
+    def recv_status(self, req: Request) -> tuple[int, int]:
+        """(source, nbytes received) of a `post_recv_status` request that completed without failing."""
+        raise UnsupportedError(f"{type(self).__name__} cannot report the source and length of a receive")
 
     def abandon(self, reqs: Sequence[Request]) -> None:  # noqa: B027 - optional
         """Ask the transport to cancel unfinished requests without waiting (sends to a peer gone for good);

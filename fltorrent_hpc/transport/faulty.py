@@ -186,6 +186,12 @@ class FaultyTransport(Transport):
     def post_recv(self, buf: np.ndarray, source: int, tag: int) -> Request:
         return self.inner.post_recv(buf, source, tag)
 
+    def post_recv_status(self, buf: np.ndarray, source: int, tag: int) -> Request:
+        return self.inner.post_recv_status(buf, source, tag)
+
+    def recv_status(self, req: Request) -> tuple[int, int]:
+        return self.inner.recv_status(req)
+
     def test(self, reqs: Sequence[Request]) -> list[int]:
         out: list[int] = []
         plain = [(i, r) for i, r in enumerate(reqs) if not isinstance(r, (_Done, _Later, _Pair))]

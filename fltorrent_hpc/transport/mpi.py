@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import LaunchError, PeerTimeoutError, ProtocolError, TransportError
-from .base import SPIN, Pacer, Request, Transport, pause, post_paced, wait_all
+from .base import ANY_SOURCE, SPIN, Pacer, Request, Transport, Truncated, pause, post_paced, wait_all
 
 __all__ = ["MPITransport", "SPIN", "mpi", "cuda_aware", "pause", "mpi_allgather", "ring_allgather", "wait_requests"]
 
@@ -39,14 +39,24 @@ def cuda_aware() -> bool:
         return False
 
 
+class _StatusRecv:
+    """A receive posted with `post_recv_status`: the MPI request and, once complete, its status."""
+
+    __slots__ = ("req", "status", "got")
+
+    def __init__(self, req, status):
+        self.req, self.status, self.got = req, status, None
+
+
 class MPITransport(Transport):
     """A Transport over an mpi4py communicator.  `MPITransport(comm)` duplicates `comm`, so its tags never
-    match the caller's messages; `close()` frees the duplicate."""
+    match the caller's messages; `close()` frees the duplicate (with dup=False, `owned` says whether `close()`
+    frees `comm` itself: a sub-communicator the caller made for this transport)."""
 
-    def __init__(self, comm, name: str = "world", *, dup: bool = True):
+    def __init__(self, comm, name: str = "world", *, dup: bool = True, owned: bool | None = None):
         self._MPI = mpi()
         self.comm = comm.Dup() if dup else comm
-        self._owned = dup
+        self._owned = dup if owned is None else owned
         self.rank, self.size, self.name = self.comm.Get_rank(), self.comm.Get_size(), name
         self._status = self._MPI.Status()
         self._failed: dict[int, str] = {}  # id(request) -> why it completed with an error
@@ -59,6 +69,16 @@ class MPITransport(Transport):
 
     def post_recv(self, buf: np.ndarray, source: int, tag: int) -> Request:
         return self._call(lambda: self.comm.Irecv([buf, self._MPI.BYTE], source=source, tag=tag), "receive", source)
+
+    def post_recv_status(self, buf: np.ndarray, source: int, tag: int) -> Request:
+        src = self._MPI.ANY_SOURCE if source == ANY_SOURCE else source
+        req = self._call(lambda: self.comm.Irecv([buf, self._MPI.BYTE], source=src, tag=tag), "receive", source)
+        return _StatusRecv(req, self._MPI.Status())
+
+    def recv_status(self, req: Request) -> tuple[int, int]:
+        if not isinstance(req, _StatusRecv) or req.got is None:
+            raise TransportError(f"{self.name}: recv_status of a request that was not a completed post_recv_status")
+        return req.got
 
     def test(self, reqs: Sequence[Request]) -> list[int]:
         if not reqs:
@@ -73,10 +93,16 @@ class MPITransport(Transport):
         out = []
         for i, r in enumerate(reqs):
             try:
-                if r != self._MPI.REQUEST_NULL and r.Test():
+                if isinstance(r, _StatusRecv):
+                    if r.req.Test(r.status):
+                        r.got = (r.status.Get_source(), r.status.Get_count(self._MPI.BYTE))
+                        out.append(i)
+                elif r != self._MPI.REQUEST_NULL and r.Test():
                     out.append(i)
             except self._MPI.Exception as e:
-                self._failed[id(r)] = f"MPI failed a request on {self.name}: {e.Get_error_string()}"
+                why = f"MPI failed a request on {self.name}: {e.Get_error_string()}"
+                truncated = e.Get_error_class() == self._MPI.ERR_TRUNCATE
+                self._failed[id(r)] = Truncated(why) if truncated else why
                 out.append(i)
         return out
 
@@ -86,6 +112,7 @@ class MPITransport(Transport):
     def cancel(self, reqs: Sequence[Request]) -> None:
         null = self._MPI.REQUEST_NULL
         for r in reqs:
+            r = r.req if isinstance(r, _StatusRecv) else r
             if r == null:
                 continue
             try:
@@ -98,6 +125,7 @@ class MPITransport(Transport):
     def abandon(self, reqs: Sequence[Request]) -> None:
         null = self._MPI.REQUEST_NULL
         for r in reqs:
+            r = r.req if isinstance(r, _StatusRecv) else r
             try:
                 if r != null:
                     r.Cancel()

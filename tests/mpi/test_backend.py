@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 import warnings
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+from dist_harness import all_ok, gather, group_sizes
 from torch.distributed.distributed_c10d import AllgatherOptions
 
 import fltorrent_hpc  # noqa: F401  (registers the backend, fills env:// variables under mpiexec)
@@ -49,19 +49,6 @@ def _init() -> None:
         dist.init_process_group("fltorrent", pg_options=CFG, timeout=timedelta(seconds=60))
     if dist.get_backend() != "fltorrent":  # another test file in this process made a different default group
         pytest.skip("needs 'fltorrent' as the default group: run this file in its own mpiexec")
-
-
-def all_ok(fn) -> None:
-    """Run fn on every rank (it returns a list of failure strings); assert once all ranks reported."""
-    from mpi4py import MPI
-
-    try:
-        errs = list(fn() or [])
-    except Exception:
-        errs = [traceback.format_exc()]
-    reports = MPI.COMM_WORLD.allgather([e[-1500:] for e in errs[:4]])
-    bad = {r: e for r, e in enumerate(reports) if e}
-    assert not bad, "\n".join(f"rank {r}: {e}" for r, e in bad.items())
 
 
 def make(rank: int, case: int, dtype: torch.dtype, shape, lo: int = -8, hi: int = 8) -> torch.Tensor:
@@ -121,7 +108,7 @@ def groups():
     _init()
     world = dist.get_world_size()
     out = {}
-    for k in range(1, world + 1):
+    for k in group_sizes(world):
         fl = dist.new_group(list(range(k)), backend="fltorrent", pg_options=CFG)
         gl = dist.new_group(list(range(k)), backend="gloo")
         out[k] = (fl, gl) if dist.get_rank() < k else None
@@ -154,8 +141,6 @@ def test_registration_and_identity(groups):
 
 
 def test_new_group_is_exact_subcommunicator(groups):
-    from mpi4py import MPI
-
     world = dist.get_world_size()
     ranks = [r for r in range(world) if r % 2 == 1] or [0]
     g = dist.new_group(ranks, backend="fltorrent", pg_options=CFG)
@@ -163,9 +148,15 @@ def test_new_group_is_exact_subcommunicator(groups):
     def body():
         if dist.get_rank() not in ranks:
             return [] if g == dist.GroupMember.NON_GROUP_MEMBER else ["non-member got a group"]
+        errs = []
         comm = g._comm
-        got = MPI.Group.Translate_ranks(comm.Get_group(), list(range(comm.Get_size())), MPI.COMM_WORLD.Get_group())
-        errs = [] if list(got) == ranks else [f"sub-communicator holds world ranks {got}, wanted {ranks}"]
+        if comm is not None:  # the MPI transport: the sub-communicator holds exactly those world ranks
+            from mpi4py import MPI
+
+            got = MPI.Group.Translate_ranks(comm.Get_group(), list(range(comm.Get_size())), MPI.COMM_WORLD.Get_group())
+            errs += [] if list(got) == ranks else [f"sub-communicator holds world ranks {got}, wanted {ranks}"]
+        if (g.rank(), g.size()) != (ranks.index(dist.get_rank()), len(ranks)):
+            errs.append(f"group rank/size {g.rank()}/{g.size()} for world rank {dist.get_rank()} of {ranks}")
         t = torch.tensor([float(dist.get_rank())])
         dist.all_reduce(t, group=g)
         if t.item() != float(sum(ranks)):
@@ -226,8 +217,6 @@ def test_all_reduce_vs_gloo(groups):
 
 
 def test_all_reduce_random_floats_rank_order_and_identical(groups):
-    from mpi4py import MPI
-
     def body():
         errs = []
         for k, fl, gl in each_group(groups):
@@ -249,7 +238,7 @@ def test_all_reduce_random_floats_rank_order_and_identical(groups):
     # bit-identical on every rank of the world group
     t = make_float(dist.get_rank(), 5, torch.float32, 333)
     dist.all_reduce(t, op=R.AVG)
-    digests = MPI.COMM_WORLD.allgather(t.numpy().tobytes())
+    digests = gather(t.numpy().tobytes())
     assert all(d == digests[0] for d in digests)
 
 
