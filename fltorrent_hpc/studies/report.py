@@ -824,6 +824,14 @@ def render_unlinkability(ld: Loaded, ctx: Ctx) -> list[str]:
         "round's stages over privacy none's stages at the same n, m and seed (mean over seeds).",
         "",
     ]
+    imported = sorted({str(r.summary["imported_from"]) for r in ld.records if r.summary.get("imported_from")})
+    if imported:
+        n_imp = sum(1 for r in ld.records if r.summary.get("imported_from"))
+        md += [
+            f"{n_imp} of the {len(ld.records)} points were not run by this study but imported (the same per-round "
+            f"computation, row for row): {'; '.join(imported)}.",
+            "",
+        ]
     md += table(
         [
             "n",
