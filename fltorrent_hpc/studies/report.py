@@ -824,6 +824,28 @@ def render_unlinkability(ld: Loaded, ctx: Ctx) -> list[str]:
         "round's stages over privacy none's stages at the same n, m and seed (mean over seeds).",
         "",
     ]
+    import json
+
+    from .registry import GridArgs
+
+    grid = studies()["unlinkability"].grid(
+        GridArgs(mini=bool(ld.meta.get("mini")), seeds=tuple(json.loads(ld.meta.get("seeds", "[0]"))))
+    )
+    have = {r.name for r in ld.records}
+    missing: dict[tuple[int, str], list[int]] = {}
+    for p in grid:
+        if p.name not in have:
+            missing.setdefault((p.params["peers"], p.params["variant"]), []).append(p.seed)
+    if missing:
+        md += [
+            f"This file holds {len(have)} of the grid's {len(grid)} points; not run: "
+            + "; ".join(
+                f"n = {n} {v} ({len(s)} point(s), seeds {', '.join(map(str, sorted(set(s))))})"
+                for (n, v), s in sorted(missing.items())
+            )
+            + ".",
+            "",
+        ]
     imported = sorted({str(r.summary["imported_from"]) for r in ld.records if r.summary.get("imported_from")})
     if imported:
         n_imp = sum(1 for r in ld.records if r.summary.get("imported_from"))
