@@ -912,8 +912,15 @@ def render_unlinkability(ld: Loaded, ctx: Ctx) -> list[str]:
                 color=f"C{i}",
                 label=f"{v}, n={n}",
             )
-            for c in sel:
-                ax.annotate(f"m={c['m']}", (c["time_ratio"], c["worst_u_ratio"]), fontsize=7)
+            for r, c in enumerate(sorted(sel, key=lambda c: c["m"])):  # labels staggered: points crowd at ~1.0
+                ax.annotate(
+                    f"m={c['m']}",
+                    (c["time_ratio"], c["worst_u_ratio"]),
+                    xytext=(5 if i % 2 else -32, -14 + 8 * r if v.startswith("hidden") else 2),
+                    textcoords="offset points",
+                    fontsize=6,
+                    color=f"C{i}",
+                )
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="random guess (1/deg)")
     ax.axhline(2.0, color="red", lw=0.8, ls=":", label="issue 18 bound (2 x 1/deg)")
     ax.axvline(1.15, color="red", lw=0.8, ls=":")
