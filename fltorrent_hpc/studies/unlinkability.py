@@ -164,6 +164,10 @@ def cells(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str], dict[str, An
     return out
 
 
+def _x(r: float) -> str:
+    return f"{r:.3f} x" if r == r else "n/a (no BitTorrent-only round of the same seed)"
+
+
 def derive_unlinkability(recs: list[Record]) -> dict[str, Any]:
     """Per-cell means over seeds and the issue's checks, at every n the file holds."""
     rows = unlink_rows(recs)
@@ -184,9 +188,9 @@ def derive_unlinkability(recs: list[Record]) -> dict[str, Any]:
                 f"time <= {TIME_BOUND} x BitTorrent-only of the same seed",
                 worst <= U_BOUND and slowest == slowest and slowest <= TIME_BOUND,
                 "; ".join(
-                    f"m={c['m']}: {c['worst']} {c['worst_u_ratio']:.2f} x, round {c['time_ratio']:.3f} x" for c in hid
+                    f"m={c['m']}: {c['worst']} {c['worst_u_ratio']:.2f} x, round {_x(c['time_ratio'])}" for c in hid
                 )
-                + f" (worst {worst:.2f} x 1/deg, slowest seed {slowest:.3f} x)",
+                + f" (worst {worst:.2f} x 1/deg, slowest seed {_x(slowest)})",
             )
         none = [c for k, c in sorted(cs.items()) if k[0] == n and k[2] == "none"]
         if none and all("first_sender" in c["u_mean"] for c in none):
