@@ -44,7 +44,12 @@ def study_main(argv: list[str] | None = None) -> int:
     ap.add_argument("name", nargs="?", help="study: " + ", ".join(sorted(reg)))
     ap.add_argument("--out", default="results", help="directory of STUDY.h5 and STUDY.json (default results/)")
     ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
-    ap.add_argument("--seeds", type=parse_seeds, default=(0,), help="a count (3 = seeds 0,1,2) or a list 0,4,7")
+    ap.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        help="a count (3 = seeds 0,1,2) or a list 0,4,7 (default: the study's, seed 0 for the paper studies)",
+    )
     ap.add_argument("--mini", action="store_true", help="miniature grid (n <= 30, 24-chunk updates): smoke test")
     ap.add_argument("--traces", default=None, metavar="DIR", help="also write each point's full trace here")
     ap.add_argument("--only", default=None, help="comma list of point or group names to run")
@@ -55,7 +60,7 @@ def study_main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.list or not a.name:
         for s in sorted(reg.values(), key=lambda s: s.name):
-            pts = s.grid(GridArgs(mini=a.mini, seeds=a.seeds))
+            pts = s.grid(GridArgs(mini=a.mini, seeds=a.seeds or s.default_seeds))
             print(f"{s.name:11s} {s.paper:10s} {len(pts):3d} points  {s.title}")
             if a.name == s.name:
                 print("\n".join(f"    {p.name}  {dumps(p.params)}" for p in pts))
@@ -63,6 +68,8 @@ def study_main(argv: list[str] | None = None) -> int:
     if a.name not in reg:
         print(f"fltorrent study: unknown study {a.name!r}; known: {', '.join(sorted(reg))}", file=sys.stderr)
         return 2
+    if a.seeds is None:
+        a.seeds = reg[a.name].default_seeds
     # the command that reproduces the whole study (without --only/--fresh, which only steer one invocation)
     cmd = f"fltorrent study {a.name} --out {a.out} --jobs {a.jobs}"
     seeds = ",".join(map(str, a.seeds)) + ("," if len(a.seeds) == 1 else "")  # "5," is seed 5, "5" is 5 seeds

@@ -1,4 +1,5 @@
-"""The built-in studies: the paper's grids (Table III, Figs. 3, 4, 5, 8), the privacy study, and `beyond`.
+"""The built-in studies: the paper's grids (Table III, Figs. 3, 4, 5, 8), the privacy study, `beyond`, and
+`unlinkability` (issue 18).
 
 Every built-in study is listed in `BUILTIN` and registered by `studies()`; nothing is discovered by import
 side effects, and a study module that fails to import fails loudly.
@@ -15,6 +16,7 @@ from .paper import PAPER_CHUNK, PAPER_CHUNKS, PAPER_DOWNLINK, PAPER_UPLINK
 from .privacy_sweeps import PRIVACY_STUDY
 from .registry import STUDIES, GridArgs, Point, Study, points_for, register
 from .runner import mid_round_stage
+from .unlinkability import UNLINK_STUDY
 
 MINI_CHUNKS = 24  # chunks per update in --mini grids: keeps every mini round well under a second
 
@@ -155,6 +157,7 @@ BUILTIN: tuple[Study, ...] = (
         _grid_beyond,
         derive_beyond,
     ),
+    UNLINK_STUDY,
 )
 
 

@@ -68,13 +68,15 @@ class GridArgs:
 
 @dataclass(frozen=True)
 class Study:
-    """A named grid.  `derive` turns records into JSON-able figures and the issue's claims (pass/fail)."""
+    """A named grid.  `derive` turns records into JSON-able figures and the issue's claims (pass/fail).
+    `default_seeds`: the seeds `fltorrent study NAME` runs when --seeds is not given."""
 
     name: str
     title: str
     paper: str
     grid: Callable[[GridArgs], list[Point]]
     derive: Callable[[list[Record]], dict[str, Any]] | None = None
+    default_seeds: tuple[int, ...] = (0,)
 
 
 STUDIES: dict[str, Study] = {}

@@ -806,6 +806,135 @@ def render_privacy(ld: Loaded, ctx: Ctx) -> list[str]:
     return md
 
 
+def render_unlinkability(ld: Loaded, ctx: Ctx) -> list[str]:
+    """Issue 18: worst whole-round attack's U over 1/deg against round time over BitTorrent-only, per variant."""
+    from .unlinkability import VARIANTS, cells, unlink_rows
+
+    plt = _plt()
+    cs = cells(unlink_rows(ld.records))
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    keys = sorted(cs, key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2]))
+    md = [
+        "Every registered attack scored over the whole round (`fltorrent attack`'s default window) as U: for each "
+        "update owned by one of an observer's neighbours, the attack names a neighbour; a random guess scores "
+        "1/deg. Variants: `none` = privacy none (BitTorrent only), `paper` = privacy full under the paper's "
+        "protocol, `hidden` = privacy full under the hidden protocol (the default), `hidden_r1` / `hidden_r4` = "
+        "hidden with `seed_peers` = 1 / 4. Means over seeds; the worst attack is the one of highest mean U in the "
+        "cell; max over observers is that attack's largest per-observer U over the seeds. Round / BT-only = the "
+        "round's stages over privacy none's stages at the same n, m and seed (mean over seeds).",
+        "",
+    ]
+    import json
+
+    from .registry import GridArgs
+
+    grid = studies()["unlinkability"].grid(
+        GridArgs(mini=bool(ld.meta.get("mini")), seeds=tuple(json.loads(ld.meta.get("seeds", "[0]"))))
+    )
+    have = {r.name for r in ld.records}
+    missing: dict[tuple[int, str], list[int]] = {}
+    for p in grid:
+        if p.name not in have:
+            missing.setdefault((p.params["peers"], p.params["variant"]), []).append(p.seed)
+    if missing:
+        md += [
+            f"This file holds {len(have)} of the grid's {len(grid)} points; not run: "
+            + "; ".join(
+                f"n = {n} {v} ({len(s)} point(s), seeds {', '.join(map(str, sorted(set(s))))})"
+                for (n, v), s in sorted(missing.items())
+            )
+            + ".",
+            "",
+        ]
+    imported = sorted({str(r.summary["imported_from"]) for r in ld.records if r.summary.get("imported_from")})
+    if imported:
+        n_imp = sum(1 for r in ld.records if r.summary.get("imported_from"))
+        md += [
+            f"{n_imp} of the {len(ld.records)} points were not run by this study but imported (the same per-round "
+            f"computation, row for row): {'; '.join(imported)}.",
+            "",
+        ]
+    md += table(
+        [
+            "n",
+            "m",
+            "variant",
+            "seeds",
+            "1/deg",
+            "worst attack (mean U)",
+            "worst U / (1/deg)",
+            "max over observers",
+            "round (s)",
+            "round / BT-only",
+        ],
+        [
+            [
+                c["n"],
+                c["m"],
+                c["variant"],
+                len(c["seeds"]),
+                f(100 * c["u_baseline"], "{:.2f}%"),
+                f"{c['worst']} {f(100 * c['worst_u_mean'], '{:.2f}%')}",
+                f(c["worst_u_ratio"], "{:.2f}"),
+                f(100 * c["worst_u_max"], "{:.1f}%"),
+                f(c["stages"], "{:.0f}"),
+                f(c["time_ratio"], "{:.3f}"),
+            ]
+            for c in (cs[k] for k in keys)
+        ],
+    )
+    atts = list(dict.fromkeys(a for k in keys for a in cs[k]["u_mean"]))
+    md += ["", "Mean U / (1/deg) of every attack (1.00 = random guessing):", ""]
+    md += table(
+        ["n", "m", "variant", *atts],
+        [
+            [
+                cs[k]["n"],
+                cs[k]["m"],
+                cs[k]["variant"],
+                *(f(cs[k]["u_mean"].get(a, NAN) / cs[k]["u_baseline"], "{:.2f}") for a in atts),
+            ]
+            for k in keys
+        ],
+    )
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ns = sorted({k[0] for k in keys})
+    markers = "o^sDv"
+    for i, v in enumerate(sorted({k[2] for k in keys}, key=lambda v: order.get(v, len(order)))):
+        for j, n in enumerate(ns):
+            sel = [cs[k] for k in keys if k[2] == v and k[0] == n and _ok(cs[k]["time_ratio"])]
+            if not sel:
+                continue
+            ax.scatter(
+                [c["time_ratio"] for c in sel],
+                [c["worst_u_ratio"] for c in sel],
+                marker=markers[j % len(markers)],
+                color=f"C{i}",
+                label=f"{v}, n={n}",
+            )
+            for r, c in enumerate(sorted(sel, key=lambda c: c["m"])):  # labels staggered: points crowd at ~1.0
+                ax.annotate(
+                    f"m={c['m']}",
+                    (c["time_ratio"], c["worst_u_ratio"]),
+                    xytext=(5 if i % 2 else -32, -14 + 8 * r if v.startswith("hidden") else 2),
+                    textcoords="offset points",
+                    fontsize=6,
+                    color=f"C{i}",
+                )
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="random guess (1/deg)")
+    ax.axhline(2.0, color="red", lw=0.8, ls=":", label="issue 18 bound (2 x 1/deg)")
+    ax.axvline(1.15, color="red", lw=0.8, ls=":")
+    ax.set(
+        xlabel="round time / BitTorrent-only (same seed)",
+        ylabel="worst attack's mean U / (1/deg)",
+        yscale="log",
+        title="Whole-round attribution against round time",
+    )
+    ax.legend(fontsize=7)
+    p1 = _save(ctx, fig, "unlinkability_tradeoff")
+    return md + ["", ctx.link(p1, "worst attack's U against round time")]
+
+
 def _num(x: Any) -> float:
     return float(x) if _ok(x) else NAN
 
@@ -834,8 +963,9 @@ RENDERERS: dict[str, Callable[[Loaded, Ctx], list[str]]] = {
     "llm": render_llm,
     "beyond": render_beyond,
     "privacy": render_privacy,
+    "unlinkability": render_unlinkability,
 }
-ORDER = ("table3", "ablation", "cover", "schedulers", "llm", "beyond", "privacy")
+ORDER = ("table3", "ablation", "cover", "schedulers", "llm", "beyond", "privacy", "unlinkability")
 
 
 # --------------------------------------------------------------------------------------------- driver
