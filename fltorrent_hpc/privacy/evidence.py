@@ -25,7 +25,15 @@ import scipy.sparse as sp
 from ..config import parse_privacy
 from ..errors import ConfigError
 from ..trace import PHASE_SPRAY, Trace, config_of
-from .observations import AdversaryModel, adjacency_matrix, bt_start, observation_window, protocol_of, public_holdings
+from .observations import (
+    AdversaryModel,
+    adjacency_matrix,
+    bt_start,
+    mixer_hops,
+    observation_window,
+    protocol_of,
+    public_holdings,
+)
 
 
 @dataclass
@@ -184,8 +192,7 @@ def build_evidence(trace: Trace, model: AdversaryModel | None = None) -> RoundEv
         snd = tr["sender"][spr].astype(np.int64)
         rcv = tr["receiver"][spr].astype(np.int64)
         if protocol == "hidden":  # a mixer knows its first hops (it is told to forward them) came from owners
-            ch = tr["chunk"][spr].astype(np.int64)
-            fwd = np.isin(rcv * (n * max(K, 1)) + ch, snd * (n * max(K, 1)) + ch)
+            fwd = mixer_hops(trace, spr)
             snd, rcv = snd[fwd], rcv[fwd]
         known[rcv, snd] = True  # a paper spray comes straight from its owner
         excluded[rcv, snd] = True

@@ -195,6 +195,15 @@ class PublicHoldings:
         return np.bincount(key, minlength=n * n).reshape(n, n)
 
 
+def mixer_hops(trace: Trace, rows: np.ndarray) -> np.ndarray:
+    """Which of the spray rows `rows` are a hidden-protocol first hop: their receiver forwards the same chunk in
+    a later spray row (a mixer knows so, it is told to forward it; a seed's arrival is never forwarded)."""
+    tr = trace.transfers
+    span = trace.n_peers * max(trace.chunks_per_peer, 1)
+    ch = tr["chunk"][rows].astype(np.int64)
+    return np.isin(tr["receiver"][rows].astype(np.int64) * span + ch, tr["sender"][rows].astype(np.int64) * span + ch)
+
+
 def public_holdings(trace: Trace, end: int | None = None) -> PublicHoldings:
     """What each peer announces it holds, over time, as its neighbours see it (keyed on `protocol_of`).
 
@@ -210,9 +219,7 @@ def public_holdings(trace: Trace, end: int | None = None) -> PublicHoldings:
         ok &= tr["stage"] < end
     if protocol_of(trace) == "hidden":  # a mixer's first hops are forwarded, never announced
         sp = np.flatnonzero(ok & (tr["phase"] == PHASE_SPRAY))
-        span = n * max(K, 1)
-        got = tr["receiver"][sp].astype(np.int64) * span + tr["chunk"][sp]
-        ok[sp[np.isin(got, tr["sender"][sp].astype(np.int64) * span + tr["chunk"][sp])]] = False
+        ok[sp[mixer_hops(trace, sp)]] = False
     code = tr["receiver"][ok].astype(np.int64) * (n * K) + tr["chunk"][ok]
     since = tr["stage"][ok].astype(np.int64) + 1
     if protocol_of(trace) == "paper":
@@ -344,9 +351,7 @@ def build_views(
         s_recv = tr["receiver"][sp].astype(np.int64)
         s_send = tr["sender"][sp].astype(np.int64)
         if protocol_of(trace) == "hidden":
-            span = n * max(int(kchunks), 1)
-            ch = tr["chunk"][sp].astype(np.int64)
-            fwd = np.isin(s_recv * span + ch, s_send * span + ch)
+            fwd = mixer_hops(trace, sp)
             s_recv, s_send = s_recv[fwd], s_send[fwd]
         for i in range(n_views):
             hit = member[i, s_recv]

@@ -336,16 +336,21 @@ def parse_end(frame, *, sender: int, round_id: int, n: int, min_stage: int = 0) 
 
 
 # ---------------------------------------------------------------------------------------------- peer -> tracker
-def parse_report(frame, *, sender: int, round_id: int, n: int, expected: int, stage: int | None = None) -> Report:
-    """A directed stage's report: nr (== `expected`, the receives the tracker told `sender` of), ok[nr] (0/1),
-    then the tail: senders `sender` banned (s) and whose directed data never came (n + s), distinct, not itself."""
-    what = "report"
+def _counted_report(frame, sender: int, round_id: int, stage: int | None, what: str):
+    """The part both report readers share: header, where, words, and the receive count after the header."""
     h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_REPORT, stage=stage, what=what)
     where = _where(sender, round_id, h.stage, what)
     msg = _words(frame, where)
     if msg.size < HEAD + 1:
         raise ProtocolError(f"{where} has {msg.size} words, no room for its count")
-    nr = int(msg[4])
+    return h, where, msg, int(msg[4])
+
+
+def parse_report(frame, *, sender: int, round_id: int, n: int, expected: int, stage: int | None = None) -> Report:
+    """A directed stage's report: nr (== `expected`, the receives the tracker told `sender` of), ok[nr] (0/1),
+    then the tail: senders `sender` banned (s) and whose directed data never came (n + s), distinct, not itself."""
+    what = "report"
+    h, where, msg, nr = _counted_report(frame, sender, round_id, stage, what)
     if nr != expected:
         raise ProtocolError(f"{where} reports {nr} receives, expected {expected}")
     if msg.size < HEAD + 1 + nr:
@@ -361,12 +366,7 @@ def parse_bt_report(
     Senders are peers other than `sender`; chunks are in the round and not `sender`'s own (unless `own_ok`: the
     hidden protocol, where an owner downloads its update back); no chunk arrived twice."""
     what = "BitTorrent report"
-    h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_REPORT, stage=stage, what=what)
-    where = _where(sender, round_id, h.stage, what)
-    msg = _words(frame, where)
-    if msg.size < HEAD + 1:
-        raise ProtocolError(f"{where} has {msg.size} words, no room for its count")
-    nr = int(msg[4])
+    h, where, msg, nr = _counted_report(frame, sender, round_id, stage, what)
     if nr < 0:
         raise ProtocolError(f"{where} reports {nr} receives")
     if msg.size < HEAD + 1 + 3 * nr:
