@@ -159,6 +159,9 @@ class SwarmConfig:
     # real rounds: "peers" = each rank makes its own BitTorrent decisions over neighbour exchanges;
     # "tracker" = the tracker evaluates them on the peers' behalf and relays directives (same decisions)
     bt_decisions: str = "peers"
+    # privacy "none" rounds of at most this many bytes per rank, or on even links, are one direct exchange
+    # (swarm.budget.direct_round); 0 = never (the swarm always runs)
+    direct_bytes: int = 4 * 2**20
     # BitTorrent senders grant first to the requester missing the most chunks ("deficit": cooperative ranks,
     # the round ends with its slowest peer) or, as vanilla BitTorrent, to whom they received most from
     # ("reciprocity", tit-for-tat)
@@ -190,6 +193,7 @@ class SwarmConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "privacy", parse_privacy(self.privacy))
         object.__setattr__(self, "chunk_bytes", parse_bytes(self.chunk_bytes))
+        object.__setattr__(self, "direct_bytes", parse_bytes(self.direct_bytes))
         checks = [
             (self.degree >= 1, "degree must be >= 1"),
             (self.overlay in OVERLAYS, f"overlay must be one of {OVERLAYS}"),
@@ -202,6 +206,7 @@ class SwarmConfig:
             (self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}"),
             (self.tau >= 1, "tau must be >= 1"),
             (1 <= self.bt_passes <= 7, "bt_passes must be in 1..7"),
+            (self.direct_bytes >= 0, "direct_bytes must be >= 0"),
             (self.bt_decisions in BT_DECISIONS, f"bt_decisions must be one of {BT_DECISIONS}"),
             (self.bt_grant in BT_GRANTS, f"bt_grant must be one of {BT_GRANTS}"),
             (self.slot_seconds > 0, "slot_seconds must be > 0"),
@@ -244,7 +249,7 @@ class SwarmConfig:
             try:
                 if f.name in ("uplink", "downlink"):
                     changes[f.name] = parse_rate(raw)
-                elif f.name == "chunk_bytes":
+                elif f.name in ("chunk_bytes", "direct_bytes"):
                     changes[f.name] = parse_bytes(raw)
                 elif f.name == "privacy":
                     changes[f.name] = parse_privacy(raw)

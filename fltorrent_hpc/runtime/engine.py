@@ -36,7 +36,7 @@ from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, PROTOCOLS, SCHEDULERS, Sw
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError, TransportError
 from ..swarm import rng
 from ..swarm.bt_peer import pack_bits
-from ..swarm.budget import chunk_budgets
+from ..swarm.budget import chunk_budgets, direct_round
 from ..swarm.round import BT, SPRAY, Stage, SwarmRound
 from ..trace import Trace
 from ..transport import base as tb
@@ -230,6 +230,7 @@ class SwarmEngine:
                 int(cfg.integrity == "blake3"),
                 BT_DECISIONS.index(cfg.bt_decisions),
                 cfg.bt_passes,
+                cfg.direct_bytes,
             ],
             dtype=np.int64,
         )
@@ -712,7 +713,8 @@ class _Tracker:
 
         self.up = chunk_budgets(all_info[:, 1], C, cfg.slot_seconds)
         self.down = chunk_budgets(all_info[:, 2], C, cfg.slot_seconds)
-        self.rnd = SwarmRound(cfg.replace(seed=seed), n, K, self.up, self.down, seed=seed)
+        direct = direct_round(cfg, n, peer.nbytes, np.delete(all_info[:, 1], bad_desc))
+        self.rnd = SwarmRound(cfg.replace(seed=seed), n, K, self.up, self.down, seed=seed, direct=direct)
         self.deadline = (deadline_s if deadline_s is not None else cfg.deadline_s) or 0.0
         self.stages: list = []
         self.delivered: list[np.ndarray] = []
@@ -744,7 +746,7 @@ class _Tracker:
         while not rnd.done and rnd.stage < s_max:
             if self.deadline and time.monotonic() - t0 > self.deadline:
                 break
-            if self.cfg.bt_decisions == "peers" and rnd.begin_stage() == BT:
+            if self.cfg.bt_decisions == "peers" and rnd.begin_stage() == BT and not rnd.direct_due:
                 if rnd.s_bt == rnd.stage and warm_t == 0.0:
                     warm_t = time.monotonic() - t0
                 st, delivered, silent = self._peer_stage()

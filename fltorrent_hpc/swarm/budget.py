@@ -24,3 +24,31 @@ def too_slow(rate: np.ndarray, chunk_bytes: int, slot_seconds: float) -> np.ndar
     """Which paced links move less than one chunk per slot."""
     rate = np.asarray(rate, dtype=np.float64)
     return (rate > 0) & (np.floor(rate * slot_seconds / chunk_bytes + 1e-9) < 1)
+
+
+EVEN_LINKS = 1.25  # uplinks within this factor of each other count as even (direct_round)
+
+
+def direct_round(config, n: int, nbytes: int, uplinks: np.ndarray | None = None) -> bool:
+    """Whether a real round of `nbytes` per rank over `n` ranks is one direct exchange (SwarmRound(direct=True)).
+
+    Only without privacy (every privacy setting needs its hops) and with `config.direct_bytes > 0` (0: never
+    direct, the swarm always runs).  Then direct when
+    - the round is small (`nbytes <= config.direct_bytes`): its cost is its control exchanges, which one direct
+      stage cuts to a directive, the data and a report; or
+    - the uplinks are even (all unpaced, or all within EVEN_LINKS of the slowest): each rank must upload
+      (n-1) x nbytes in any all-gather, so sending it straight is already at the capacity bound, and relaying
+      through the swarm only adds stages.  On uneven links the swarm lets fast peers carry the slow ones'
+      chunks (bound max(n(n-1)S / sum U, S / min U) instead of (n-1)S / min U).
+    docs/ARCHITECTURE.md ("Small rounds and the direct exchange") gives the measured crossover.
+    """
+    if config.privacy or config.direct_bytes <= 0 or n < 2 or nbytes <= 0:
+        return False
+    if nbytes <= config.direct_bytes:
+        return True
+    if uplinks is None:
+        return False
+    up = np.asarray(uplinks, dtype=np.float64)[:n]
+    if np.all(up <= 0):
+        return True
+    return bool(np.all(up > 0) and up.max() <= EVEN_LINKS * up.min())

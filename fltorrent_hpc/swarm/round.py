@@ -38,6 +38,7 @@ class SwarmRound:
         overlay: Overlay | None = None,
         compute_maxflow: bool = False,
         maxflow_every: int = 1,
+        direct: bool = False,
     ) -> None:
         n, K = int(n_peers), int(chunks_per_peer)
         if n < 1 or K < 0:
@@ -121,6 +122,8 @@ class SwarmRound:
         self.stage = 0
         self.phase = WARMUP if self.privacy else BT
         self.s_bt = 0 if self.phase == BT else -1
+        # a small round without privacy: one direct exchange first (swarm.budget.direct_round says when)
+        self.direct_due = bool(direct) and self.phase == BT and n > 1 and K > 0
         self.warmup_failed_open = False
         self.warmup_deadline = config.warmup_deadline_stages or 0
         self.releases = 0
@@ -394,7 +397,38 @@ class SwarmRound:
         """Decide the transfers of slot `self.stage` from the state after the previous slot."""
         if self.begin_stage() == WARMUP:
             return warmup_stage(self)
+        if self.direct_due:
+            return self._direct_stage()
         return bt_stage(self)
+
+    def _direct_stage(self) -> Stage:
+        """Every active peer sends every chunk it holds to every other active peer, in one stage.
+
+        Why: below the crossover (swarm.budget.direct_round) a round's cost is its number of control
+        exchanges, not its bytes, and no privacy asks for more than one hop.  Budgets do not bound this stage
+        (a pacer stretches it instead); what does not arrive is fetched in BitTorrent stages after it.
+        """
+        self.direct_due = False
+        act = np.flatnonzero(self.active[: self.n])
+        parts = []
+        for u in act:
+            chunks = np.flatnonzero(self.have[u])
+            others = act[act != u]
+            parts.append(
+                (np.full(chunks.size * others.size, u), np.repeat(others, chunks.size), np.tile(chunks, others.size))
+            )
+        s, r, c = (np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3))
+        return Stage(
+            index=self.stage,
+            phase=BT,
+            sender=s,
+            receiver=r,
+            chunk=c,
+            kind=np.full(s.size, BT, dtype=np.int64),
+            sender_owned=np.full(s.size, self.K, dtype=np.int64),
+            sender_buffer=self.held[s],
+            capacity=self.capacity(),
+        )
 
     def _enter_bt(self) -> None:
         self.phase = BT

@@ -1,0 +1,137 @@
+"""The direct exchange of small privacy-"none" rounds on real MPI ranks: one stage, bit-exact, and a lying,
+silent or dropping rank handled as in the swarm's stages.
+
+.venv/bin/mpiexec -n 4 .venv/bin/python -m pytest --with-mpi -q tests/mpi/test_direct.py   (any world size)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from fltorrent_hpc.config import SwarmConfig
+from fltorrent_hpc.runtime.engine import SwarmEngine
+from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
+from fltorrent_hpc.transport.mpi import MPITransport
+
+pytestmark = [pytest.mark.mpi(min_size=1), pytest.mark.timeout(120)]
+
+COMM = MPI.COMM_WORLD
+C = 1024
+
+
+def agree(flag: bool) -> bool:
+    """True only if every rank's flag is True (assert after all ranks agree, so no rank hangs)."""
+    v = np.array([1 if flag else 0], dtype=np.int32)
+    out = np.empty(1, dtype=np.int32)
+    COMM.Allreduce(v, out, op=MPI.MIN)
+    return bool(out[0])
+
+
+def same_everywhere(words: np.ndarray) -> bool:
+    allw = np.empty((COMM.size, words.size), dtype=np.int64)
+    COMM.Allgather(np.ascontiguousarray(words, dtype=np.int64), allw)
+    return bool(np.all(allw == allw[0]))
+
+
+def payload_of(rank: int, nbytes: int, salt: int = 0) -> np.ndarray:
+    return np.random.default_rng(rank * 7919 + nbytes + salt).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def world(bad: int, *faults: Fault):
+    net = MPITransport(COMM)
+    return FaultyTransport(net, list(faults)) if COMM.rank == bad and COMM.size > 1 else net
+
+
+@pytest.mark.parametrize("nbytes", [1, 5 * C + 3, 64 * C])
+def test_small_round_is_one_direct_stage(nbytes):
+    eng = SwarmEngine(COMM, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, direct_bytes=64 * C))
+    res = eng.disseminate(payload_of(COMM.rank, nbytes), privacy="none")
+    ok = all(np.array_equal(res.updates[u], payload_of(u, nbytes)) for u in range(COMM.size))
+    ok &= res.participants.tolist() == list(range(COMM.size))
+    ok &= res.stats["stages"] == (1 if COMM.size > 1 else 0) and res.stats["peer_decided_stages"] == 0
+    K = -(-nbytes // C)
+    ok &= res.stats["bytes_recv"] == (COMM.size - 1) * nbytes and K > 0  # every chunk once, straight from its owner
+    eng.close()
+    assert agree(ok)
+
+
+def test_privacy_and_uneven_links_keep_the_swarm():
+    """Privacy "full" never takes the direct exchange; nor does a large round on uneven uplinks."""
+    up = 400e3 * (1 + 3 * COMM.rank / max(COMM.size - 1, 1))
+    cfg = SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, direct_bytes=4 * C, slot_seconds=0.01)
+    eng = SwarmEngine(COMM, cfg.replace(uplink=up, downlink=4e6))
+    nb = 16 * C
+    full = eng.disseminate(payload_of(COMM.rank, nb), privacy="full")
+    big = eng.disseminate(payload_of(COMM.rank, nb, 1), privacy="none")
+    ok = all(np.array_equal(big.updates[u], payload_of(u, nb, 1)) for u in range(COMM.size))
+    ok &= all(np.array_equal(full.updates[u], payload_of(u, nb)) for u in range(COMM.size))
+    if COMM.size > 2:
+        ok &= big.stats["peer_decided_stages"] > 0 and full.stats["peer_decided_stages"] > 0
+    eng.close()
+    assert agree(ok)
+
+
+def test_a_rank_corrupting_every_send_is_left_out_and_the_rest_agree():
+    bad = 1 % COMM.size
+    net = world(bad, Fault("corrupt", channel="data", stride=C))
+    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0))
+    nb = 9 * C
+    res = eng.disseminate(payload_of(COMM.rank, nb, 3), privacy="none")
+    honest = [r for r in range(COMM.size) if r != bad]
+    part = np.zeros(COMM.size, dtype=np.int64)
+    part[res.participants] = 1
+    if COMM.size == 1:
+        ok = np.array_equal(res.updates[0], payload_of(0, nb, 3))
+    elif COMM.rank != bad:
+        # every receiver refused its chunks and banned it: banned by all, it leaves; nothing honest is lost
+        ok = res.participants.tolist() == honest and res.stats["bad_senders"] == [bad]
+        ok &= all(np.array_equal(res.updates[u], payload_of(u, nb, 3)) for u in honest)
+    else:
+        ok = net.injected.get("corrupt", 0) > 0  # the fault really fired
+    if COMM.rank == bad and COMM.size > 1:
+        part[:] = 0
+        part[honest] = 1  # the bad rank does not vote: the honest ranks must agree among themselves
+    ok &= same_everywhere(part)
+    eng.close()
+    assert agree(ok)
+
+
+@pytest.mark.mpi(min_size=3)
+def test_a_silent_rank_is_excluded_and_the_rest_agree():
+    silent = COMM.size - 1
+    net = world(silent, Fault("silent"))  # never sends its data, its report or its acks
+    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0))
+    nb = 7 * C
+    res = eng.disseminate(payload_of(COMM.rank, nb, 5), privacy="none")
+    live = [r for r in range(COMM.size) if r != silent]
+    if COMM.rank != silent:
+        ok = res.stats["excluded"] == [silent] and res.participants.tolist() == live
+        ok &= all(np.array_equal(res.updates[u], payload_of(u, nb, 5)) for u in live)
+        words = res.participants
+    else:
+        ok = bool(res.stats["silent"])  # it learns from the end frame that the round went on without it
+        words = np.asarray(live)
+    ok &= same_everywhere(np.asarray(words, dtype=np.int64))
+    eng.close()
+    net.close()
+    assert agree(ok)
+
+
+@pytest.mark.mpi(min_size=3)
+def test_a_dropped_direct_send_is_fetched_from_another_holder():
+    """One rank's data to one peer never arrives: the peer names it (directed, then not served) and gets the
+    chunks in the swarm's stages from a rank that holds them; every update reaches every rank."""
+    bad, victim = 1, 2
+    net = world(bad, Fault("drop", channel="data", peer=victim, to_stage=0))
+    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0))
+    nb = 6 * C
+    res = eng.disseminate(payload_of(COMM.rank, nb, 7), privacy="none")
+    ok = all(np.array_equal(res.updates[u], payload_of(u, nb, 7)) for u in range(COMM.size))
+    ok &= res.participants.tolist() == list(range(COMM.size))
+    ok &= res.stats["stages"] > 1  # the direct stage, then BitTorrent for what it missed
+    if COMM.rank == bad:
+        ok &= net.injected.get("drop", 0) > 0
+    eng.close()
+    assert agree(ok)
