@@ -67,3 +67,12 @@ def test_direct_stage_leaves_what_did_not_arrive_to_bittorrent():
 def test_direct_only_where_asked_and_without_warmup():
     assert not _round(5, 4, direct=False).direct_due
     assert not _round(5, 4, direct=True, privacy="full").direct_due  # a privacy round starts in its warm-up
+
+
+def test_runs_are_split_alike_on_both_sides():
+    from fltorrent_hpc.runtime.engine import _runs
+
+    peer = np.array([1, 1, 1, 1, 1, 2, 2, 2])
+    chunk = np.array([0, 1, 2, 3, 4, 10, 11, 13])
+    assert _runs(peer, chunk, 10) == [(1, 0, 0, 5), (2, 1, 0, 2), (2, 1, 3, 1)]
+    assert _runs(peer, chunk, 10, 2) == [(1, 0, 0, 2), (1, 0, 2, 2), (1, 0, 4, 1), (2, 1, 0, 2), (2, 1, 3, 1)]

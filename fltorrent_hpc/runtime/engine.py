@@ -71,15 +71,23 @@ class RoundResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _runs(peer: np.ndarray, chunk: np.ndarray, K: int) -> list[tuple[int, int, int, int]]:
-    """(peer, owner, first_index, count) runs of consecutive chunks of one owner to/from one peer."""
+RUN_BYTES = 4 * 2**20  # longest message of coalesced chunks: its digests are checked while the next one moves
+
+
+def _runs(peer: np.ndarray, chunk: np.ndarray, K: int, most: int = 1 << 62) -> list[tuple[int, int, int, int]]:
+    """(peer, owner, first_index, count) runs of consecutive chunks of one owner to/from one peer, each of at most
+    `most` chunks (sender and receiver split alike: MPI keeps a pair's messages of one tag in order)."""
     if peer.size == 0:
         return []
     brk = np.ones(peer.size, dtype=bool)
     brk[1:] = (peer[1:] != peer[:-1]) | (chunk[1:] != chunk[:-1] + 1) | (chunk[1:] // K != chunk[:-1] // K)
     starts = np.flatnonzero(brk)
     ends = np.concatenate([starts[1:], [peer.size]])
-    return [(int(peer[s]), int(chunk[s] // K), int(chunk[s] % K), int(e - s)) for s, e in zip(starts, ends)]
+    out = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        for a in range(s, e, most):
+            out.append((int(peer[a]), int(chunk[a] // K), int(chunk[a] % K), min(most, e - a)))
+    return out
 
 
 class SwarmEngine:
@@ -523,7 +531,8 @@ class _PeerState:
         eng, K, nr = self.eng, self.K, r_from.size
         now = time.monotonic() - self.t0
         tag = data_tag(self.rid, stage)
-        rruns = _runs(r_from, r_chunk, K)
+        most = max(1, RUN_BYTES // self.C)
+        rruns = _runs(r_from, r_chunk, K, most)
         rreq = []
         into = []  # each receive's buffer: its slot, or scratch for this rank's own chunks coming back (hidden
         # protocol), which are only verified: a bad copy must never touch the rank's own update
@@ -534,7 +543,7 @@ class _PeerState:
         sreq: list = []
         posts = []
         sviews: list = []  # each send's buffer: kept with its request if the round ends before it completes
-        for dst, owner, first, count in _runs(s_to, s_chunk, K):
+        for dst, owner, first, count in _runs(s_to, s_chunk, K, most):
             a, b = self.chunk_range(owner, first, count)
             view = self.bufs[owner][a:b]
             posts.append((lambda d=dst, v=view: eng.data.post_send(v, d, tag), view.nbytes))
@@ -714,6 +723,9 @@ class _Tracker:
         self.up = chunk_budgets(all_info[:, 1], C, cfg.slot_seconds)
         self.down = chunk_budgets(all_info[:, 2], C, cfg.slot_seconds)
         direct = direct_round(cfg, n, peer.nbytes, np.delete(all_info[:, 1], bad_desc))
+        # a small round's BitTorrent stages are the tracker's (the same decisions: swarm/bt_peer.py): a directive,
+        # the data and a report per stage instead of nine neighbour exchanges, which are all a small round costs
+        self.peer_decided = cfg.bt_decisions == "peers" and not 0 < peer.nbytes <= cfg.direct_bytes
         self.rnd = SwarmRound(cfg.replace(seed=seed), n, K, self.up, self.down, seed=seed, direct=direct)
         self.deadline = (deadline_s if deadline_s is not None else cfg.deadline_s) or 0.0
         self.stages: list = []
@@ -746,7 +758,7 @@ class _Tracker:
         while not rnd.done and rnd.stage < s_max:
             if self.deadline and time.monotonic() - t0 > self.deadline:
                 break
-            if self.cfg.bt_decisions == "peers" and rnd.begin_stage() == BT and not rnd.direct_due:
+            if self.peer_decided and rnd.begin_stage() == BT and not rnd.direct_due:
                 if rnd.s_bt == rnd.stage and warm_t == 0.0:
                     warm_t = time.monotonic() - t0
                 st, delivered, silent = self._peer_stage()

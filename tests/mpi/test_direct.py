@@ -135,3 +135,18 @@ def test_a_dropped_direct_send_is_fetched_from_another_holder():
         ok &= net.injected.get("drop", 0) > 0
     eng.close()
     assert agree(ok)
+
+
+def test_long_runs_travel_in_pieces(monkeypatch):
+    """A run longer than RUN_BYTES goes as several messages (verified while the next one moves); sender and
+    receiver split it alike."""
+    from fltorrent_hpc.runtime import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "RUN_BYTES", 3 * C)
+    eng = SwarmEngine(COMM, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, direct_bytes=64 * C))
+    nb = 20 * C + 5  # 21 chunks: runs of 3, 3, ..., 3
+    res = eng.disseminate(payload_of(COMM.rank, nb, 9), privacy="none")
+    ok = all(np.array_equal(res.updates[u], payload_of(u, nb, 9)) for u in range(COMM.size))
+    ok &= res.stats["stages"] == (1 if COMM.size > 1 else 0)
+    eng.close()
+    assert agree(ok)
