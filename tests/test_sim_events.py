@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -126,3 +127,16 @@ def test_simulate_switch_keeps_slotted_by_default():
     assert s["complete_fraction"] == 1.0 and math.isfinite(s["round_s"])
     with pytest.raises(ConfigError):
         simulate(cfg(degree=4, sim_model="events"), **kw, leave_fraction=0.2)
+
+
+def test_cli_model_events(tmp_path, capsys):
+    from fltorrent_hpc.cli import main
+
+    small = ["simulate", "--peers", "8", "--update-bytes", "1MiB", "--chunk-bytes", "64KiB", "--degree", "4"]
+    js = tmp_path / "s.json"
+    assert main([*small, "--model", "events", "--quiet", "--json", str(js)]) == 0
+    s = json.loads(js.read_text())
+    assert s["sim_model"] == "events" and s["bound_s"] <= s["round_s"]
+    assert s["round_s"] == pytest.approx(s["warmup_s"] + s["bt_s"])
+    rc = main([*small, "--model", "events", "--quiet", "--trace", str(tmp_path / "t.h5")])
+    assert rc == 2 and "--trace needs --model slotted" in capsys.readouterr().err
