@@ -582,7 +582,9 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         result = flat if flat is not None else (outs[0] if len(outs) == 1 else [o for lst in outs for o in lst])
 
         # one input whose outputs are CPU-contiguous: the engine receives straight into them (no second full copy)
-        direct = len(ins) == 1 and all(o.device.type == "cpu" and o.is_contiguous() for o in outs[0])
+        direct = len(ins) == 1 and all(
+            o.device.type == "cpu" and o.is_contiguous() and not (o.is_conj() or o.is_neg()) for o in outs[0]
+        )
         rnd = _Round(payload, out=[wire.host_bytes(o) for o in outs[0]] if direct else None)
 
         def run(deadline, seq):
