@@ -19,6 +19,7 @@ SUMMARY_ROWS = [
     ("round_s", "round (s)", "{:.1f}"),
     ("warmup_s", "warm-up (s)", "{:.1f}"),
     ("bt_s", "BitTorrent (s)", "{:.1f}"),
+    ("bound_s", "capacity bound (s)", "{:.1f}"),
     ("warmup_share", "warm-up share", "{:.1%}"),
     ("utilization", "utilisation", "{:.1%}"),
     ("warmup_utilization", "warm-up utilisation", "{:.1%}"),
@@ -75,6 +76,13 @@ def _add_simulate(sub) -> None:
         metavar="K",
         help="solve the stage bound on every K-th warm-up stage only (default 10; 1 = every stage)",
     )
+    p.add_argument(
+        "--model",
+        choices=["slotted", "events"],
+        default=d.sim_model,
+        help="BitTorrent phase in stages of --slot-seconds (slotted, the paper's) or in continuous time with "
+        "pipelined requests (events: predicts the pipelined engine; no trace, no --maxflow or --leave)",
+    )
     p.add_argument("--trace", default="", metavar="FILE.h5")
     p.add_argument("--json", default="", metavar="FILE.json")
     p.add_argument("--quiet", action="store_true")
@@ -111,7 +119,10 @@ def _simulate(a: argparse.Namespace) -> int:
         slot_seconds=a.slot_seconds,
         deadline_stages=a.deadline_stages,
         seed=a.seed,
+        sim_model=a.model,
     )
+    if a.model == "events" and a.trace:
+        raise ConfigError("--trace needs --model slotted (the events model has no stages to record)")
     res = simulate(
         cfg,
         a.peers,

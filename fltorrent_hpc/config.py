@@ -23,6 +23,7 @@ BT_DECISIONS = ("peers", "tracker")
 BT_GRANTS = ("deficit", "reciprocity")
 COVER_SCOPES = ("swarm", "update")
 PROTOCOLS = ("hidden", "paper")
+SIM_MODELS = ("slotted", "events")
 
 _BYTE_UNITS = {
     "": 1,
@@ -167,6 +168,9 @@ class SwarmConfig:
     # ("reciprocity", tit-for-tat)
     bt_grant: str = "deficit"
     slot_seconds: float = 1.0  # Delta
+    # the simulator's model of the BitTorrent phase: "slotted" (stages of slot_seconds, the paper's; the studies'
+    # numbers) or "events" (continuous time, requests pipelined per neighbour: runtime/sim_events.py)
+    sim_model: str = "slotted"
     # deadlines
     deadline_stages: int = 0  # s_max for the simulator; 0 = derived from capacities (4x the ideal)
     warmup_deadline_stages: int = 0  # warm-up fails open after this many stages; 0 = s_max
@@ -210,6 +214,7 @@ class SwarmConfig:
             (self.bt_decisions in BT_DECISIONS, f"bt_decisions must be one of {BT_DECISIONS}"),
             (self.bt_grant in BT_GRANTS, f"bt_grant must be one of {BT_GRANTS}"),
             (self.slot_seconds > 0, "slot_seconds must be > 0"),
+            (self.sim_model in SIM_MODELS, f"sim_model must be one of {SIM_MODELS}"),
             (self.timeout_s > 0, "timeout_s must be > 0"),
             (self.stage_timeout_s > 0, "stage_timeout_s must be > 0"),
             (

@@ -379,6 +379,8 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         swarm_deadline = swarm_deadline_s(rnd.deadline_s, self._config.deadline_s, deadline - time.monotonic())
         if self._size == 1:
             res = _LocalRound(rnd.payload, rnd.weight)
+            if rnd.out is not None:
+                rnd.out[0][:] = rnd.payload
         else:
             res = self._engine.disseminate(
                 rnd.payload,
@@ -387,6 +389,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 seed=round_seed(self._config.seed, seq),
                 deadline_s=swarm_deadline,
                 consensus=rnd.consensus,
+                out=rnd.out,
                 agreed=True,
             )
         self.last_round_stats = dict(getattr(res, "stats", {}) or {})
@@ -578,14 +581,19 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         shapes = [(t.dtype, wire.nbytes(t)) for t in ins]
         result = flat if flat is not None else (outs[0] if len(outs) == 1 else [o for lst in outs for o in lst])
 
-        rnd = _Round(payload)
+        # one input whose outputs are CPU-contiguous: the engine receives straight into them (no second full copy)
+        direct = len(ins) == 1 and all(
+            o.device.type == "cpu" and o.is_contiguous() and not (o.is_conj() or o.is_neg()) for o in outs[0]
+        )
+        rnd = _Round(payload, out=[wire.host_bytes(o) for o in outs[0]] if direct else None)
 
         def run(deadline, seq):
             res = self._disseminate(rnd, seq, deadline, what=name)
             for k, (dt, nb) in enumerate(shapes):
-                for r in range(self._size):
-                    o = outs[k][r]
-                    wire.write(o, wire.from_bytes(res.updates[r][offs[k] : offs[k] + nb], dt, o.shape))
+                if not direct:  # staged: copy each rank's bytes out of the engine's buffers
+                    for r in range(self._size):
+                        o = outs[k][r]
+                        wire.write(o, wire.from_bytes(res.updates[r][offs[k] : offs[k] + nb], dt, o.shape))
                 if flat is not None:
                     base = outs[k][0]
                     if flat[k].device.type != "cpu" or not flat[k].is_contiguous():
@@ -1055,7 +1063,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
 class _Round:
     """The swarm round an op runs: its payload and engine arguments (the collectives use the defaults)."""
 
-    __slots__ = ("payload", "weight", "privacy", "deadline_s", "consensus")
+    __slots__ = ("payload", "weight", "privacy", "deadline_s", "consensus", "out")
 
     def __init__(
         self,
@@ -1064,9 +1072,11 @@ class _Round:
         privacy: Any = None,
         deadline_s: float | None = None,
         consensus: bool = True,
+        out: list[np.ndarray] | None = None,
     ) -> None:
         self.payload, self.weight, self.privacy, self.deadline_s = payload, weight, privacy, deadline_s
         self.consensus = consensus
+        self.out = out  # per-rank uint8 views of the caller's outputs: the engine receives into them in place
 
 
 class _Plan(NamedTuple):

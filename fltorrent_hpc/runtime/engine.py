@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -253,15 +254,17 @@ class SwarmEngine:
         seed: int | None = None,
         deadline_s: float | None = None,
         consensus: bool = True,
-        out: np.ndarray | None = None,
+        out: np.ndarray | Sequence[np.ndarray] | None = None,
         trace: str | None = None,
         agreed: bool = False,
     ) -> RoundResult:
         """One round: every rank's `payload` (1-D contiguous bytes, same size everywhere) reaches every rank.
 
-        `out` ([size, nbytes] uint8) receives the updates in place.  Faults are injected through the
-        transport (transport/faulty.py), never through this call.  `agreed=True`: the caller already agreed on
-        `round_meta(...)` with the other ranks inside its own agreement (one agreement per collective).
+        `out` ([size, nbytes] uint8, or `size` contiguous uint8 arrays of nbytes) receives the updates in place:
+        chunks are received straight into it, so a caller's output is the round's only copy.  Faults are
+        injected through the transport (transport/faulty.py), never through this call.  `agreed=True`: the
+        caller already agreed on `round_meta(...)` with the other ranks inside its own agreement (one agreement
+        per collective).
         Returns this rank's RoundResult.
         """
         cfg = self.cfg if privacy is None else self.cfg.replace(privacy=parse_privacy(privacy))
@@ -306,11 +309,15 @@ class SwarmEngine:
         all_hash = np.ascontiguousarray(alld[:, DESC_HEAD:]).view(np.uint64).reshape(n, K, DIGEST_WORDS)
         weights = all_info[:, 0].copy()
         rseed = int(all_info[self.tracker, 3])
-        if out is not None and (out.shape != (n, nbytes) or out.dtype != np.uint8):
-            raise ShapeMismatchError(f"out must be uint8 [{n}, {nbytes}], got {out.dtype} {list(out.shape)}")
-        bufs = [out[u] if out is not None else np.empty(nbytes, np.uint8) for u in range(n)]
-        if out is not None:
-            out[me] = pay
+        rows = None if out is None else list(out)  # an [n, nbytes] array or n arrays (a torch all_gather's list)
+        if rows is not None and (
+            len(rows) != n or any(r.shape != (nbytes,) or r.dtype != np.uint8 or not r.flags.c_contiguous for r in rows)
+        ):
+            shapes = [f"{r.dtype} {list(r.shape)}" for r in rows]
+            raise ShapeMismatchError(f"out must be {n} contiguous uint8 rows of {nbytes} bytes, got {shapes}")
+        bufs = [rows[u] if rows is not None else np.empty(nbytes, np.uint8) for u in range(n)]
+        if rows is not None:
+            rows[me][:] = pay
         bufs[me] = pay
         if K == 0 or n == 1:
             return RoundResult(
@@ -336,6 +343,8 @@ class SwarmEngine:
                 },
             )
         peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc)
+        if rows is not None and not np.shares_memory(rows[me], pay):
+            peer.own_in = rows[me]  # own chunks coming back are verified in the output row, not in scratch of S
         try:
             if me == self.tracker:
                 end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc).run()
@@ -343,6 +352,8 @@ class SwarmEngine:
                 end = peer.follow()
         finally:
             peer.drop_late()  # no receive kept past its deadline outlives the round's buffers
+            if peer.own_in is not None:
+                peer.own_in[:] = pay  # whatever came back (a refused copy included), the output holds the payload
         res = peer.finish(end, weights, consensus, t0, trace or cfg.trace)
         res.stats["shape_mismatch"] = odd  # ranks left out for a payload size other than the tracker's
         return res
@@ -387,6 +398,7 @@ class _PeerState:
     ):
         self.eng, self.cfg, self.rid, self.K, self.C, self.nbytes = eng, cfg, rid, K, C, nbytes
         self.bufs, self.hashes, self.bad_desc = bufs, all_hash, bad_desc
+        self.own_in: np.ndarray | None = None  # where own chunks coming back land (the caller's output row)
         self.keys = [round_key(eng.salt, rid, u) for u in range(eng.size)] if cfg.integrity == "blake3" else []
         self.refused_bytes = 0
         self.all_info, self.seed = all_info, seed
@@ -534,11 +546,15 @@ class _PeerState:
         most = max(1, RUN_BYTES // self.C)
         rruns = _runs(r_from, r_chunk, K, most)
         rreq = []
-        into = []  # each receive's buffer: its slot, or scratch for this rank's own chunks coming back (hidden
-        # protocol), which are only verified: a bad copy must never touch the rank's own update
+        into = []  # each receive's buffer: its slot, or for this rank's own chunks coming back (hidden protocol),
+        # which are only verified, scratch or the output row (restored from the payload after the round): a bad
+        # copy must never touch the rank's own update
         for src, owner, first, count in rruns:
             a, b = self.chunk_range(owner, first, count)
-            into.append(np.empty_like(self.bufs[owner][a:b]) if owner == eng.rank else self.bufs[owner][a:b])
+            if owner != eng.rank:
+                into.append(self.bufs[owner][a:b])
+            else:
+                into.append(self.own_in[a:b] if self.own_in is not None else np.empty_like(self.bufs[owner][a:b]))
             rreq.append(eng.data.post_recv(into[-1], src, tag))
         sreq: list = []
         posts = []

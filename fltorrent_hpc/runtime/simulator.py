@@ -80,6 +80,8 @@ def simulate(
             f"a link of {min(up_rate.min(), down_rate.min()):.0f} B/s moves less than one {C}-byte chunk per "
             f"{config.slot_seconds}s slot; raise --slot-seconds or lower --chunk-bytes"
         )
+    if config.sim_model == "events":
+        return _simulate_events(config, peers, update_bytes, up_rate, down_rate, maxflow, leave_fraction, t0)
     ub, db = chunk_budgets(up_rate, C, config.slot_seconds), chunk_budgets(down_rate, C, config.slot_seconds)
     rnd = SwarmRound(config, peers, K, ub, db, seed=config.seed, compute_maxflow=maxflow, maxflow_every=maxflow_every)
     s_max = rnd.deadline()
@@ -187,6 +189,52 @@ def simulate(
     if rec is not None:
         tr = rec.finish(A, A[act].all(axis=0) if act.any() else np.ones(rnd.n, dtype=bool), s_bt, stages)
     return SimResult(summary, tr, rnd)
+
+
+def _simulate_events(
+    config: SwarmConfig,
+    peers: int,
+    update_bytes: int,
+    up: np.ndarray,
+    down: np.ndarray,
+    maxflow: bool,
+    leave_fraction: float,
+    t0: float,
+) -> SimResult:
+    """`sim_model="events"`: the warm-up in slots, BitTorrent in continuous time (runtime/sim_events.py).
+    No trace (no stages to record) and no departures or max-flow bound, which are stage-based."""
+    from .sim_events import capacity_bound, simulate_events
+
+    if maxflow or leave_fraction > 0:
+        raise ConfigError("sim_model 'events' has no max-flow bound or departures (stage-based); use 'slotted'")
+    r = simulate_events(config, up, down, update_bytes)
+    K = max(1, math.ceil(update_bytes / config.chunk_bytes)) if update_bytes > 0 else 0
+    summary: dict[str, Any] = {
+        "peers": peers,
+        "chunks_per_update": K,
+        "chunk_bytes": config.chunk_bytes,
+        "update_bytes": int(update_bytes),
+        "privacy": privacy_label(config.privacy),
+        "scheduler": config.scheduler,
+        "overlay": config.overlay,
+        "degree": config.degree,
+        "seed": config.seed,
+        "sim_model": "events",
+        "stages": r.warmup_stages,
+        "warmup_stages": r.warmup_stages,
+        "round_s": r.round_s,
+        "warmup_s": r.warmup_s,
+        "bt_s": r.bt_s,
+        "warmup_share": r.warmup_s / r.round_s if r.round_s else 0.0,
+        "bound_s": capacity_bound(up, update_bytes, down),
+        "complete_fraction": float(np.mean(r.have.all(axis=1))) if r.have.size else 1.0,
+        "transfers": r.transfers,
+        "duplicates": r.duplicates,
+        "events": r.events,
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_bytes": _peak_rss(),
+    }
+    return SimResult(summary, None, r.round)
 
 
 def _progress(on: bool, total: int, label: str):

@@ -42,22 +42,24 @@ def payload_of(rank: int, rnd: int = 0) -> np.ndarray:
     return np.random.default_rng(1000 * rnd + rank).integers(0, 256, NB, dtype=np.uint8)
 
 
-def rounds(faults: list[Fault], privacy: str, paced: bool, n_rounds: int = 1) -> tuple[list, float, dict]:
-    """Run `n_rounds` rounds with BAD wrapped in the faults; return this rank's results, the slowest round's
-    wall time and what the wrapper injected (on BAD)."""
+def rounds(
+    faults: list[Fault], privacy: str, paced: bool, n_rounds: int = 1, out: np.ndarray | None = None
+) -> tuple[list, float, dict]:
+    """Run `n_rounds` rounds with BAD wrapped in the faults (receiving into `out` when given); return this
+    rank's results, the slowest round's wall time and what the wrapper injected (on BAD)."""
     base = MPITransport(COMM)
     net = FaultyTransport(base, faults) if R == BAD else base
     cfg = SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, privacy=privacy, **(PACED if paced else {}))
     eng = SwarmEngine(net, cfg)
-    out, slowest = [], 0.0
+    res, slowest = [], 0.0
     for k in range(n_rounds):
         t0 = time.monotonic()
-        out.append(eng.disseminate(payload_of(R, k)))
+        res.append(eng.disseminate(payload_of(R, k), out=out))
         slowest = max(slowest, time.monotonic() - t0)
     injected = dict(net.injected) if isinstance(net, FaultyTransport) else {}
     eng.close()
     base.close()
-    return out, slowest, injected
+    return res, slowest, injected
 
 
 def honest_agree(res, rnd: int = 0) -> tuple[bool, list[int]]:
@@ -98,6 +100,21 @@ def test_forged_relays_are_refused_and_their_sender_banned(privacy):
     ok &= tot[0] > 0
     ok &= inj.get("forge", 0) > 0 if R == BAD else True
     ok &= slowest < 60
+    assert agree(ok)
+
+
+@pytest.mark.parametrize("privacy", ["none", "full"])
+def test_forged_chunks_never_stay_in_a_caller_output(privacy):
+    """out=: chunks are received straight into the caller's rows, a rank's own chunks coming back (hidden
+    protocol) into its own row; BAD's forged copies are refused and every row an honest rank keeps is exact."""
+    out = np.zeros((N, NB), dtype=np.uint8)
+    (res,), _, inj = rounds([Fault("forge", channel="data")], privacy, paced=True, out=out)
+    ok, parts = honest_agree(res)
+    if R in HONEST:
+        ok &= all(np.array_equal(out[u], payload_of(u)) for u in parts)
+        ok &= np.array_equal(out[R], payload_of(R))
+        ok &= all(np.shares_memory(res.updates[u], out[u]) for u in parts if u != R)
+    ok &= inj.get("forge", 0) > 0 if R == BAD else True
     assert agree(ok)
 
 
