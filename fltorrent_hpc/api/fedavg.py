@@ -266,7 +266,11 @@ def _pack(tensors: list[torch.Tensor], layout: Layout, plane: Any = None) -> np.
     if layout.total_bytes == 0:
         return np.zeros(0, dtype=np.uint8) if plane is None else plane.zeros(0)
     flat = pack_segments([t.detach() for t in tensors], layout)
-    return plane.adopt(flat) if plane is not None else to_host(flat)  # to_host: synchronous, ready on return
+    if plane is None:
+        return to_host(flat)  # synchronous: ready when it returns
+    if flat.device.type == "cuda":  # the comm thread's streams (NCCL's, a CUDA-aware MPI) must see the packed bytes
+        torch.cuda.current_stream(flat.device).synchronize()
+    return plane.adopt(flat)
 
 
 def resolve_privacy(privacy: str | frozenset | set | None, config: SwarmConfig) -> frozenset[str]:
