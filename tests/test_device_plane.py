@@ -97,6 +97,38 @@ def test_fake_transport_takes_only_fake_device_buffers():
     fake.close()
 
 
+# ------------------------------------------------------------------------------------------ run accumulator
+def test_run_accumulator_in_any_arrival_order_equals_fedavg_packed():
+    from fltorrent_hpc.api.aggregate import fedavg_packed_
+    from fltorrent_hpc.chunks.kernels import finalize_fedavg_, pack_segments
+    from fltorrent_hpc.chunks.layout import Layout
+    from fltorrent_hpc.chunks.plane import RunAccumulator
+
+    g = torch.Generator().manual_seed(3)
+    n, C = 4, 64
+    models = [[torch.randn(100, generator=g), torch.randn(21, generator=g).to(torch.float16)] for _ in range(n)]
+    layout = Layout.from_tensors([(str(i), t) for i, t in enumerate(models[0])])
+    rows = [pack_segments(m, layout) for m in models]
+    w = np.array([1.0, 2.5, 0.3, 7.0])
+    K = layout.n_chunks(C)
+    ref = [t.clone() for t in models[0]]
+    fedavg_packed_(ref, layout, rows, list(w))
+    order = [(u, c) for u in range(1, n) for c in range(K)]
+    rng = np.random.default_rng(5)
+    rng.shuffle(order)
+    acc = RunAccumulator(layout, C, "cpu")
+    acc.start(rows, w, skip=[])
+    acc.add(0, np.arange(K))
+    for u, c in order:
+        assert acc.result(list(range(n))) is None or (u, c) == order[-1]
+        acc.add(u, np.array([c]))
+    assert acc.launches < n * K  # consecutive chunks whose turn came together went in one launch
+    out = [t.clone() for t in models[0]]
+    finalize_fedavg_(acc.result(list(range(n))), float(sum(np.float64(x) for x in w)), out, layout)
+    assert all(torch.equal(x, y) for x, y in zip(out, ref))
+    assert acc.result([0, 1, 3]) is None  # an owner left the agreed set: the caller sums the rows again
+
+
 # ------------------------------------------------------------------------------------------ fedavg_ at one rank
 def test_fake_device_fedavg_one_rank_no_host_copies():
     from mpi4py import MPI

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..chunks.layout import Layout, torch_dtype
-from ..chunks.plane import to_device, to_host
+from ..chunks.plane import RunAccumulator, to_device, to_host
 from ..config import SwarmConfig, parse_privacy
 from ..errors import FLTorrentError, IntegrityError, NothingToAverageError
 from . import aggregate as agg
@@ -146,6 +146,8 @@ def fedavg_(
         device = layout.check_tensors(tensors)
         plane = _plane_for(pg, device)
         payload = _pack(tensors, layout, plane)
+        # device rounds accumulate each verified chunk run on the device while the round runs
+        sink = RunAccumulator(layout, pg.config.chunk_bytes, plane.device) if plane and layout.total_bytes else None
     except Exception as e:
         pg.swarm_round(np.zeros(0, dtype=np.uint8), reject=e, timeout_s=timeout)
         raise
@@ -174,9 +176,17 @@ def fedavg_(
             raise NothingToAverageError(
                 f"fedavg_: nothing to average (participants {parts}, total weight {total}); every rank raises this"
             )
-        # device rows are averaged where they are; host rows of a CUDA round (staging) go up once each, counted
-        rows = [res.updates[r] if plane is not None else to_device(res.updates[r], device) for r in parts]
-        agg.fedavg_packed_(tensors, layout, rows, [float(weights[r]) for r in parts])
+        acc = sink.result(parts) if sink is not None else None
+        st["streamed_fedavg"] = acc is not None  # the sum was built during the round (else from the rows now)
+        if acc is not None:
+            from ..chunks.kernels import finalize_fedavg_
+
+            # fedavg_packed_'s total: float64 in rank order
+            finalize_fedavg_(acc, float(sum(np.float64(weights[r]) for r in parts)), tensors, layout)
+        else:
+            # device rows are averaged where they are; host rows of a CUDA round (staging) go up once each, counted
+            rows = [res.updates[r] if plane is not None else to_device(res.updates[r], device) for r in parts]
+            agg.fedavg_packed_(tensors, layout, rows, [float(weights[r]) for r in parts])
         if device.type == "cuda":  # on the comm thread: finish before the caller's stream uses the tensors
             torch.cuda.current_stream(device).synchronize()
         return report
@@ -190,6 +200,7 @@ def fedavg_(
         digest=layout.fingerprint ^ (_PLANE_WORD if plane is not None else 0),
         consume=average,
         plane=plane,
+        sink=sink,
     )
 
 

@@ -389,6 +389,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             res = self._engine.disseminate(
                 rnd.payload,
                 plane=rnd.plane,
+                sink=rnd.sink,
                 weight=rnd.weight,
                 privacy=rnd.privacy,
                 seed=round_seed(self._config.seed, seq),
@@ -417,6 +418,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         reject: BaseException | None = None,
         consume: Callable[[Any], Any] | None = None,
         plane: Any = None,
+        sink: Any = None,
     ) -> Any:
         """One FL round on the comm thread (used by fedavg_, aggregate_): blocks; returns consume(RoundResult) or
         the result.
@@ -428,6 +430,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         `consume` runs on the comm thread before the next op, while the engine's update buffers are still valid.
         `plane`: `device_plane(...)` for a uint8 device `payload` (the rows stay on the device), None for host bytes;
         the caller folds which into `digest`, so ranks that disagree raise instead of waiting on another transport.
+        `sink` (chunks/plane.RunAccumulator): fed every verified chunk run during the round.
         """
         if plane is None:
             payload = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
@@ -439,7 +442,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 raise reject
             mechanisms = None if privacy is None else parse_privacy(privacy)  # a bad value: the reject path
             meta = wire.meta(0, "swarm_round", numel=_nbytes(payload), crc=int(digest) & 0x7FFFFFFFFFFFFFFF)
-            rnd = _Round(payload, weight, mechanisms, deadline_s, self._config.consensus, plane)
+            rnd = _Round(payload, weight, mechanisms, deadline_s, self._config.consensus, plane, sink)
 
             def run(deadline, seq):
                 res = self._disseminate(rnd, seq, deadline, partial_ok=True, what="swarm_round")
@@ -1111,7 +1114,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
 class _Round:
     """The swarm round an op runs: its payload and engine arguments (the collectives use the defaults)."""
 
-    __slots__ = ("payload", "weight", "privacy", "deadline_s", "consensus", "plane")
+    __slots__ = ("payload", "weight", "privacy", "deadline_s", "consensus", "plane", "sink")
 
     def __init__(
         self,
@@ -1121,9 +1124,10 @@ class _Round:
         deadline_s: float | None = None,
         consensus: bool = True,
         plane: Any = None,
+        sink: Any = None,
     ) -> None:
         self.payload, self.weight, self.privacy, self.deadline_s = payload, weight, privacy, deadline_s
-        self.consensus, self.plane = consensus, plane
+        self.consensus, self.plane, self.sink = consensus, plane, sink
 
 
 def _nbytes(payload: np.ndarray | torch.Tensor) -> int:

@@ -150,4 +150,66 @@ class TorchPlane:
             self.data = None
 
 
-__all__ = ["COPIES", "HOST", "CopyCounter", "HostPlane", "TorchPlane", "to_device", "to_host"]
+class RunAccumulator:
+    """The FedAvg sum built while a round runs: each verified chunk run is accumulated on the rows' device as
+    soon as rank order allows, so the average is mostly done when the round ends.
+
+    FedAvg is bit-identical only when every element receives its sources in rank order (kernels.py), and the
+    agreed set A is known only at the end.  So each chunk keeps a cursor over the ranks expected in A (all but
+    those with a bad descriptor) and accumulates owner u's copy of it once owners before u have been added;
+    `result(parts)` returns the sum only when it holds exactly A's sources in rank order (no owner left or
+    rejected since), else None and the caller sums the rows again (they are still held).
+    """
+
+    def __init__(self, layout: Any, chunk_bytes: int, device: torch.device | str) -> None:
+        self.layout, self.C, self.device = layout, int(chunk_bytes), torch.device(device)
+        self.acc: torch.Tensor | None = None
+        self.rows: list = []
+        self.launches = 0
+
+    def start(self, rows: list, weights: np.ndarray, skip: list[int]) -> None:
+        """A round's rows (index = owner; this rank's own row already holds its update) and FedAvg weights."""
+        n, K = len(rows), self.layout.n_chunks(self.C)
+        self.rows, self.w = rows, [float(x) for x in weights]
+        self.expect = [u for u in range(n) if u not in set(skip)]
+        self.held = np.zeros((n, K), dtype=bool)
+        self.cursor = np.zeros(K, dtype=np.int64)  # index into self.expect of the next owner each chunk waits for
+        self.acc = torch.zeros(self.layout.numel, dtype=torch.float32, device=self.device)
+
+    def add(self, owner: int, chunk_ids: np.ndarray) -> None:
+        """Chunks `chunk_ids` of `owner`'s row were verified: accumulate every chunk whose turn has come."""
+        from .kernels import accumulate_
+
+        if self.acc is None or not len(chunk_ids):
+            return
+        self.held[owner, chunk_ids] = True
+        order = self.expect
+        while True:
+            live = np.flatnonzero(self.cursor < len(order))
+            if not live.size:
+                return
+            nxt = np.asarray(order, dtype=np.int64)[self.cursor[live]]
+            ready = live[self.held[nxt, live]]
+            if not ready.size:
+                return
+            owners = np.asarray(order, dtype=np.int64)[self.cursor[ready]]
+            for u in np.unique(owners).tolist():
+                ids = ready[owners == u]
+                # runs of consecutive chunks: one launch each, straight from the row (a 1-D run of whole chunks)
+                cut = np.flatnonzero(np.diff(ids) != 1) + 1
+                for run in np.split(ids, cut):
+                    a, b = int(run[0]) * self.C, min((int(run[-1]) + 1) * self.C, self.layout.total_bytes)
+                    accumulate_(self.acc, run, self.rows[u][a:b], self.w[u], self.layout, self.C)
+                    self.launches += 1
+            self.cursor[ready] += 1
+
+    def result(self, parts: list[int]) -> torch.Tensor | None:
+        """The fp32 sum over `parts` in rank order if that is exactly what was accumulated, else None."""
+        if self.acc is None or [u for u in self.expect if u in set(parts)] != list(parts):
+            return None
+        if sorted(parts) != self.expect or not (self.cursor == len(self.expect)).all():
+            return None
+        return self.acc
+
+
+__all__ = ["COPIES", "HOST", "CopyCounter", "HostPlane", "RunAccumulator", "TorchPlane", "to_device", "to_host"]

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..chunks.digest import DIGEST_WORDS, round_key
-from ..chunks.plane import HOST, HostPlane, TorchPlane
+from ..chunks.plane import HOST, HostPlane, RunAccumulator, TorchPlane
 from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, PROTOCOLS, SCHEDULERS, SwarmConfig, parse_privacy
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError, TransportError
 from ..swarm import rng
@@ -249,6 +249,7 @@ class SwarmEngine:
         trace: str | None = None,
         agreed: bool = False,
         plane: HostPlane | TorchPlane | None = None,
+        sink: RunAccumulator | None = None,
     ) -> RoundResult:
         """One round: every rank's `payload` (1-D contiguous bytes, same size everywhere) reaches every rank.
 
@@ -257,6 +258,7 @@ class SwarmEngine:
         `round_meta(...)` with the other ranks inside its own agreement (one agreement per collective).
         `plane` (chunks/plane.py): where the rows live and which transport moves their runs; default the host
         (numpy rows on the engine's data context).  A device plane takes a device payload and returns device rows.
+        `sink`: gets every row's verified chunk runs as they arrive (the FedAvg accumulated during the round).
         Returns this rank's RoundResult.
         """
         cfg = self.cfg if privacy is None else self.cfg.replace(privacy=parse_privacy(privacy))
@@ -305,6 +307,9 @@ class SwarmEngine:
         if out is not None:
             out[me] = pay
         bufs[me] = pay
+        if sink is not None:
+            sink.start(bufs, weights, bad_desc)
+            sink.add(me, np.arange(K))
         if K == 0 or n == 1:
             return RoundResult(
                 [bufs[u] for u in range(n)],
@@ -328,7 +333,7 @@ class SwarmEngine:
                     "peer_decided_stages": 0,
                 },
             )
-        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc, plane)
+        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc, plane, sink)
         try:
             if me == self.tracker:
                 end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc).run()
@@ -378,11 +383,12 @@ class _PeerState:
         seed: int,
         bad_desc: list[int],
         plane: HostPlane | TorchPlane = HOST,
+        sink: RunAccumulator | None = None,
     ):
         self.eng, self.cfg, self.rid, self.K, self.C, self.nbytes = eng, cfg, rid, K, C, nbytes
         # rows, runs and digests go through the plane; runs move on its data transport (device to device for a
         # device plane), control frames always on the engine's host contexts
-        self.plane = plane
+        self.plane, self.sink = plane, sink
         self.data: Transport = plane.data if plane.data is not None else eng.data
         self.bufs, self.hashes, self.bad_desc = bufs, all_hash, bad_desc
         self.keys = [round_key(eng.salt, rid, u) for u in range(eng.size)] if cfg.integrity == "blake3" else []
@@ -569,11 +575,13 @@ class _PeerState:
                     self.refused_bytes += b - a
                     continue
                 if self.cfg.integrity == "none":
-                    ok[p0 : p0 + count] = True
-                    continue
-                got = self.plane.digests(into[i], self.C, self.keys[owner])
-                good = (got == self.hashes[owner, first : first + count]).all(axis=1)
+                    good = np.ones(count, dtype=bool)
+                else:
+                    got = self.plane.digests(into[i], self.C, self.keys[owner])
+                    good = (got == self.hashes[owner, first : first + count]).all(axis=1)
                 ok[p0 : p0 + count] = good
+                if self.sink is not None and owner != eng.rank:
+                    self.sink.add(owner, np.arange(first, first + count)[good])
                 if not good.all():  # refused, fetched again from another holder; the sender is banned
                     self.bad_senders.add(src)
                     self.refetched += int((~good).sum())

@@ -65,6 +65,8 @@ def test_fake_device_round_moves_no_update_bytes_to_host(privacy):
         assert HOST_COPIES.bytes == 0, HOST_COPIES.calls[:5]
         assert COPIES.total == 0
         assert rep_d.participants == rep_h.participants == list(range(size))
+        assert rep_d.stats["streamed_fedavg"] == (size > 1)  # summed run by run during the round
+        assert not rep_h.stats["streamed_fedavg"]
         if size > 1:  # the runs really went through the fake device's wire, stage by stage
             assert fake.recv_bytes >= (size - 1) * sum(t.numel() * t.element_size() for t in a)
             assert fake.flushes > 0
