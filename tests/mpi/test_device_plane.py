@@ -83,6 +83,46 @@ def test_fake_device_round_moves_no_update_bytes_to_host(privacy):
         dev.shutdown()
 
 
+@pytest.mark.mpi(min_size=4)
+def test_fake_device_digests_refuse_a_corrupting_rank():
+    """Rank 1 flips a byte of every run it sends: the device-side digests refuse them, rank 1 is banned and left
+    out, the run-by-run sum is dropped (A is not every rank) and the others average the rest from their rows."""
+    from mpi4py import MPI
+
+    from fltorrent_hpc.api.aggregate import fedavg_packed_
+    from fltorrent_hpc.chunks.layout import Layout
+    from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    cfg = SwarmConfig(chunk_bytes=256, privacy="none", timeout_s=60.0, stage_timeout_s=3.0)
+    dev = FLTorrentProcessGroup(comm.Dup(), timeout_s=60.0, config=cfg, owns_comm=True, name="fake-device")
+    inner = MPITransport(comm.Dup(), "data", dup=False, owned=True)
+    if rank == 1:
+        inner = FaultyTransport(inner, [Fault("corrupt", channel="data", stride=1 << 20)])
+    dev.set_device_plane(FakePlane(FakeDeviceTransport(inner)))
+    try:
+        b = _model(rank)
+        HOST_COPIES.reset()
+        rep = fltorrent_hpc.fedavg_(b, weight=rank + 1.0, group=dev)
+        assert HOST_COPIES.bytes == 0, HOST_COPIES.calls[:5]
+        if rank != 1:
+            assert 1 not in rep.participants and rep.participants
+            assert not rep.stats["streamed_fedavg"]
+            want = _model(rank)
+            layout = Layout.from_tensors([(str(i), t) for i, t in enumerate(want)])
+            from fltorrent_hpc.chunks.kernels import pack_segments
+
+            rows = [pack_segments(_model(r), layout) for r in rep.participants]
+            fedavg_packed_(want, layout, rows, [r + 1.0 for r in rep.participants])
+            assert all(torch.equal(x, y) for x, y in zip(want, b))
+        banned = comm.allgather(list(rep.banned))
+        assert any(1 in x for i, x in enumerate(banned) if i != 1)
+        assert rank != 1 or inner.injected.get("corrupt", 0) > 0
+    finally:
+        dev.shutdown()
+
+
 def _cuda_ranks_ok() -> bool:
     from mpi4py import MPI
 
