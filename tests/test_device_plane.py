@@ -271,3 +271,38 @@ def test_cuda_fedavg_one_rank_copies_no_update_bytes():
         assert all(torch.equal(x, y.cpu()) for x, y in zip(ref, b))
     finally:
         pg.shutdown()
+
+
+def _nccl_ok() -> bool:
+    from fltorrent_hpc.transport.nccl import nccl_available
+
+    return nccl_available()
+
+
+@pytest.mark.skipif(not _nccl_ok(), reason="needs a CUDA device and CuPy's NCCL")
+def test_nccl_data_transport_loopback_on_gpu():
+    """A 1-rank communicator: a run sent to itself lands in its receive row, launched at flush."""
+    import time
+
+    from fltorrent_hpc.transport.nccl import NcclTransport, _nccl, encode_unique_id
+
+    t = NcclDataTransport(NcclTransport(encode_unique_id(_nccl().get_unique_id()), 0, 1, 0, timeout_s=60), _Host1())
+    src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device="cuda")
+    dst = torch.zeros_like(src)
+    reqs = [t.post_recv(dst[: 1 << 19], 0, 1), t.post_recv(dst[1 << 19 :], 0, 1)]
+    reqs += [t.post_send(src[: 1 << 19], 0, 1), t.post_send(src[1 << 19 :], 0, 1)]  # matched in posting order
+    t.flush()
+    got: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(got) < 4 and time.monotonic() < deadline:
+        got += t.test(reqs)
+    assert sorted(got) == [0, 1, 2, 3]
+    assert torch.equal(src, dst)
+    t.close()
+
+
+class _Host1:
+    rank, size = 0, 1
+
+    def local_size(self):
+        return 1
