@@ -4,8 +4,9 @@ and a data transport that takes nothing else.
 * `CountingTensor`: a torch CPU tensor standing for device memory.  `.numpy()`, `np.asarray(...)`, `.cpu()`
   and `.tolist()` on it (or on any view of it: torch keeps the subclass through ops) add its bytes to
   `HOST_COPIES`, so an update that leaves the "device" anywhere in the engine or fedavg_ path is seen.
-* `FakePlane`: chunks/plane.TorchPlane on such tensors; its digest is the fake device's own kernel (the blake3
-  package reading the fake device memory in place, as kernels/blake3.cu reads GPU memory).
+* `FakePlane`: chunks/plane.TorchPlane on such tensors; its digest is the fake device's own kernel, reading
+  the fake device memory in place as on a GPU: kernels/blake3.cu itself in host emulation (tests/kernel_emu.py)
+  when given its runner, else the blake3 package.
 * `FakeDeviceTransport`: the engine's data context over a host transport, behaving like NcclDataTransport:
   it takes only CountingTensor buffers (a numpy buffer raises TypeError) and queues every post until
   `flush`, so a caller that forgets to flush a stage waits forever (and its test fails on the deadline).
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from fltorrent_hpc.chunks.digest import chunk_digests
+from fltorrent_hpc.chunks.kernels import chunk_digests_t, digests_to_numpy
 from fltorrent_hpc.chunks.plane import TorchPlane
 from fltorrent_hpc.errors import UnsupportedError
 from fltorrent_hpc.transport.base import Transport
@@ -79,8 +81,9 @@ def on_device(t: torch.Tensor) -> CountingTensor:
 class FakePlane(TorchPlane):
     """A device plane whose device memory is CountingTensor (device "cpu") and whose runs move on `data`."""
 
-    def __init__(self, data: Any = None) -> None:
+    def __init__(self, data: Any = None, runner: Any = None) -> None:
         super().__init__("cpu", data)
+        self.runner = runner  # kernel_emu.EmuRunner: digests by kernels/blake3.cu's code
 
     def adopt(self, payload: Any) -> torch.Tensor:
         return on_device(super().adopt(payload))
@@ -97,6 +100,9 @@ class FakePlane(TorchPlane):
     def digests(self, buf: torch.Tensor, chunk_bytes: int, key: bytes) -> np.ndarray:
         if not isinstance(buf, CountingTensor):
             raise TypeError(f"fake device digest of a {type(buf).__name__}: not fake device memory")
+        if self.runner is not None:
+            d = chunk_digests_t(buf.as_subclass(torch.Tensor), chunk_bytes, key, runner=self.runner)
+            return digests_to_numpy(d)
         return chunk_digests(raw(buf), chunk_bytes, key)
 
 

@@ -26,8 +26,17 @@ from fltorrent_hpc.transport.nccl import local_device_index, nccl_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_device import HOST_COPIES, FakeDeviceTransport, FakePlane  # noqa: E402
+from kernel_emu import build_emu  # noqa: E402
 
 pytestmark = [pytest.mark.mpi(min_size=1), pytest.mark.timeout(180)]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """kernels/*.cu in host emulation (None without g++: the fake device then digests with the blake3 package)."""
+    from mpi4py import MPI
+
+    return build_emu(tmp_path_factory.mktemp(f"emu{MPI.COMM_WORLD.Get_rank()}"))
 
 
 def _model(rank: int, device: str = "cpu") -> list[torch.Tensor]:
@@ -48,14 +57,14 @@ def _groups(privacy: str, comm):
 
 
 @pytest.mark.parametrize("privacy", ["none", "full"])
-def test_fake_device_round_moves_no_update_bytes_to_host(privacy):
+def test_fake_device_round_moves_no_update_bytes_to_host(privacy, emu):
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     host, dev = _groups(privacy, comm)
     fake = FakeDeviceTransport(MPITransport(comm.Dup(), "fake-device", dup=False, owned=True))
-    dev.set_device_plane(FakePlane(fake))
+    dev.set_device_plane(FakePlane(fake, emu))
     try:
         a, b = _model(rank), _model(rank)
         rep_h = fltorrent_hpc.fedavg_(a, weight=rank + 1.0, group=host)
@@ -71,6 +80,7 @@ def test_fake_device_round_moves_no_update_bytes_to_host(privacy):
             assert fake.recv_bytes >= (size - 1) * sum(t.numel() * t.element_size() for t in a)
             assert fake.flushes > 0
             assert rep_d.bytes_recv == fake.recv_bytes
+            assert emu is None or "flt_blake3_leaves" in emu.launched  # runs verified by blake3.cu's code
         for x, y in zip(a, b):
             assert torch.equal(
                 x.view(torch.uint8) if x.dtype != torch.float32 else x.view(torch.int32),
@@ -84,7 +94,7 @@ def test_fake_device_round_moves_no_update_bytes_to_host(privacy):
 
 
 @pytest.mark.mpi(min_size=4)
-def test_fake_device_digests_refuse_a_corrupting_rank():
+def test_fake_device_digests_refuse_a_corrupting_rank(emu):
     """Rank 1 flips a byte of every run it sends: the device-side digests refuse them, rank 1 is banned and left
     out, the run-by-run sum is dropped (A is not every rank) and the others average the rest from their rows."""
     from mpi4py import MPI
@@ -100,7 +110,7 @@ def test_fake_device_digests_refuse_a_corrupting_rank():
     inner = MPITransport(comm.Dup(), "data", dup=False, owned=True)
     if rank == 1:
         inner = FaultyTransport(inner, [Fault("corrupt", channel="data", stride=1 << 20)])
-    dev.set_device_plane(FakePlane(FakeDeviceTransport(inner)))
+    dev.set_device_plane(FakePlane(FakeDeviceTransport(inner), emu))
     try:
         b = _model(rank)
         HOST_COPIES.reset()
