@@ -125,6 +125,8 @@ def fedavg_(
 
     model_or_tensors: a Module (parameters, plus fp32/fp16/bf16 buffers when `buffers`), a name->tensor
         mapping, or an iterable of tensors, all on one device; dtypes fp32, fp16, bf16 (cast fp64 to fp32).
+        CUDA tensors stay on the device when the group has a device plane (group.device_plane); every rank
+        must then have one, or the round's agreement fails on every rank (ShapeMismatchError on shape_crc).
     weight: this peer's FedAvg weight (e.g. its sample count), >= 0 and finite.
     group: an "fltorrent" process group; None = the default group, or, when torch.distributed is not
         initialised, a private group over every rank (MPI COMM_WORLD, or the torch-native transport).
