@@ -152,6 +152,29 @@ def test_fake_device_fedavg_one_rank_no_host_copies():
         dev.shutdown()
 
 
+def test_group_device_plane_choice():
+    from mpi4py import MPI
+
+    pg = FLTorrentProcessGroup(MPI.COMM_SELF, timeout_s=10)
+    try:
+        assert pg.device_plane(torch.device("cpu")) is None  # CPU tensors: host rows
+        p = pg.device_plane(torch.device("cuda", 0))  # a group of one moves nothing: no transport needed
+        assert isinstance(p, TorchPlane) and p.data is None and pg.plane_why == ""
+        assert pg.device_plane(torch.device("cuda", 0)) is p
+        closed = []
+
+        class Data:
+            def close(self):
+                closed.append(True)
+
+        fake = FakePlane(Data())
+        pg.set_device_plane(fake)
+        assert pg.device_plane(torch.device("cpu")) is fake  # an installed plane serves its own device
+    finally:
+        pg.shutdown()
+    assert closed == [True]  # the group closes its plane's transport
+
+
 def test_cuda_without_a_device_plane_warns_once(monkeypatch):
     class Stub:
         plane_why = "no CUDA device is visible"
