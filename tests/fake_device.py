@@ -6,7 +6,8 @@ and a data transport that takes nothing else.
   `HOST_COPIES`, so an update that leaves the "device" anywhere in the engine or fedavg_ path is seen.
 * `FakePlane`: chunks/plane.TorchPlane on such tensors; its digest is the fake device's own kernel, reading
   the fake device memory in place as on a GPU: kernels/blake3.cu itself in host emulation (tests/kernel_emu.py)
-  when given its runner, else the blake3 package.
+  when given its runner, else the blake3 package; with the runner, fedavg_'s run-by-run sum runs
+  kernels/accumulate.cu's code too.
 * `FakeDeviceTransport`: the engine's data context over a host transport, behaving like NcclDataTransport:
   it takes only CountingTensor buffers (a numpy buffer raises TypeError) and queues every post until
   `flush`, so a caller that forgets to flush a stage waits forever (and its test fails on the deadline).
@@ -83,7 +84,7 @@ class FakePlane(TorchPlane):
 
     def __init__(self, data: Any = None, runner: Any = None) -> None:
         super().__init__("cpu", data)
-        self.runner = runner  # kernel_emu.EmuRunner: digests by kernels/blake3.cu's code
+        self.runner = runner  # kernel_emu.EmuRunner: digests and the run-by-run FedAvg sum by kernels/*.cu's code
 
     def adopt(self, payload: Any) -> torch.Tensor:
         return on_device(super().adopt(payload))

@@ -149,7 +149,9 @@ def fedavg_(
         plane = _plane_for(pg, device)
         payload = _pack(tensors, layout, plane)
         # device rounds accumulate each verified chunk run on the device while the round runs
-        sink = RunAccumulator(layout, pg.config.chunk_bytes, plane.device) if plane and layout.total_bytes else None
+        sink = None
+        if plane is not None and layout.total_bytes:
+            sink = RunAccumulator(layout, pg.config.chunk_bytes, plane.device, getattr(plane, "runner", None))
     except Exception as e:
         pg.swarm_round(np.zeros(0, dtype=np.uint8), reject=e, timeout_s=timeout)
         raise

@@ -161,8 +161,9 @@ class RunAccumulator:
     rejected since), else None and the caller sums the rows again (they are still held).
     """
 
-    def __init__(self, layout: Any, chunk_bytes: int, device: torch.device | str) -> None:
+    def __init__(self, layout: Any, chunk_bytes: int, device: torch.device | str, runner: Any = None) -> None:
         self.layout, self.C, self.device = layout, int(chunk_bytes), torch.device(device)
+        self.runner = runner  # a kernels.KernelRunner (the tests' host emulation of the .cu kernels); None: auto
         self.acc: torch.Tensor | None = None
         self.rows: list = []
         self.launches = 0
@@ -199,7 +200,7 @@ class RunAccumulator:
                 cut = np.flatnonzero(np.diff(ids) != 1) + 1
                 for run in np.split(ids, cut):
                     a, b = int(run[0]) * self.C, min((int(run[-1]) + 1) * self.C, self.layout.total_bytes)
-                    accumulate_(self.acc, run, self.rows[u][a:b], self.w[u], self.layout, self.C)
+                    accumulate_(self.acc, run, self.rows[u][a:b], self.w[u], self.layout, self.C, runner=self.runner)
                     self.launches += 1
             self.cursor[ready] += 1
 
