@@ -20,6 +20,7 @@ caller passed a config), then SwarmConfig's defaults; `privacy=None` and `deadli
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +29,15 @@ import numpy as np
 import torch
 
 from ..chunks.layout import Layout, torch_dtype
+from ..chunks.plane import RunAccumulator, to_device, to_host
 from ..config import SwarmConfig, parse_privacy
 from ..errors import FLTorrentError, IntegrityError, NothingToAverageError
 from . import aggregate as agg
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # kernels.ACC_DTYPES: accumulated in fp32
 _STANDALONE: dict[str, Any] = {}
+_PLANE_WORD = 0x5D3C1A0B_00000000  # folded into the round's agreement digest when its rows live on a device
+_WARNED: list[str] = []
 
 
 @dataclass
@@ -59,13 +63,34 @@ class FedAvgReport:
     stats: dict = field(default_factory=dict, repr=False)
 
 
-def finite_update(update: np.ndarray, layout: Layout) -> bool:
-    """Whether every float of a packed update (layout form) is finite.  Every rank holds the same bytes of an
-    agreed update, so every rank reaches the same verdict without exchanging a word."""
+def finite_update(update: np.ndarray | torch.Tensor, layout: Layout) -> bool:
+    """Whether every float of a packed update (layout form, host bytes or a device row) is finite, checked where
+    it lives.  Every rank holds the same bytes of an agreed update, so every rank reaches the same verdict
+    without exchanging a word."""
+    t = update if isinstance(update, torch.Tensor) else torch.from_numpy(update)
     for e in layout.entries:
-        if e.numel and not bool(torch.from_numpy(update[e.offset : e.end]).view(torch_dtype(e.dtype)).isfinite().all()):
+        if e.numel and not bool(t[e.offset : e.end].view(torch_dtype(e.dtype)).isfinite().all()):
             return False
     return True
+
+
+def _row_bytes(u: np.ndarray | torch.Tensor) -> int:
+    return int(u.numel()) if isinstance(u, torch.Tensor) else int(u.size)
+
+
+def _plane_for(pg: Any, device: torch.device) -> Any:
+    """The group's device plane for tensors on `device`, or None (host rows).  A CUDA round without one stages
+    its update through host memory, with one warning per process."""
+    plane = pg.device_plane(device)
+    if plane is None and device.type == "cuda" and not _WARNED:
+        _WARNED.append(pg.plane_why)
+        warnings.warn(
+            f"fltorrent: no device data plane ({pg.plane_why}); CUDA updates are staged through host memory "
+            "(one device-to-host copy of this rank's update and one host-to-device copy per received update)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return plane
 
 
 def _report(parts: list[int], weights: list[float], nbytes: int, st: dict) -> FedAvgReport:
@@ -100,6 +125,8 @@ def fedavg_(
 
     model_or_tensors: a Module (parameters, plus fp32/fp16/bf16 buffers when `buffers`), a name->tensor
         mapping, or an iterable of tensors, all on one device; dtypes fp32, fp16, bf16 (cast fp64 to fp32).
+        CUDA tensors stay on the device when the group has a device plane (group.device_plane); every rank
+        must then have one, or the round's agreement fails on every rank (ShapeMismatchError on shape_crc).
     weight: this peer's FedAvg weight (e.g. its sample count), >= 0 and finite.
     group: an "fltorrent" process group; None = the default group, or, when torch.distributed is not
         initialised, a private group over every rank (MPI COMM_WORLD, or the torch-native transport).
@@ -119,7 +146,12 @@ def fedavg_(
         layout = Layout.from_tensors(named)
         tensors = [t for _, t in named]
         device = layout.check_tensors(tensors)
-        payload = _pack(tensors, layout)
+        plane = _plane_for(pg, device)
+        payload = _pack(tensors, layout, plane)
+        # device rounds accumulate each verified chunk run on the device while the round runs
+        sink = None
+        if plane is not None and layout.total_bytes:
+            sink = RunAccumulator(layout, pg.config.chunk_bytes, plane.device, getattr(plane, "runner", None))
     except Exception as e:
         pg.swarm_round(np.zeros(0, dtype=np.uint8), reject=e, timeout_s=timeout)
         raise
@@ -134,9 +166,9 @@ def fedavg_(
             return report
         for r in parts:
             u = res.updates[r]
-            if u is None or u.size != layout.total_bytes:
+            if u is None or _row_bytes(u) != layout.total_bytes:
                 raise IntegrityError(
-                    f"fedavg_: participant {r}'s update is {None if u is None else u.size} bytes, "
+                    f"fedavg_: participant {r}'s update is {None if u is None else _row_bytes(u)} bytes, "
                     f"expected {layout.total_bytes}"
                 )
         if pg.config.nonfinite == "reject":
@@ -148,7 +180,17 @@ def fedavg_(
             raise NothingToAverageError(
                 f"fedavg_: nothing to average (participants {parts}, total weight {total}); every rank raises this"
             )
-        agg.fedavg_packed_(tensors, layout, [res.updates[r] for r in parts], [float(weights[r]) for r in parts])
+        acc = sink.result(parts) if sink is not None else None
+        st["streamed_fedavg"] = acc is not None  # the sum was built during the round (else from the rows now)
+        if acc is not None:
+            from ..chunks.kernels import finalize_fedavg_
+
+            # fedavg_packed_'s total: float64 in rank order
+            finalize_fedavg_(acc, float(sum(np.float64(weights[r]) for r in parts)), tensors, layout)
+        else:
+            # device rows are averaged where they are; host rows of a CUDA round (staging) go up once each, counted
+            rows = [res.updates[r] if plane is not None else to_device(res.updates[r], device) for r in parts]
+            agg.fedavg_packed_(tensors, layout, rows, [float(weights[r]) for r in parts])
         if device.type == "cuda":  # on the comm thread: finish before the caller's stream uses the tensors
             torch.cuda.current_stream(device).synchronize()
         return report
@@ -159,8 +201,10 @@ def fedavg_(
         privacy=mechanisms,
         deadline_s=deadline,
         timeout_s=timeout,
-        digest=layout.fingerprint,
+        digest=layout.fingerprint ^ (_PLANE_WORD if plane is not None else 0),
         consume=average,
+        plane=plane,
+        sink=sink,
     )
 
 
@@ -229,14 +273,19 @@ def _standalone_group() -> Any:
     return _STANDALONE["pg"]
 
 
-def _pack(tensors: list[torch.Tensor], layout: Layout) -> np.ndarray:
-    """Host uint8 payload in the layout's canonical form, packed on the tensors' device by kernels.py."""
+def _pack(tensors: list[torch.Tensor], layout: Layout, plane: Any = None) -> np.ndarray | torch.Tensor:
+    """The uint8 payload in the layout's canonical form, packed on the tensors' device by kernels.py: a row of
+    the device `plane` (it stays there), or host bytes (a counted D2H copy for CUDA tensors)."""
     from ..chunks.kernels import pack_segments
 
     if layout.total_bytes == 0:
-        return np.zeros(0, dtype=np.uint8)
+        return np.zeros(0, dtype=np.uint8) if plane is None else plane.zeros(0)
     flat = pack_segments([t.detach() for t in tensors], layout)
-    return flat.cpu().numpy()  # D2H for CUDA tensors (synchronous: ready when it returns)
+    if plane is None:
+        return to_host(flat)  # synchronous: ready when it returns
+    if flat.device.type == "cuda":  # the comm thread's streams (NCCL's, a CUDA-aware MPI) must see the packed bytes
+        torch.cuda.current_stream(flat.device).synchronize()
+    return plane.adopt(flat)
 
 
 def resolve_privacy(privacy: str | frozenset | set | None, config: SwarmConfig) -> frozenset[str]:
@@ -280,7 +329,7 @@ def aggregate_(
         if not np.isfinite(w) or w < 0:
             raise FLTorrentError(f"aggregate_: weight must be finite and >= 0, got {weight}")
         layout = Layout.from_specs([("update", "float32", (update.numel(),))])
-        payload = pack_segments([update.detach()], layout).cpu().numpy()
+        payload = to_host(pack_segments([update.detach()], layout))
     except Exception as e:
         pg.swarm_round(np.zeros(0, dtype=np.uint8), reject=e, timeout_s=timeout)
         raise
@@ -313,7 +362,7 @@ def aggregate_(
     )
     if not parts:  # nobody's update was reconstructed everywhere by the deadline: every rank sees this
         raise NothingToAverageError(f"aggregate_: nothing to aggregate with {rule} (the agreed set is empty)")
-    upd = torch.from_numpy(np.stack(rows)).to(update.device)
+    upd = to_device(np.stack(rows), update.device)  # aggregate_ stages through the host: counted
     res = agg.aggregate(rule, upd, weights, f=f, trim=trim, multi=multi)
     agg.apply_update_(tensors, start, res)
     return _report(parts, weights, nb, st)

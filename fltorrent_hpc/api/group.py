@@ -102,6 +102,8 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         self._broken: BaseException | None = None  # set by a timeout: the ranks may no longer be in step
         self._state = "running"  # running -> closing -> closed | aborted
         self.last_round_stats: dict = {}
+        self._plane: Any = None  # chunks/plane.TorchPlane of device rounds (device_plane), built on first use
+        self._plane_why = ""  # why device rounds stage through the host here, when they do
         self._thread = threading.Thread(target=self._loop, name=f"fltorrent-comm-{self._label}", daemon=True)
         self._thread.start()
         _LIVE_GROUPS.add(self)
@@ -335,7 +337,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             return np.full(len(wire.ROUND_FIELDS), -1, dtype=np.int64)
         cfg = None if rnd.privacy is None else self._engine.cfg.replace(privacy=parse_privacy(rnd.privacy))
         words = np.asarray(
-            self._engine.round_meta(rnd.payload.size, cfg, rnd.consensus, self._engine.round_id), dtype=np.int64
+            self._engine.round_meta(_nbytes(rnd.payload), cfg, rnd.consensus, self._engine.round_id), dtype=np.int64
         )
         if words.size != len(wire.ROUND_FIELDS):
             raise FLTorrentError(
@@ -382,8 +384,14 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             if rnd.out is not None:
                 rnd.out[0][:] = rnd.payload
         else:
+            if rnd.plane is not None and rnd.plane.data is None:  # first device round: collective, agreed on
+                from ..transport.nccl import NcclDataTransport
+
+                rnd.plane.data = NcclDataTransport.bootstrap(self._coll, rnd.plane.device, self._timeout_s)
             res = self._engine.disseminate(
                 rnd.payload,
+                plane=rnd.plane,
+                sink=rnd.sink,
                 weight=rnd.weight,
                 privacy=rnd.privacy,
                 seed=round_seed(self._config.seed, seq),
@@ -403,7 +411,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
 
     def swarm_round(
         self,
-        payload: np.ndarray,
+        payload: np.ndarray | torch.Tensor,
         *,
         weight: float = 1.0,
         privacy: Any = None,
@@ -412,6 +420,8 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         digest: int = 0,
         reject: BaseException | None = None,
         consume: Callable[[Any], Any] | None = None,
+        plane: Any = None,
+        sink: Any = None,
     ) -> Any:
         """One FL round on the comm thread (used by fedavg_, aggregate_): blocks; returns consume(RoundResult) or
         the result.
@@ -421,8 +431,12 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         the group config's `consensus` (False = each rank's own reconstructable set, the paper's semantics).
         `reject`: this rank's own argument error; it is raised here after the peers were told, so they raise too.
         `consume` runs on the comm thread before the next op, while the engine's update buffers are still valid.
+        `plane`: `device_plane(...)` for a uint8 device `payload` (the rows stay on the device), None for host bytes;
+        the caller folds which into `digest`, so ranks that disagree raise instead of waiting on another transport.
+        `sink` (chunks/plane.RunAccumulator): fed every verified chunk run during the round.
         """
-        payload = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
+        if plane is None:
+            payload = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
         box: list = []
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
 
@@ -430,8 +444,8 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             if reject is not None:
                 raise reject
             mechanisms = None if privacy is None else parse_privacy(privacy)  # a bad value: the reject path
-            meta = wire.meta(0, "swarm_round", numel=payload.size, crc=int(digest) & 0x7FFFFFFFFFFFFFFF)
-            rnd = _Round(payload, weight, mechanisms, deadline_s, self._config.consensus)
+            meta = wire.meta(0, "swarm_round", numel=_nbytes(payload), crc=int(digest) & 0x7FFFFFFFFFFFFFFF)
+            rnd = _Round(payload, weight, mechanisms, deadline_s, self._config.consensus, plane, sink)
 
             def run(deadline, seq):
                 res = self._disseminate(rnd, seq, deadline, partial_ok=True, what="swarm_round")
@@ -1001,6 +1015,45 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         self._q.put(Job(work._name, run, None, self._timeout_s))
         return work
 
+    # ----------------------------------------------------------------- device data plane
+
+    def device_plane(self, device: torch.device) -> Any:
+        """The buffer plane (chunks/plane.py) for `swarm_round`s on `device`, or None: host staging.
+
+        A CUDA device gets a `TorchPlane` when runs can move device to device: nothing to move in a group of one,
+        else NCCL (CuPy's, bootstrapped over this group's transport on the first device round); `plane_why`
+        says why not otherwise.  A plane installed with `set_device_plane` serves its own device.
+        """
+        from ..chunks.plane import TorchPlane
+
+        device = torch.device(device)
+        if self._plane is not None and self._plane.device == device:
+            return self._plane
+        if device.type != "cuda":
+            return None
+        if self._size > 1:
+            from ..transport.nccl import nccl_available, nccl_unavailable_reason
+
+            if not nccl_available():
+                self._plane_why = nccl_unavailable_reason()
+                return None
+        if self._plane is not None:
+            self._plane.close()
+        self._plane = TorchPlane(device)
+        return self._plane
+
+    @property
+    def plane_why(self) -> str:
+        """Why the last `device_plane` call answered None for a CUDA device ("" when it did not)."""
+        return self._plane_why
+
+    def set_device_plane(self, plane: Any) -> None:
+        """Install a device plane with its data transport (`plane.data`) for rounds on `plane.device`: for a
+        transport this group cannot build itself (a CUDA-aware MPI) and for tests.  Every rank installs one."""
+        if self._plane is not None and self._plane is not plane:
+            self._plane.close()
+        self._plane = plane
+
     # ----------------------------------------------------------------- lifecycle
 
     def shutdown(self) -> None:
@@ -1048,6 +1101,12 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
             except Exception:  # noqa: BLE001
                 pass
             self._engine = None
+        if self._plane is not None:
+            try:
+                self._plane.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._plane = None
         if self._net is not None:  # frees an owned MPI sub-communicator; says goodbye to gloo peers
             try:
                 self._net.close()
@@ -1063,20 +1122,27 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
 class _Round:
     """The swarm round an op runs: its payload and engine arguments (the collectives use the defaults)."""
 
-    __slots__ = ("payload", "weight", "privacy", "deadline_s", "consensus", "out")
+    __slots__ = ("payload", "weight", "privacy", "deadline_s", "consensus", "out", "plane", "sink")
 
     def __init__(
         self,
-        payload: np.ndarray,
+        payload: np.ndarray | torch.Tensor,
         weight: float = 1.0,
         privacy: Any = None,
         deadline_s: float | None = None,
         consensus: bool = True,
         out: list[np.ndarray] | None = None,
+        plane: Any = None,
+        sink: Any = None,
     ) -> None:
         self.payload, self.weight, self.privacy, self.deadline_s = payload, weight, privacy, deadline_s
-        self.consensus = consensus
+        self.consensus, self.plane, self.sink = consensus, plane, sink
         self.out = out  # per-rank uint8 views of the caller's outputs: the engine receives into them in place
+
+
+def _nbytes(payload: np.ndarray | torch.Tensor) -> int:
+    """Bytes of a round's payload: host bytes, or a uint8 tensor of a device plane."""
+    return int(payload.numel()) if isinstance(payload, torch.Tensor) else int(payload.size)
 
 
 class _Plan(NamedTuple):

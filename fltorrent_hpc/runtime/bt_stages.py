@@ -257,7 +257,7 @@ class PeerStageRunner:
             grace = time.monotonic() + min(1.0, cfg.stage_timeout_s)
             self._settle_late(peer, stage, late, talking, grace)
         finally:
-            peer.eng.data.cancel([x.req for x in late])  # none outlives the stage, whatever raised
+            peer.data.cancel([x.req for x in late])  # none outlives the stage, whatever raised
         self.link.settle_sends(grace, peer.eng)
         return np.concatenate([[r_from.size], r_from, r_chunk, ok.astype(np.int64)])
 
@@ -301,7 +301,7 @@ class PeerStageRunner:
         exchange of the stage, its have frame included, had posted those sends before that frame, so a run still
         missing after the grace was never sent: granted, then not served.  It is banned (evidence for the
         tracker in this stage's report) and named; a sender that went quiet costs only the timeout."""
-        data = peer.eng.data
+        data = peer.data
         wait = [i for i, x in enumerate(late) if x.sender in talking]
         done = np.zeros(len(late), dtype=bool)
         if wait:

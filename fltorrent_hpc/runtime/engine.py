@@ -32,7 +32,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..chunks.digest import DIGEST_WORDS, chunk_digests, round_key
+from ..chunks.digest import DIGEST_WORDS, round_key
+from ..chunks.plane import HOST, HostPlane, RunAccumulator, TorchPlane
 from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, PROTOCOLS, SCHEDULERS, SwarmConfig, parse_privacy
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError, TransportError
 from ..swarm import rng
@@ -257,6 +258,8 @@ class SwarmEngine:
         out: np.ndarray | Sequence[np.ndarray] | None = None,
         trace: str | None = None,
         agreed: bool = False,
+        plane: HostPlane | TorchPlane | None = None,
+        sink: RunAccumulator | None = None,
     ) -> RoundResult:
         """One round: every rank's `payload` (1-D contiguous bytes, same size everywhere) reaches every rank.
 
@@ -265,23 +268,24 @@ class SwarmEngine:
         injected through the transport (transport/faulty.py), never through this call.  `agreed=True`: the
         caller already agreed on `round_meta(...)` with the other ranks inside its own agreement (one agreement
         per collective).
+        `plane` (chunks/plane.py): where the rows live and which transport moves their runs; default the host
+        (numpy rows on the engine's data context).  A device plane takes a device payload and returns device rows.
+        `sink`: gets every row's verified chunk runs as they arrive (the FedAvg accumulated during the round).
         Returns this rank's RoundResult.
         """
         cfg = self.cfg if privacy is None else self.cfg.replace(privacy=parse_privacy(privacy))
-        pay = np.asarray(payload)
-        if not pay.flags.c_contiguous:
-            raise ShapeMismatchError("payload must be C-contiguous bytes")
-        pay = pay.reshape(-1).view(np.uint8)
+        plane = HOST if plane is None else plane
+        pay = plane.adopt(payload)
         n, me, rid = self.size, self.rank, self.round_id
         self.round_id += 1
         self.prune_orphans()
         C = cfg.chunk_bytes
-        nbytes = int(pay.size)
+        nbytes = plane.nbytes(pay)
         odd: list[int] = []  # ranks whose payload size is not the tracker's: left out of the round
         if not agreed:
             odd, ref_nbytes = self._agree_round(self.round_meta(nbytes, cfg, consensus, rid))
             if me in odd:  # take part in the descriptors' all-gather (an empty update of the agreed size), then raise
-                own, nbytes, pay, weight, out = nbytes, ref_nbytes, np.zeros(ref_nbytes, np.uint8), 0.0, None
+                own, nbytes, pay, weight, out = nbytes, ref_nbytes, plane.zeros(ref_nbytes), 0.0, None
         t0 = time.monotonic()
         K = math.ceil(nbytes / C) if nbytes else 0
         rseed = int(seed) if seed is not None else rng.round_seed(cfg.seed, rid)
@@ -291,7 +295,7 @@ class SwarmEngine:
         desc[:4] = [MAGIC, rid, me, K]
         desc[4:DESC_HEAD] = info.view(np.int64)
         if K and cfg.integrity == "blake3":
-            desc[DESC_HEAD:] = chunk_digests(pay, C, round_key(self.salt, rid, me)).view(np.int64).reshape(-1)
+            desc[DESC_HEAD:] = plane.digests(pay, C, round_key(self.salt, rid, me)).view(np.int64).reshape(-1)
         alld = self._allgather(desc, "descriptors")
         if me in odd:
             raise ShapeMismatchError(
@@ -311,14 +315,19 @@ class SwarmEngine:
         rseed = int(all_info[self.tracker, 3])
         rows = None if out is None else list(out)  # an [n, nbytes] array or n arrays (a torch all_gather's list)
         if rows is not None and (
-            len(rows) != n or any(r.shape != (nbytes,) or r.dtype != np.uint8 or not r.flags.c_contiguous for r in rows)
+            plane is not HOST
+            or len(rows) != n
+            or any(r.shape != (nbytes,) or r.dtype != np.uint8 or not r.flags.c_contiguous for r in rows)
         ):
             shapes = [f"{r.dtype} {list(r.shape)}" for r in rows]
-            raise ShapeMismatchError(f"out must be {n} contiguous uint8 rows of {nbytes} bytes, got {shapes}")
-        bufs = [rows[u] if rows is not None else np.empty(nbytes, np.uint8) for u in range(n)]
+            raise ShapeMismatchError(f"out must be {n} contiguous host uint8 rows of {nbytes} bytes, got {shapes}")
+        bufs = [rows[u] if rows is not None else plane.empty(nbytes) for u in range(n)]
         if rows is not None:
             rows[me][:] = pay
         bufs[me] = pay
+        if sink is not None:
+            sink.start(bufs, weights, bad_desc)
+            sink.add(me, np.arange(K))
         if K == 0 or n == 1:
             return RoundResult(
                 [bufs[u] for u in range(n)],
@@ -342,7 +351,7 @@ class SwarmEngine:
                     "peer_decided_stages": 0,
                 },
             )
-        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc)
+        peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc, plane, sink)
         if rows is not None and not np.shares_memory(rows[me], pay):
             peer.own_in = rows[me]  # own chunks coming back are verified in the output row, not in scratch of S
         try:
@@ -395,8 +404,14 @@ class _PeerState:
         all_info: np.ndarray,
         seed: int,
         bad_desc: list[int],
+        plane: HostPlane | TorchPlane = HOST,
+        sink: RunAccumulator | None = None,
     ):
         self.eng, self.cfg, self.rid, self.K, self.C, self.nbytes = eng, cfg, rid, K, C, nbytes
+        # rows, runs and digests go through the plane; runs move on its data transport (device to device for a
+        # device plane), control frames always on the engine's host contexts
+        self.plane, self.sink = plane, sink
+        self.data: Transport = plane.data if plane.data is not None else eng.data
         self.bufs, self.hashes, self.bad_desc = bufs, all_hash, bad_desc
         self.own_in: np.ndarray | None = None  # where own chunks coming back land (the caller's output row)
         self.keys = [round_key(eng.salt, rid, u) for u in range(eng.size)] if cfg.integrity == "blake3" else []
@@ -497,7 +512,7 @@ class _PeerState:
         late, self.late = self.late, []
         if not late:
             return
-        data = self.eng.data
+        data = self.data
         done = tb.wait_until(data, [x.req for x in late], time.monotonic() + min(1.0, self.cfg.stage_timeout_s))
         data.cancel([x.req for x, d in zip(late, done) if not d])
         for x, d in zip(late, done):
@@ -512,7 +527,7 @@ class _PeerState:
         """Cancel every receive kept past its deadline (the round is over, or failed)."""
         late, self.late = self.late, []
         if late:
-            self.eng.data.cancel([x.req for x in late])
+            self.data.cancel([x.req for x in late])
 
     def execute(self, msg: np.ndarray) -> np.ndarray:
         """Run one stage's directive: post receives, paced sends, wait, verify; return the report frame."""
@@ -551,20 +566,22 @@ class _PeerState:
         # copy must never touch the rank's own update
         for src, owner, first, count in rruns:
             a, b = self.chunk_range(owner, first, count)
+            run = self.bufs[owner][a:b]
             if owner != eng.rank:
-                into.append(self.bufs[owner][a:b])
+                into.append(run)
             else:
-                into.append(self.own_in[a:b] if self.own_in is not None else np.empty_like(self.bufs[owner][a:b]))
-            rreq.append(eng.data.post_recv(into[-1], src, tag))
+                into.append(self.own_in[a:b] if self.own_in is not None else self.plane.scratch(run))
+            rreq.append(self.data.post_recv(into[-1], src, tag))
         sreq: list = []
         posts = []
         sviews: list = []  # each send's buffer: kept with its request if the round ends before it completes
         for dst, owner, first, count in _runs(s_to, s_chunk, K, most):
             a, b = self.chunk_range(owner, first, count)
             view = self.bufs[owner][a:b]
-            posts.append((lambda d=dst, v=view: eng.data.post_send(v, d, tag), view.nbytes))
+            nb = self.plane.nbytes(view)
+            posts.append((lambda d=dst, v=view: self.data.post_send(v, d, tag), nb))
             sviews.append((view, dst))
-            self.sent_bytes += view.nbytes
+            self.sent_bytes += nb
         ok = np.zeros(nr, dtype=bool)
         t_done = np.full(nr, np.nan)
         starts = np.cumsum([0] + [run[3] for run in rruns])
@@ -579,18 +596,20 @@ class _PeerState:
                 p0 = starts[i]
                 t_done[p0 : p0 + count] = time.monotonic() - self.t0
                 self.recv_bytes += b - a
-                why = eng.data.failed(rreq[i])
+                why = self.data.failed(rreq[i])
                 if why:  # a message longer than the run it was granted for: refused whole, its sender banned
                     self.bad_senders.add(src)
                     self.protocol_errors.setdefault(src, f"stage {stage}: {why}")
                     self.refused_bytes += b - a
                     continue
                 if self.cfg.integrity == "none":
-                    ok[p0 : p0 + count] = True
-                    continue
-                got = chunk_digests(into[i], self.C, self.keys[owner])
-                good = (got == self.hashes[owner, first : first + count]).all(axis=1)
+                    good = np.ones(count, dtype=bool)
+                else:
+                    got = self.plane.digests(into[i], self.C, self.keys[owner])
+                    good = (got == self.hashes[owner, first : first + count]).all(axis=1)
                 ok[p0 : p0 + count] = good
+                if self.sink is not None and owner != eng.rank:
+                    self.sink.add(owner, np.arange(first, first + count)[good])
                 if not good.all():  # refused, fetched again from another holder; the sender is banned
                     self.bad_senders.add(src)
                     self.refetched += int((~good).sum())
@@ -601,22 +620,23 @@ class _PeerState:
                     self.refused_bytes += int(cb[~good].sum())
 
         early = np.zeros(len(rreq), dtype=bool)
-        tb.post_paced(eng.data, posts, tb.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
+        tb.post_paced(self.data, posts, tb.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
+        self.data.flush()  # a device transport launches the stage's sends and receives together
         arrived(np.flatnonzero(early).tolist())
         deadline = time.monotonic() + self.cfg.stage_timeout_s
         done = tb.wait_until(
-            eng.data, rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]), on_done=arrived
+            self.data, rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]), on_done=arrived
         )
         rdone, sdone = done[: len(rreq)], done[len(rreq) :]
         if late is None:
-            eng.data.cancel([r for r, d in zip(rreq, rdone) if not d])
+            self.data.cancel([r for r, d in zip(rreq, rdone) if not d])
         else:
             for i, (r, d) in enumerate(zip(rreq, rdone)):
                 if not d:  # kept posted with the buffer it writes (a slot, or scratch for own chunks coming back)
                     late.append(Late(rruns[i][0], r, rruns[i][3], into[i]))
         for r, v, d in zip(sreq, [v for v, _ in sviews], sdone):
             if not d:
-                self.eng.orphan(eng.data, [r], v)
+                self.eng.orphan(self.data, [r], v)
         t_end = time.monotonic() - self.t0
         t_done[np.isnan(t_done)] = t_end
         # receive lists are sorted by (sender, chunk), the order runs were built in; a mixer's first hop of

@@ -88,6 +88,11 @@ class Transport(ABC):
     def post_allgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
         """Start gathering every rank's `send` bytes into `recv` ([size, ...], rank order)."""
 
+    def flush(self) -> None:  # noqa: B027 - optional: host transports start each operation when posted
+        """Start the operations posted so far.  A device transport (transport/nccl.NcclDataTransport) queues a
+        stage's sends and receives and launches them as one group here, so that no rank's receive waits on a
+        send queued behind it; the engine calls it once a stage's operations are all posted."""
+
     def failed(self, req: Request) -> str | None:
         """Why a request that `test` reported complete failed (e.g. a message longer than its receive buffer),
         or None when it succeeded.  Asked once per request."""

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, LaunchError, PeerTimeoutError, ShapeMismatchError
+from ..errors import ConfigError, LaunchError, PeerTimeoutError, ShapeMismatchError, TransportError, UnsupportedError
+from .base import Transport
 
 UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
 _STORE_PREFIX = "fltorrent/nccl"
@@ -60,11 +61,18 @@ def _nccl():
 
 def nccl_available() -> bool:
     """True where CuPy's NCCL binding imports and a CUDA device is visible."""
+    return not nccl_unavailable_reason()
+
+
+def nccl_unavailable_reason() -> str:
+    """Why this process cannot build an NCCL transport ("" when it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
     try:
         _nccl()
-    except ConfigError:
-        return False
-    return torch.cuda.is_available()
+    except ConfigError as e:
+        return str(e)
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -373,3 +381,119 @@ class NcclTransport:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the engine's data context on device buffers
+# ------------------------------------------------------------------------------------------------------
+class _DataReq:
+    """One posted send or receive of an NcclDataTransport."""
+
+    __slots__ = ("send", "peer", "buf", "handle", "why", "reported")
+
+    def __init__(self, send: bool, peer: int, buf: torch.Tensor) -> None:
+        self.send, self.peer, self.buf = send, peer, buf
+        self.handle: StageHandle | None = None  # set by flush
+        self.why: str | None = None
+        self.reported = False
+
+
+class NcclDataTransport(Transport):
+    """The engine's data context over an NcclTransport: chunk runs move between device rows, GPU to GPU.
+
+    post_send / post_recv take contiguous CUDA tensors and only queue; `flush` (the engine calls it once a
+    stage's operations are posted) launches them as one NCCL group, so every rank's stage is one group and no
+    receive waits on a send queued behind it.  NCCL has no tags: runs between two ranks match in posting order,
+    which the engine gives (sorted by chunk on both sides).  Control frames and all-gathers stay on the host
+    transport (`poll_frame`, `post_allgather` refuse).  NCCL cannot cancel a posted receive: `cancel` of a
+    launched, unfinished request aborts the communicator (its buffers are then free) and every later post
+    raises TransportError; the group's next device round needs a new plane (the round fails on every rank,
+    the others time out on it).
+    """
+
+    def __init__(self, nccl: NcclTransport, host: Transport) -> None:
+        self.nccl, self.host = nccl, host
+        self.rank, self.size, self.name = host.rank, host.size, "nccl-data"
+        self._queued: list[_DataReq] = []
+        self._stage = 0
+
+    @classmethod
+    def bootstrap(cls, host: Transport, device: torch.device, timeout_s: float) -> NcclDataTransport:
+        """Collective over `host`: rank 0's NCCL unique id reaches every rank in one bounded all-gather of
+        128 bytes (any transport: MPI, gloo), then every rank joins the communicator on `device`."""
+        from . import base as tb  # noqa: PLC0415
+
+        nccl = _nccl()
+        mine = np.zeros(UID_BYTES, np.uint8)
+        if host.rank == 0:
+            mine[:] = np.frombuffer(encode_unique_id(nccl.get_unique_id()), np.uint8)
+        uid = tb.allgather(host, mine, timeout_s, "NCCL unique id")[0].tobytes()
+        return cls(NcclTransport(uid, host.rank, host.size, device, timeout_s=timeout_s), host)
+
+    def _check(self, buf: Any, peer: int, what: str) -> None:
+        if self.nccl._aborted:
+            raise TransportError(f"nccl data plane of rank {self.rank} was aborted (a run never came); build a new one")
+        check_transfers([(peer, buf)], self.nccl.device, self.size, what)
+
+    def dup(self, name: str) -> Transport:
+        raise UnsupportedError("the NCCL data plane is one context (the engine's data); dup the host transport")
+
+    def post_send(self, buf: Any, dest: int, tag: int) -> _DataReq:
+        self._check(buf, dest, "send")
+        r = _DataReq(True, int(dest), buf)
+        self._queued.append(r)
+        return r
+
+    def post_recv(self, buf: Any, source: int, tag: int) -> _DataReq:
+        self._check(buf, source, "recv")
+        r = _DataReq(False, int(source), buf)
+        self._queued.append(r)
+        return r
+
+    def flush(self) -> None:
+        q, self._queued = self._queued, []
+        if not q:
+            return
+        self._stage += 1
+        h = self.nccl.stage(
+            [(r.peer, r.buf) for r in q if r.send], [(r.peer, r.buf) for r in q if not r.send], stage_id=self._stage
+        )
+        for r in q:
+            r.handle = h
+
+    def test(self, reqs: Sequence[_DataReq]) -> list[int]:
+        if not self.nccl._aborted:
+            self.nccl.check_async_error()
+        out = []
+        for i, r in enumerate(reqs):
+            if not r.reported and (r.why is not None or (r.handle is not None and r.handle.done())):
+                r.reported = True
+                out.append(i)
+        return out
+
+    def cancel(self, reqs: Sequence[_DataReq]) -> None:
+        live = [r for r in reqs if not r.reported]
+        for r in live:
+            if r.handle is None:
+                self._queued = [q for q in self._queued if q is not r]
+            elif not r.handle.done():
+                self.nccl.abort()  # the only way to free a launched NCCL receive
+            r.why = r.why or "cancelled"
+
+    def abandon(self, reqs: Sequence[_DataReq]) -> None:
+        self.cancel(reqs)
+
+    def failed(self, req: _DataReq) -> str | None:
+        return None if req.why == "cancelled" else req.why
+
+    def poll_frame(self, source: int, tag: int) -> np.ndarray | None:
+        raise UnsupportedError("control frames travel on the host transport, not the NCCL data plane")
+
+    def post_allgather(self, send: np.ndarray, recv: np.ndarray) -> Any:
+        raise UnsupportedError("all-gathers travel on the host transport, not the NCCL data plane")
+
+    def local_size(self) -> int:
+        return self.host.local_size()
+
+    def close(self) -> None:
+        self.nccl.close()
