@@ -445,7 +445,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
                 raise reject
             mechanisms = None if privacy is None else parse_privacy(privacy)  # a bad value: the reject path
             meta = wire.meta(0, "swarm_round", numel=_nbytes(payload), crc=int(digest) & 0x7FFFFFFFFFFFFFFF)
-            rnd = _Round(payload, weight, mechanisms, deadline_s, self._config.consensus, plane, sink)
+            rnd = _Round(payload, weight, mechanisms, deadline_s, self._config.consensus, plane=plane, sink=sink)
 
             def run(deadline, seq):
                 res = self._disseminate(rnd, seq, deadline, partial_ok=True, what="swarm_round")
