@@ -9,6 +9,7 @@ paper's default and unit, so the simulator, the MPI engine and the torch backend
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -287,7 +288,14 @@ class SwarmConfig:
         return max(1, math.ceil(self.cover * chunks_per_peer - 1e-9))
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["privacy"] = privacy_label(self.privacy)
-        d.pop("extra", None)
-        return d
+        """The knobs as plain values (a trace's attributes); a fresh dict, computed once per config (every
+        round's trace asks, and dataclasses.asdict costs ~0.7 ms)."""
+        return dict(_knobs(self))
+
+
+@functools.lru_cache(maxsize=64)
+def _knobs(cfg: SwarmConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["privacy"] = privacy_label(cfg.privacy)
+    d.pop("extra", None)
+    return d
