@@ -37,7 +37,8 @@ OPCODE = {n: i + 1 for i, n in enumerate(OP_NAMES)}
 OP_FIELDS = "magic seq op rejected dtype numel ndim dim0 dim1 dim2 dim3 dim4 dim5 shape_crc root redop".split()
 # SwarmEngine.round_meta's words, in its order; -1 for ops that run no swarm round
 ROUND_FIELDS = (
-    "round_magic round_id nbytes chunk_bytes privacy degree scheduler tau consensus integrity bt_decisions bt_passes"
+    "round_magic round_id nbytes chunk_bytes privacy degree scheduler tau consensus integrity bt_decisions bt_passes "
+    "bt_window"
 ).split()
 META_FIELDS = OP_FIELDS + ROUND_FIELDS
 OP_W = len(OP_FIELDS)

@@ -102,6 +102,9 @@ class SwarmEngine:
         self.data = net.dup("data")
         self.ctrl = net.dup("ctrl")
         self.nbrc = net.dup("nbr")  # neighbour frames of decentralised BitTorrent stages (bt_stages.py)
+        # pipelined BitTorrent's payload (bt_pipeline.py): a tag per request, numbered per server across rounds
+        self.pipe = net.dup("data")
+        self.pipe_seq = np.zeros(self.size, dtype=np.int64)
         self._share_cores(net)
         _compile_once(self.cfg, self.rank)
         # the tracker's seed and a fresh nonce, learned once: digest keys are salted with both (a descriptor
@@ -153,10 +156,10 @@ class SwarmEngine:
         deadline = time.monotonic() + 1.0
         while self.prune_orphans() and time.monotonic() < deadline:
             time.sleep(0.01)
-        for c in (self.data, self.ctrl, self.nbrc):
+        for c in (self.data, self.ctrl, self.nbrc, self.pipe):
             if c is not None:
                 c.close()
-        self.data = self.ctrl = self.nbrc = None
+        self.data = self.ctrl = self.nbrc = self.pipe = None
 
     # ------------------------------------------------------------------ collectives on the control comm
     def _allgather(self, arr: np.ndarray, what: str) -> np.ndarray:
@@ -230,6 +233,7 @@ class SwarmEngine:
                 int(cfg.integrity == "blake3"),
                 BT_DECISIONS.index(cfg.bt_decisions),
                 cfg.bt_passes,
+                cfg.bt_window,
             ],
             dtype=np.int64,
         )
@@ -420,11 +424,17 @@ class _PeerState:
             msg = own_frame(msg, eng.magic)
             if msg is None:
                 continue  # a frame of an earlier engine on a communicator MPI recycled
-            kinds = (KIND_END, KIND_BT_STAGE, KIND_DIRECTIVE)
+            kinds = (KIND_END, KIND_BT_STAGE, KIND_DIRECTIVE, frames.KIND_PIPE_OPEN)
             try:
                 h = frames.parse_header(msg, sender=eng.tracker, round_id=self.rid, kinds=kinds, min_stage=nxt)
             except frames.StaleFrame:
                 continue  # the end frame of a round this rank already gave up on, or a repeated stage
+            if h.kind == frames.KIND_PIPE_OPEN:  # the pipelined BitTorrent phase, until the tracker's end frame
+                from .bt_pipeline import follow_pipelined
+
+                self.settle_late()
+                msg = follow_pipelined(self, msg)
+                h = frames.parse_header(msg, sender=eng.tracker, round_id=self.rid, kinds=KIND_END, min_stage=nxt)
             if h.kind == KIND_END:
                 frames.parse_end(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, min_stage=nxt)
                 ack = np.array([eng.magic, self.rid, h.stage, KIND_ACK], dtype=np.int64)
@@ -559,20 +569,7 @@ class _PeerState:
                     self.protocol_errors.setdefault(src, f"stage {stage}: {why}")
                     self.refused_bytes += b - a
                     continue
-                if self.cfg.integrity == "none":
-                    ok[p0 : p0 + count] = True
-                    continue
-                got = chunk_digests(into[i], self.C, self.keys[owner])
-                good = (got == self.hashes[owner, first : first + count]).all(axis=1)
-                ok[p0 : p0 + count] = good
-                if not good.all():  # refused, fetched again from another holder; the sender is banned
-                    self.bad_senders.add(src)
-                    self.refetched += int((~good).sum())
-                    cb = (
-                        np.minimum((np.arange(first, first + count) + 1) * self.C, self.nbytes)
-                        - np.arange(first, first + count) * self.C
-                    )
-                    self.refused_bytes += int(cb[~good].sum())
+                ok[p0 : p0 + count] = self.check(src, owner, first, count, into[i])
 
         early = np.zeros(len(rreq), dtype=bool)
         tb.post_paced(eng.data, posts, tb.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
@@ -609,6 +606,24 @@ class _PeerState:
         lg["bytes"].append(np.minimum((r_chunk % K + 1) * self.C, self.nbytes) - (r_chunk % K) * self.C)
         lg["ok"].append(ok)
         return ok
+
+    def check(self, src: int, owner: int, first: int, count: int, buf: np.ndarray) -> np.ndarray:
+        """Which of `count` chunks of `owner` from `first`, received from `src` into `buf`, match their owner's
+        digests (all of them with integrity "none").  A chunk that fails is refused (fetched again from another
+        holder) and its sender banned."""
+        if self.cfg.integrity == "none":
+            return np.ones(count, dtype=bool)
+        got = chunk_digests(buf, self.C, self.keys[owner])
+        good = (got == self.hashes[owner, first : first + count]).all(axis=1)
+        if not good.all():
+            self.bad_senders.add(src)
+            self.refetched += int((~good).sum())
+            cb = (
+                np.minimum((np.arange(first, first + count) + 1) * self.C, self.nbytes)
+                - np.arange(first, first + count) * self.C
+            )
+            self.refused_bytes += int(cb[~good].sum())
+        return good
 
     def finish(self, end: np.ndarray, weights: np.ndarray, consensus: bool, t0: float, trace_path: str) -> RoundResult:
         eng, n = self.eng, self.eng.size
@@ -716,6 +731,7 @@ class _Tracker:
         self.deadline = (deadline_s if deadline_s is not None else cfg.deadline_s) or 0.0
         self.stages: list = []
         self.delivered: list[np.ndarray] = []
+        self.times: list = []  # (t_start, t) arrays of a pipelined phase's stages, None for the others
 
     def _directive(self, st, p: int) -> tuple[np.ndarray, np.ndarray]:
         si = np.flatnonzero(st.sender == p)
@@ -744,6 +760,13 @@ class _Tracker:
         while not rnd.done and rnd.stage < s_max:
             if self.deadline and time.monotonic() - t0 > self.deadline:
                 break
+            if self.cfg.bt_decisions == "pipelined" and rnd.begin_stage() == BT:
+                from .bt_pipeline import run_pipelined
+
+                warm_t = warm_t or time.monotonic() - t0
+                left = self.deadline - (time.monotonic() - t0) if self.deadline else 0.0
+                run_pipelined(self, left)  # the rest of the round: no stage clock (bt_pipeline.py)
+                break
             if self.cfg.bt_decisions == "peers" and rnd.begin_stage() == BT:
                 if rnd.s_bt == rnd.stage and warm_t == 0.0:
                     warm_t = time.monotonic() - t0
@@ -760,6 +783,7 @@ class _Tracker:
             self._apply_bans(st.index)
             self.stages.append(st)
             self.delivered.append(delivered)
+            self.times.append(None)
         if warm_t == 0.0 and rnd.s_bt < 0:
             warm_t = time.monotonic() - t0
         return self._end(warm_t)
@@ -998,6 +1022,6 @@ class _Tracker:
             "misbehaved": {str(k): v for k, v in self.misbehaved.items()},  # peer -> why it was excluded
         }
         rec = RoundRecorder(rnd, cfg, "mpi", self.peer.nbytes, seed=rnd.seed, attrs=attrs)
-        for st, d in zip(self.stages, self.delivered):
-            rec.stage(st, d)
+        for st, d, tt in zip(self.stages, self.delivered, self.times):
+            rec.stage(st, d, *(tt or ()))
         return rec.finish(A, agreed, max(rnd.s_bt, 0), rnd.stage)
