@@ -63,7 +63,7 @@ from ..errors import PeerTimeoutError, ProtocolError
 from ..swarm import rng
 from ..swarm.bt_peer import pack_bits
 from ..swarm.overlay import build_overlay
-from ..swarm.round import BT, Stage
+from ..swarm.round import BT
 from ..transport import base as tb
 from . import frames
 from .frames import (
@@ -99,11 +99,16 @@ def heartbeat(cfg) -> float:
 class _Req:
     """One of my outstanding requests."""
 
-    __slots__ = ("w", "q", "chunk", "req", "buf", "row", "t0", "deadline", "cancelled")
+    __slots__ = ("w", "q", "chunk", "req", "buf", "row", "t0", "deadline", "cancelled", "overdue")
 
     def __init__(self, w, q, chunk, req, buf, row, t0, deadline):
         self.w, self.q, self.chunk, self.req, self.buf, self.row = w, q, chunk, req, buf, row
-        self.t0, self.deadline, self.cancelled = t0, deadline, False
+        self.t0, self.deadline, self.cancelled, self.overdue = t0, deadline, False, False
+
+    @property
+    def live(self) -> bool:
+        """Still counted on: neither cancelled nor past its deadline."""
+        return not (self.cancelled or self.overdue)
 
 
 class PipePeer:
@@ -134,7 +139,8 @@ class PipePeer:
         self.of: dict[int, list[_Req]] = {}  # chunk -> its outstanding requests
         self.n_out = dict.fromkeys(self.nbrs, 0)
         self.won: dict[int, tuple[np.ndarray, int]] = {}  # chunk -> (verified scratch copy, sender): row pending
-        self.dropped: set[int] = set()  # neighbours that stopped answering (no more requests to them)
+        self.dropped: set[int] = set()  # neighbours that left or went quiet (no more requests until they talk)
+        self.stalled: set[int] = set()  # neighbours with a request past its deadline (none new until it resolves)
         self.refusing: set[int] = set()  # neighbours that refused a request of mine (NOPE I did not ask for)
         self.heard = dict.fromkeys(self.nbrs, self.t_open)  # last frame from each neighbour
         # their requests
@@ -202,7 +208,12 @@ class PipePeer:
         return [
             w
             for w in self.nbrs
-            if self.active[w] and self.can_send[w] and w not in self.dropped and w not in bad and w not in self.refusing
+            if self.active[w]
+            and self.can_send[w]
+            and w not in self.dropped
+            and w not in self.stalled
+            and w not in bad
+            and w not in self.refusing
         ]
 
     def _copies(self) -> np.ndarray:
@@ -304,6 +315,9 @@ class PipePeer:
                     self._ban(w, str(e))
                     continue
                 self.heard[w] = now
+                if w in self.dropped and self.active[w]:  # it went quiet, and talks again: ask it again
+                    self.dropped.discard(w)
+                    self._copies_dirty = True
                 try:
                     self._on_frame(w, code, body, serve)
                 except ProtocolError as e:
@@ -376,7 +390,9 @@ class PipePeer:
         K, peer = self.K, self.peer
         owner, i = divmod(c, K)
         a, b = peer.chunk_range(owner, i, 1)
-        row = not scratch and owner != self.me  # an owner's own chunks coming back are only verified
+        # one receive at a time writes a chunk's row; a second one (endgame, or past an overdue one) goes to scratch,
+        # and an owner's own chunks coming back are only verified
+        row = not scratch and owner != self.me and not any(x.row for x in self.of.get(c, []))
         buf = peer.bufs[owner][a:b] if row else np.empty(b - a, dtype=np.uint8)
         q = int(self.eng.pipe_seq[w])
         self.eng.pipe_seq[w] += 1
@@ -404,8 +420,9 @@ class PipePeer:
             return False
         miss = self.missing
         asked = np.zeros(self.N, dtype=bool)
-        if self.of:
-            asked[list(self.of)] = True
+        live = [c for c, rs in self.of.items() if any(x.live for x in rs)]
+        if live:
+            asked[live] = True
         cand = miss & ~asked & (self._copies() > 0)
         posted = 0
         if cand.any():
@@ -423,8 +440,8 @@ class PipePeer:
                     break
         elif 0 < int(miss.sum()) <= self.cfg.endgame_chunks:
             for c in np.flatnonzero(miss).tolist():  # endgame: a second holder for each, first good copy wins
-                rs = self.of.get(c, [])
-                if len(rs) != 1 or rs[0].cancelled:
+                rs = [x for x in self.of.get(c, []) if x.live]
+                if len(rs) != 1 or len(self.of.get(c, [])) != 1:
                     continue
                 w = self._pick(c, free, skip=rs[0].w)
                 if w >= 0:
@@ -442,6 +459,9 @@ class PipePeer:
             if not rs:
                 del self.of[r.chunk]
         self.n_out[r.w] -= 1
+        if r.w in self.stalled and not any(x.overdue for x in self.out.values() if x.w == r.w):
+            self.stalled.discard(r.w)  # it answered after all
+            self._copies_dirty = True
 
     def _cancel(self, r: _Req) -> None:
         """No longer needed: tell its server (a queued request is answered NOPE, one on the wire arrives)."""
@@ -510,9 +530,22 @@ class PipePeer:
         self._settle(c)
 
     def _timeouts(self, now: float) -> None:
-        late = {r.w for r in self.out.values() if now > r.deadline}
-        for w in late:
-            talking = now - self.heard[w] < self.cfg.stage_timeout_s
+        """A request past its deadline: its server gets no new requests and the chunk is asked elsewhere (the
+        receive stays posted: a late copy still counts).  Still unanswered a grace later: a server that kept
+        sending frames all the while took the request and did not serve it (banned, named `unserved`); one that
+        went quiet is dropped (its receives cancelled) until it talks again."""
+        grace = self.cfg.stage_timeout_s
+        verdict: dict[int, bool] = {}
+        for r in self.out.values():
+            if now <= r.deadline:
+                continue
+            if not r.overdue:
+                r.overdue = True
+                self.stalled.add(r.w)
+                self._copies_dirty = True
+            if now > r.deadline + grace:
+                verdict[r.w] = verdict.get(r.w, False) or self.heard[r.w] > r.deadline + grace / 2
+        for w, talking in verdict.items():
             if talking and w not in self.peer.bad_senders:
                 self.peer.unserved.setdefault(
                     w, f"pipelined phase (stage {self.stage}): took requests, kept talking, never sent the data"
@@ -521,12 +554,15 @@ class PipePeer:
             self._drop(w)
 
     def _drop(self, w: int) -> None:
-        """`w` stopped answering (or left the round): cancel my requests to it, ask others."""
+        """`w` left the round or stopped answering: cancel my requests to it (and tell it), ask others."""
         self.dropped.add(w)
+        self.stalled.discard(w)
         self._copies_dirty = True
         mine = [r for r in self.out.values() if r.w == w]
         self.eng.pipe.cancel([r.req for r in mine])
         for r in mine:
+            if not r.cancelled:
+                self.cancel_out.setdefault(w, []).append(r.q)
             self._resolve(r)
             self._settle(r.chunk)
 
@@ -838,7 +874,7 @@ class _TrackerSide:
     # ------------------------------------------------------------------ the mirror
     def bucket(self, final: bool = False) -> None:
         """Apply the queued transfers whose sender held the chunk, one stage each pass (`final`: until none is left)."""
-        rnd, tr, K = self.rnd, self.tr, self.K
+        rnd, tr = self.rnd, self.tr
         lagging = bool(np.any(rnd.active[: self.n] & ~rnd.may_send()))
         while self.pend or lagging:
             e = np.concatenate(self.pend, axis=1) if self.pend else np.zeros((5, 0), dtype=np.int64)
@@ -852,17 +888,7 @@ class _TrackerSide:
             self.pend = [e[:, ~ready]] if (~ready).any() else []
             s, r, c, ok, t = s[ready], r[ready], c[ready], ok[ready].copy(), e[4][ready] / 1e6
             ok &= ~rnd.have[r, c]  # already held (an exposed owner's own chunk, on its way back): not a delivery
-            st = Stage(
-                index=rnd.stage,
-                phase=BT,
-                sender=s,
-                receiver=r,
-                chunk=c,
-                kind=np.full(s.size, BT, dtype=np.int64),
-                sender_owned=np.full(s.size, K, dtype=np.int64),
-                sender_buffer=rnd.held[s],
-                capacity=rnd.capacity(),
-            )
+            st = rnd.reported_bt_stage(s, r, c)
             rnd.complete(st, ok)
             tr._apply_bans(st.index)
             tr.stages.append(st)

@@ -15,7 +15,9 @@ the tracker sends each peer a stage frame (who is active, who may send), the pee
 budgets, requests, grants, keeps and have-deltas with their overlay neighbours, move the bytes, and report
 what they received, from which the tracker rebuilds the stage.  `bt_decisions="tracker"` has the tracker
 evaluate the same decisions on the peers' behalf and relay them as directives (one control frame per peer
-and stage instead of eight neighbour exchanges).  A peer that stops answering within `stage_timeout_s` is
+and stage instead of eight neighbour exchanges).  `bt_decisions="pipelined"` drops the stage clock from the
+BitTorrent phase: one open frame, then each peer requests and serves on its own until the end frame
+(bt_pipeline.py).  A peer that stops answering within `stage_timeout_s` is
 excluded; the round then completes over the others and, with consensus, every rank averages the same
 agreed reconstructable set.
 """
@@ -871,17 +873,7 @@ class _Tracker:
             parts.append((s, np.full(nr, p, dtype=np.int64), c, ok))
         cat = lambda i: np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64)  # noqa: E731
         s, r, c, ok = cat(0), cat(1), cat(2), cat(3).astype(bool)
-        st = Stage(
-            index=rnd.stage,
-            phase=BT,
-            sender=s,
-            receiver=r,
-            chunk=c,
-            kind=np.full(s.size, BT, dtype=np.int64),
-            sender_owned=np.full(s.size, K, dtype=np.int64),
-            sender_buffer=rnd.held[s],
-            capacity=rnd.capacity(),
-        )
+        st = rnd.reported_bt_stage(s, r, c)
         # a silent sender's chunks that reached a reporting peer and passed its check were delivered
         return st, ok, silent
 

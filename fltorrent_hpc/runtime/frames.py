@@ -222,6 +222,13 @@ def _bits(words: np.ndarray, size: int, where: str, what: str) -> np.ndarray:
     return bits[:size].astype(bool)
 
 
+def _masks(words: np.ndarray, n: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The active, may-send and exposed masks (W(n) words each) that stage and open frames end with."""
+    W = _n_words(n)
+    names = ("active mask", "may-send mask", "exposed mask")
+    return tuple(_bits(words[i * W : (i + 1) * W], n, where, names[i]) for i in range(3))
+
+
 def _n_words(bits: int) -> int:
     return (bits + 63) // 64
 
@@ -355,10 +362,7 @@ def parse_bt_stage(
         raise ProtocolError(f"{where} has {msg.size} words, want {HEAD + 1 + 3 * W}")
     if int(msg[4]) != n:
         raise ProtocolError(f"{where} is for {int(msg[4])} peers, the round has {n}")
-    active = _bits(msg[5 : 5 + W], n, where, "active mask")
-    can = _bits(msg[5 + W : 5 + 2 * W], n, where, "may-send mask")
-    exposed = _bits(msg[5 + 2 * W :], n, where, "exposed mask")
-    return BTStage(h.stage, active, can, exposed)
+    return BTStage(h.stage, *_masks(msg[5:], n, where))
 
 
 def parse_end(frame, *, sender: int, round_id: int, n: int, min_stage: int = 0) -> End:
@@ -548,11 +552,7 @@ def parse_pipe_open(
         raise ProtocolError(f"{where}: request window {window} outside 1..{MAX_WINDOW}")
     if not 0 <= budget < MAX_SEQ:
         raise ProtocolError(f"{where}: budget {budget} ms is negative or absurd")
-    b = HEAD + 4
-    active = _bits(msg[b : b + W], n, where, "active mask")
-    can = _bits(msg[b + W : b + 2 * W], n, where, "may-send mask")
-    exposed = _bits(msg[b + 2 * W :], n, where, "exposed mask")
-    return PipeOpen(h.stage, seq, window, budget / 1e3, active, can, exposed)
+    return PipeOpen(h.stage, seq, window, budget / 1e3, *_masks(msg[HEAD + 4 :], n, where))
 
 
 def parse_pipe_report(
