@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", default="6", help="bt_window values for the pipelined rows")
     ap.add_argument("--privacy", default="none,full")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (page faults, first use)")
     ap.add_argument("--small", default="1MiB", help="bytes per rank, unpaced section")
     ap.add_argument("--small-iters", type=int, default=20)
     ap.add_argument("--json", default="")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(("peers (stages)", paced.replace(bt_decisions="peers")))
         for name, cfg in cases:
             eng = SwarmEngine(COMM, cfg.replace(privacy=privacy))
-            t, ts, wrong = timed(lambda e=eng: e.disseminate(pay, out=out), out, S, a.iters, 0)
+            t, ts, wrong = timed(lambda e=eng: e.disseminate(pay, out=out), out, S, a.iters, a.warmup)
             eng.close()
             row("paced", name, privacy, t, ts, wrong, bound)
     del out
