@@ -105,7 +105,7 @@ class SwarmEngine:
         self.ctrl = net.dup("ctrl")
         self.nbrc = net.dup("nbr")  # neighbour frames of decentralised BitTorrent stages (bt_stages.py)
         # pipelined BitTorrent's payload (bt_pipeline.py): a tag per request, numbered per server across rounds
-        self.pipe = net.dup("data")
+        self.pipe = net.dup("pipe")
         self.pipe_seq = np.zeros(self.size, dtype=np.int64)
         self._share_cores(net)
         _compile_once(self.cfg, self.rank)
