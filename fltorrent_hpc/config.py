@@ -161,7 +161,7 @@ class SwarmConfig:
     # "pipelined" = no stage clock in the BitTorrent phase: each rank keeps `bt_window` requests outstanding per
     # neighbour and serves requests as its uplink frees (runtime/bt_pipeline.py; the simulator stays slotted)
     bt_decisions: str = "peers"
-    bt_window: int = 6  # pipelined: requests outstanding per neighbour (chunks)
+    bt_window: int = 8  # pipelined: requests outstanding per neighbour (chunks; 6-8 measured best, 16 worse paced)
     # BitTorrent senders grant first to the requester missing the most chunks ("deficit": cooperative ranks,
     # the round ends with its slowest peer) or, as vanilla BitTorrent, to whom they received most from
     # ("reciprocity", tit-for-tat)

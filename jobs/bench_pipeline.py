@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-bytes", default="1MiB")
     ap.add_argument("--lo", default="400Mbps", help="slowest uplink; rank r gets lo * (1 + 3 r / (n - 1))")
     ap.add_argument("--slot", type=float, default=0.25, help="slot seconds (stage-clocked budgets)")
-    ap.add_argument("--windows", default="6", help="bt_window values for the pipelined rows")
+    ap.add_argument("--windows", default="8", help="bt_window values for the pipelined rows")
     ap.add_argument("--privacy", default="none,full")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (page faults, first use)")
