@@ -84,6 +84,7 @@ from .frames import (
 TAG_PIPE = 32200  # every pipelined neighbour frame (nbr context): above every stage-based neighbour tag
 TAG_SPAN = 32000  # data tags on the engine's pipe context: 1 + request number % TAG_SPAN
 TAG_DIRECTIVE, TAG_REPORT = 11, 12  # the engine's control tags (engine.py)
+BOOK_AHEAD = 2  # paced sends booked for the link ahead of time (a cancel no longer stops them)
 FRAMES_PER_POLL = 64  # frames read from one neighbour per iteration, so one chatty neighbour cannot starve the rest
 
 
@@ -147,7 +148,7 @@ class PipePeer:
         self.jobs: deque = deque()  # (w, q, chunk, t) in arrival order
         self.queued = dict.fromkeys(self.nbrs, 0)  # per requester: queued or booked, not yet on the wire
         self.last_q = dict.fromkeys(self.nbrs, -1)
-        self.asked: set[tuple[int, int]] = set()  # (requester, chunk) queued or booked
+        self.asked: set[tuple[int, int]] = set()  # (requester, chunk) queued (not yet booked for the link)
         self.booked: deque = deque()  # (post_at, w, q, chunk): paced sends waiting for the link
         self.pacer = tb.Pacer(cfg.uplink)
         self.sends: list = []  # (request, view) on the wire
@@ -366,9 +367,10 @@ class PipePeer:
             self.last_q[w] = q
             if self.nh[self.slot[w], c] or (c // K == w and not self.hidden):
                 raise ProtocolError(f"rank {w} asked for chunk {c}, which it holds")
-            if (w, c) in self.asked:
+            if (w, c) in self.asked:  # (an honest asker cancels first, and its cancel comes first)
                 raise ProtocolError(f"rank {w} asked for chunk {c} twice")
-            if self.queued[w] >= self.W:
+            # an asker that gave up on requests of mine already booked for the link may have asked anew meanwhile
+            if self.queued[w] >= self.W + BOOK_AHEAD:
                 raise ProtocolError(f"rank {w} has more than its window of {self.W} requests outstanding (a flood)")
             if refuse or not self.have[c]:
                 self.nope_out.setdefault(w, []).append(q)  # a chunk I do not hold (or a sender I banned): refused
@@ -423,6 +425,8 @@ class PipePeer:
         live = [c for c, rs in self.of.items() if any(x.live for x in rs)]
         if live:
             asked[live] = True
+        if self.won:  # verified in scratch, waiting for its row receive to resolve
+            asked[list(self.won)] = True
         cand = miss & ~asked & (self._copies() > 0)
         posted = 0
         if cand.any():
@@ -587,7 +591,7 @@ class PipePeer:
 
     def _serve(self, now: float) -> bool:
         busy = False
-        ahead = 2 if self.pacer.rate > 0 else self.max_sends  # paced: the link's next send is booked behind this one
+        ahead = BOOK_AHEAD if self.pacer.rate > 0 else self.max_sends  # paced: the next send booked behind this one
         if self.can_send[self.me]:
             while self.jobs and len(self.booked) < ahead and len(self.sends) + len(self.booked) < self.max_sends:
                 w, q, c, t = self._next_job(now)
@@ -599,6 +603,7 @@ class PipePeer:
                 owner, i = divmod(c, self.K)
                 a, b = self.peer.chunk_range(owner, i, 1)
                 self.booked.append((now + self.pacer.delay(b - a), w, q, c))
+                self.asked.discard((w, c))  # booked: a cancel no longer stops it, so the asker may ask again
                 busy = True
         while self.booked and self.booked[0][0] <= time.monotonic():
             _, w, q, c = self.booked.popleft()
