@@ -16,8 +16,9 @@ A peer's loop, per iteration (one neighbour tag, TAG_PIPE, for every frame; payl
                     against its owner's digest (`_PeerState.check`), a failure bans the sender and the chunk is
                     asked again elsewhere.
     timeouts        a request outstanding past (window x the server's degree + 1) chunks at its uplink plus
-                    stage_timeout_s drops the server (its requests go elsewhere); one that still sends frames
-                    granted and did not serve: banned and named (`unserved`).
+                    stage_timeout_s stalls the server (nothing new asked of it, the chunk asked elsewhere, the
+                    receive kept posted); still unanswered stage_timeout_s later, a server that kept sending frames
+                    took it and did not serve it (banned, named `unserved`), a quiet one is dropped until it talks.
     requests        up to `window` outstanding per neighbour; rarest first among the chunks I lack and have not
                     asked for (a seeded random tie-break, swarm/rng.py), each from the holder with the least
                     expected wait (my outstanding requests there over its uplink, from the descriptors), so fast
