@@ -20,7 +20,7 @@ from .errors import ConfigError
 PRIVACY_MECHANISMS = ("spray", "lags", "gating")
 SCHEDULERS = ("gff", "random-ff", "random-fifo", "flooding", "maxflow")  # maxflow: offline bound
 OVERLAYS = ("random", "expander")
-BT_DECISIONS = ("peers", "tracker")
+BT_DECISIONS = ("peers", "tracker", "pipelined")
 BT_GRANTS = ("deficit", "reciprocity")
 COVER_SCOPES = ("swarm", "update")
 PROTOCOLS = ("hidden", "paper")
@@ -159,11 +159,14 @@ class SwarmConfig:
     bt_passes: int = 2  # request/grant passes per BitTorrent stage
     endgame_chunks: int = 8  # a receiver missing at most this many chunks enters endgame
     # real rounds: "peers" = each rank makes its own BitTorrent decisions over neighbour exchanges;
-    # "tracker" = the tracker evaluates them on the peers' behalf and relays directives (same decisions)
+    # "tracker" = the tracker evaluates them on the peers' behalf and relays directives (same decisions);
+    # "pipelined" = no stage clock in the BitTorrent phase: each rank keeps `bt_window` requests outstanding per
+    # neighbour and serves requests as its uplink frees (runtime/bt_pipeline.py; the simulator stays slotted)
     bt_decisions: str = "peers"
     # privacy "none" rounds of at most this many bytes per rank, or on even links, are one direct exchange
     # (swarm.budget.direct_round); 0 = never (the swarm always runs)
     direct_bytes: int = 4 * 2**20
+    bt_window: int = 8  # pipelined: requests outstanding per neighbour (chunks; 6-8 measured best, 16 worse paced)
     # BitTorrent senders grant first to the requester missing the most chunks ("deficit": cooperative ranks,
     # the round ends with its slowest peer) or, as vanilla BitTorrent, to whom they received most from
     # ("reciprocity", tit-for-tat)
@@ -213,6 +216,7 @@ class SwarmConfig:
             (1 <= self.bt_passes <= 7, "bt_passes must be in 1..7"),
             (self.direct_bytes >= 0, "direct_bytes must be >= 0"),
             (self.bt_decisions in BT_DECISIONS, f"bt_decisions must be one of {BT_DECISIONS}"),
+            (1 <= self.bt_window <= 1024, "bt_window must be in 1..1024"),
             (self.bt_grant in BT_GRANTS, f"bt_grant must be one of {BT_GRANTS}"),
             (self.slot_seconds > 0, "slot_seconds must be > 0"),
             (self.sim_model in SIM_MODELS, f"sim_model must be one of {SIM_MODELS}"),

@@ -94,8 +94,8 @@ def test_swarm_deadline_is_the_callers_else_the_configs_capped_by_the_op():
 def test_descriptor_names_the_engine_round_words():
     a = wire.meta(1, "swarm_round", numel=64)
     b = a.copy()
-    a[wire.OP_W :] = [1, 0, 64, 256, 0b111, 10, 0, 4, 1, 1, 0, 2, 4096]
-    b[wire.OP_W :] = [1, 0, 64, 256, 0b011, 10, 0, 4, 1, 1, 0, 2, 4096]
+    a[wire.OP_W :] = [1, 0, 64, 256, 0b111, 10, 0, 4, 1, 1, 0, 2, 4096, 6]
+    b[wire.OP_W :] = [1, 0, 64, 256, 0b011, 10, 0, 4, 1, 1, 0, 2, 4096, 6]
     assert wire.differences(a, b, 0, 2) == ["privacy: rank 0 spray,lags,gating vs rank 2 spray,lags"]
     assert wire.META_W == len(wire.OP_FIELDS) + len(wire.ROUND_FIELDS)
 

@@ -455,6 +455,108 @@ def test_peers_asks_of_a_driven_round_fit_the_bounds(monkeypatch):
     assert checked["ask"] > 50 and checked["have"] > 20
 
 
+# ---------------------------------------------------------------------------------------------- pipelined phase
+def pipe_open(seq=0, act=None, can=None, exp=None, window=6, budget_ms=4000, n=N_PEERS, stage=STAGE):
+    act = np.ones(n, bool) if act is None else act
+    can = act if can is None else can
+    exp = np.zeros(n, bool) if exp is None else exp
+    masks = (pack_bits(m).view(np.int64) for m in (act, can, exp))
+    return arr(head(F.KIND_PIPE_OPEN, stage), [seq, n, window, budget_ms], *masks)
+
+
+def pipe_report(s, c, ok, t, seq=0, status=F.RUNNING, base=0, bans=(), stage=STAGE):
+    return arr(head(F.KIND_PIPE_REPORT, stage), [seq, status, base, len(s)], s, c, ok, t, bans)
+
+
+def pipe_frame(code, body=()):
+    return arr([MAGIC, RID, STAGE, code], body)
+
+
+def test_pipe_open_and_updates():
+    """The tracker's open frame (seq 0) and its updates: the window, the budget and the three masks."""
+    act = np.array([1, 1, 0, 1, 1], bool)
+    o = F.parse_pipe_open(pipe_open(3, act, exp=act & (np.arange(5) == 4)), sender=TRACKER, round_id=RID, n=N_PEERS)
+    assert (o.stage, o.seq, o.window, o.budget_s) == (STAGE, 3, 6, 4.0)
+    assert o.active.tolist() == act.tolist() and o.exposed.tolist() == [0, 0, 0, 0, 1]
+    kw = dict(sender=TRACKER, round_id=RID, n=N_PEERS)
+    with pytest.raises(StaleFrameError):
+        F.parse_pipe_open(pipe_open(stage=STAGE - 1), **kw, stage=STAGE)
+    bad = [
+        pipe_open(seq=-1),
+        pipe_open(window=0),
+        pipe_open(window=F.MAX_WINDOW + 1),
+        pipe_open(budget_ms=-5),
+        pipe_open()[:-1],
+        arr(pipe_open(), [0]),
+        pipe_open(n=N_PEERS + 1),
+        arr(head(F.KIND_BT_STAGE), pipe_open()[4:]),
+    ]
+    for frame in bad:
+        with pytest.raises(ProtocolError) as e:
+            F.parse_pipe_open(frame, **kw)
+        assert not isinstance(e.value, StaleFrameError)
+
+
+def test_pipe_report():
+    """A progress report: the receive log since the last one, in order, with a status and the ban tail."""
+    kw = dict(sender=ME, round_id=RID, n=N_PEERS, K=K, stage=STAGE)
+    r = F.parse_pipe_report(
+        pipe_report([0, 3, 3], [0, 9, 0], [0, 1, 1], [5, 5, 9], seq=2, status=F.DONE, base=7, bans=[3]), **kw
+    )
+    assert (r.seq, r.status, r.base) == (2, F.DONE, 7)
+    assert r.senders.tolist() == [0, 3, 3] and r.chunks.tolist() == [0, 9, 0] and r.ok.tolist() == [0, 1, 1]
+    assert r.t_us.tolist() == [5, 5, 9] and r.banned.tolist() == [3] and r.unserved.size == 0
+    own = ME * K
+    assert F.parse_pipe_report(pipe_report([1], [own], [1], [0]), **kw, own_ok=True).chunks.tolist() == [own]
+    bad = {
+        "status": pipe_report([], [], [], [], status=3),
+        "negative base": pipe_report([], [], [], [], base=-1),
+        "from itself": pipe_report([ME], [0], [1], [0]),
+        "own chunk": pipe_report([1], [own], [1], [0]),
+        "chunk range": pipe_report([1], [N], [1], [0]),
+        "twice": pipe_report([1, 3], [4, 4], [1, 1], [0, 1]),
+        "flag": pipe_report([1], [4], [2], [0]),
+        "time order": pipe_report([1, 3], [4, 5], [1, 1], [9, 8]),
+        "negative time": pipe_report([1], [4], [1], [-1]),
+        "short": pipe_report([1], [4], [1], [0])[:-1],
+        "huge count": arr(head(F.KIND_PIPE_REPORT), [0, 0, 0, I64.max]),
+        "tail names itself": pipe_report([], [], [], [], bans=[ME]),
+        "kind": arr(head(F.KIND_REPORT), [0, 0, 0, 0]),
+    }
+    for why, frame in bad.items():
+        with pytest.raises(ProtocolError):
+            F.parse_pipe_report(frame, **kw)
+            pytest.fail(why)
+
+
+def test_pipe_neighbour_frames():
+    """Requests (q, chunk) pairs within the window; cancels and refusals name request numbers; have frames name
+    chunks; every pipelined code is distinct from the stage-based ones."""
+    assert min(F.PIPE_CODES) > 2 + 4 * 7 + 3 and len(set(F.PIPE_CODES)) == len(F.PIPE_CODES)
+    assert len({F.KIND_PIPE_OPEN, F.KIND_PIPE_REPORT, F.KIND_DIRECTIVE, F.KIND_REPORT, F.KIND_END, 5}) == 6
+    code, body = F.parse_pipe_header(pipe_frame(F.PIPE_REQUEST, [7, 3, 8, 14]), **NKW)
+    assert code == F.PIPE_REQUEST
+    rq = F.parse_pipe_request(body, **NKW, N=N, window=2)
+    assert rq.seqs.tolist() == [7, 8] and rq.chunks.tolist() == [3, 14]
+    with pytest.raises(StaleFrameError):
+        F.parse_pipe_header(arr([MAGIC, RID - 1, STAGE, F.PIPE_HAVE]), **NKW)
+    for frame in (arr([MAGIC, RID, STAGE, 6]), arr([MAGIC, RID, STAGE + 1, F.PIPE_HAVE]), arr([MAGIC, RID, STAGE])):
+        with pytest.raises(ProtocolError):
+            F.parse_pipe_header(frame, **NKW)
+    for body in ([7, 3, 8], [7, 3, 8, 4, 9, 5], [-1, 3], [7, N], [7, 3, 7, 4], [7, 3, 8, 3]):
+        with pytest.raises(ProtocolError):
+            F.parse_pipe_request(arr(body), **NKW, N=N, window=2)
+    assert F.parse_pipe_seqs(arr([4, 2]), **NKW, what="cancel", max_count=2).tolist() == [4, 2]
+    for body in ([4, 4], [-3], [1, 2, 3]):
+        with pytest.raises(ProtocolError):
+            F.parse_pipe_seqs(arr(body), **NKW, what="refusal", max_count=2)
+    assert F.parse_pipe_have(arr([3, 0]), **NKW, N=N).tolist() == [3, 0]
+    assert F.parse_pipe_have(arr([]), **NKW, N=N).size == 0  # a keep-alive
+    for body in ([3, 3], [N], [-1]):
+        with pytest.raises(ProtocolError):
+            F.parse_pipe_have(arr(body), **NKW, N=N)
+
+
 # ---------------------------------------------------------------------------------------------- fuzz
 _PEER_ACT = np.array([1, 1, 1, 0, 1], bool)
 _DIRECTIVES = [m for p, m, _, _ in directives() if p == ME][:6] + [good_directive()]
@@ -487,6 +589,18 @@ PARSERS = {
     "ask": (lambda f: F.parse_ask(f, **NKW, N=N, max_count=4), [arr([7, 4, 0, 13])]),
     "grant": (lambda f: F.parse_grant(f, **NKW, asked=3), [arr([1, 0, 1]), arr([])]),
     "keep": (lambda f: F.parse_keep(f, **NKW, granted=np.array([1, 0, 1], bool)), [arr([1, 0, 0])]),
+    "pipe open": (lambda f: F.parse_pipe_open(f, sender=TRACKER, round_id=RID, n=N_PEERS), [pipe_open(2)]),
+    "pipe report": (
+        lambda f: F.parse_pipe_report(f, sender=ME, round_id=RID, n=N_PEERS, K=K, stage=STAGE),
+        [pipe_report([0, 3], [0, 9], [1, 0], [1, 4], seq=1, base=3, bans=[3]), pipe_report([], [], [], [])],
+    ),
+    "pipe header": (
+        lambda f: F.parse_pipe_header(f, **NKW),
+        [pipe_frame(F.PIPE_REQUEST, [1, 2]), pipe_frame(F.PIPE_HAVE)],
+    ),
+    "pipe request": (lambda f: F.parse_pipe_request(f, **NKW, N=N, window=4), [arr([1, 2, 5, 14])]),
+    "pipe seqs": (lambda f: F.parse_pipe_seqs(f, **NKW, what="cancel", max_count=4), [arr([3, 1])]),
+    "pipe have": (lambda f: F.parse_pipe_have(f, **NKW, N=N), [arr([0, 14, 3])]),
     "have": (
         lambda f: F.parse_have(f, **NKW, N=N),
         [

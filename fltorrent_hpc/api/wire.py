@@ -38,7 +38,7 @@ OP_FIELDS = "magic seq op rejected dtype numel ndim dim0 dim1 dim2 dim3 dim4 dim
 # SwarmEngine.round_meta's words, in its order; -1 for ops that run no swarm round
 ROUND_FIELDS = (
     "round_magic round_id nbytes chunk_bytes privacy degree scheduler tau consensus integrity bt_decisions bt_passes "
-    "direct_bytes"
+    "direct_bytes bt_window"
 ).split()
 META_FIELDS = OP_FIELDS + ROUND_FIELDS
 OP_W = len(OP_FIELDS)

@@ -15,7 +15,9 @@ the tracker sends each peer a stage frame (who is active, who may send), the pee
 budgets, requests, grants, keeps and have-deltas with their overlay neighbours, move the bytes, and report
 what they received, from which the tracker rebuilds the stage.  `bt_decisions="tracker"` has the tracker
 evaluate the same decisions on the peers' behalf and relay them as directives (one control frame per peer
-and stage instead of eight neighbour exchanges).  A peer that stops answering within `stage_timeout_s` is
+and stage instead of eight neighbour exchanges).  `bt_decisions="pipelined"` drops the stage clock from the
+BitTorrent phase: one open frame, then each peer requests and serves on its own until the end frame
+(bt_pipeline.py).  A peer that stops answering within `stage_timeout_s` is
 excluded; the round then completes over the others and, with consensus, every rank averages the same
 agreed reconstructable set.
 """
@@ -112,6 +114,9 @@ class SwarmEngine:
         self.data = net.dup("data")
         self.ctrl = net.dup("ctrl")
         self.nbrc = net.dup("nbr")  # neighbour frames of decentralised BitTorrent stages (bt_stages.py)
+        # pipelined BitTorrent's payload (bt_pipeline.py): a tag per request, numbered per server across rounds
+        self.pipe = net.dup("pipe")
+        self.pipe_seq = np.zeros(self.size, dtype=np.int64)
         self._share_cores(net)
         _compile_once(self.cfg, self.rank)
         # the tracker's seed and a fresh nonce, learned once: digest keys are salted with both (a descriptor
@@ -163,10 +168,10 @@ class SwarmEngine:
         deadline = time.monotonic() + 1.0
         while self.prune_orphans() and time.monotonic() < deadline:
             time.sleep(0.01)
-        for c in (self.data, self.ctrl, self.nbrc):
+        for c in (self.data, self.ctrl, self.nbrc, self.pipe):
             if c is not None:
                 c.close()
-        self.data = self.ctrl = self.nbrc = None
+        self.data = self.ctrl = self.nbrc = self.pipe = None
 
     # ------------------------------------------------------------------ collectives on the control comm
     def _allgather(self, arr: np.ndarray, what: str) -> np.ndarray:
@@ -241,6 +246,7 @@ class SwarmEngine:
                 BT_DECISIONS.index(cfg.bt_decisions),
                 cfg.bt_passes,
                 cfg.direct_bytes,
+                cfg.bt_window,
             ],
             dtype=np.int64,
         )
@@ -349,6 +355,7 @@ class SwarmEngine:
                     "silent": False,
                     "warmup_failed_open": False,
                     "peer_decided_stages": 0,
+                    "pipelined": False,
                 },
             )
         peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc, plane, sink)
@@ -414,6 +421,7 @@ class _PeerState:
         self.data: Transport = plane.data if plane.data is not None else eng.data
         self.bufs, self.hashes, self.bad_desc = bufs, all_hash, bad_desc
         self.own_in: np.ndarray | None = None  # where own chunks coming back land (the caller's output row)
+        self.pipelined = False  # this rank ran a pipelined BitTorrent phase (bt_pipeline.PipePeer)
         self.keys = [round_key(eng.salt, rid, u) for u in range(eng.size)] if cfg.integrity == "blake3" else []
         self.refused_bytes = 0
         self.all_info, self.seed = all_info, seed
@@ -456,11 +464,17 @@ class _PeerState:
             msg = own_frame(msg, eng.magic)
             if msg is None:
                 continue  # a frame of an earlier engine on a communicator MPI recycled
-            kinds = (KIND_END, KIND_BT_STAGE, KIND_DIRECTIVE)
+            kinds = (KIND_END, KIND_BT_STAGE, KIND_DIRECTIVE, frames.KIND_PIPE_OPEN)
             try:
                 h = frames.parse_header(msg, sender=eng.tracker, round_id=self.rid, kinds=kinds, min_stage=nxt)
             except frames.StaleFrame:
                 continue  # the end frame of a round this rank already gave up on, or a repeated stage
+            if h.kind == frames.KIND_PIPE_OPEN:  # the pipelined BitTorrent phase, until the tracker's end frame
+                from .bt_pipeline import follow_pipelined
+
+                self.settle_late()
+                msg = follow_pipelined(self, msg)
+                h = frames.parse_header(msg, sender=eng.tracker, round_id=self.rid, kinds=KIND_END, min_stage=nxt)
             if h.kind == KIND_END:
                 frames.parse_end(msg, sender=eng.tracker, round_id=self.rid, n=eng.size, min_stage=nxt)
                 ack = np.array([eng.magic, self.rid, h.stage, KIND_ACK], dtype=np.int64)
@@ -602,22 +616,7 @@ class _PeerState:
                     self.protocol_errors.setdefault(src, f"stage {stage}: {why}")
                     self.refused_bytes += b - a
                     continue
-                if self.cfg.integrity == "none":
-                    good = np.ones(count, dtype=bool)
-                else:
-                    got = self.plane.digests(into[i], self.C, self.keys[owner])
-                    good = (got == self.hashes[owner, first : first + count]).all(axis=1)
-                ok[p0 : p0 + count] = good
-                if self.sink is not None and owner != eng.rank:
-                    self.sink.add(owner, np.arange(first, first + count)[good])
-                if not good.all():  # refused, fetched again from another holder; the sender is banned
-                    self.bad_senders.add(src)
-                    self.refetched += int((~good).sum())
-                    cb = (
-                        np.minimum((np.arange(first, first + count) + 1) * self.C, self.nbytes)
-                        - np.arange(first, first + count) * self.C
-                    )
-                    self.refused_bytes += int(cb[~good].sum())
+                ok[p0 : p0 + count] = self.check(src, owner, first, count, into[i])
 
         early = np.zeros(len(rreq), dtype=bool)
         tb.post_paced(self.data, posts, tb.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
@@ -656,6 +655,27 @@ class _PeerState:
         lg["ok"].append(ok)
         return ok
 
+    def check(self, src: int, owner: int, first: int, count: int, buf: Any) -> np.ndarray:
+        """Which of `count` chunks of `owner` from `first`, received from `src` into `buf`, match their owner's
+        digests (all of them with integrity "none").  A chunk that fails is refused (fetched again from another
+        holder) and its sender banned; the good ones go to the round's sink (the device FedAvg), if any."""
+        if self.cfg.integrity == "none":
+            good = np.ones(count, dtype=bool)
+        else:
+            got = self.plane.digests(buf, self.C, self.keys[owner])
+            good = (got == self.hashes[owner, first : first + count]).all(axis=1)
+        if self.sink is not None and owner != self.eng.rank:
+            self.sink.add(owner, np.arange(first, first + count)[good])
+        if not good.all():
+            self.bad_senders.add(src)
+            self.refetched += int((~good).sum())
+            cb = (
+                np.minimum((np.arange(first, first + count) + 1) * self.C, self.nbytes)
+                - np.arange(first, first + count) * self.C
+            )
+            self.refused_bytes += int(cb[~good].sum())
+        return good
+
     def finish(self, end: np.ndarray, weights: np.ndarray, consensus: bool, t0: float, trace_path: str) -> RoundResult:
         eng, n = self.eng, self.eng.size
         e = frames.parse_end(end, sender=eng.tracker, round_id=self.rid, n=n)
@@ -690,6 +710,7 @@ class _PeerState:
             "exposed": self.exposed,
             "warmup_failed_open": bool(failed_open),
             "peer_decided_stages": self.runner.stages if self.runner is not None else 0,
+            "pipelined": self.pipelined,
         }
         if trace_path:
             self._write_trace(trace_path)
@@ -761,11 +782,15 @@ class _Tracker:
         direct = direct_round(cfg, n, peer.nbytes, np.delete(all_info[:, 1], bad_desc))
         # a small round's BitTorrent stages are the tracker's (the same decisions: swarm/bt_peer.py): a directive,
         # the data and a report per stage instead of nine neighbour exchanges, which are all a small round costs
-        self.peer_decided = cfg.bt_decisions == "peers" and not 0 < peer.nbytes <= cfg.direct_bytes
+        small = 0 < peer.nbytes <= cfg.direct_bytes
+        self.peer_decided = cfg.bt_decisions == "peers" and not small
+        # the pipelined phase moves host rows on its own context; a device plane's rounds keep the stages
+        self.pipelined = cfg.bt_decisions == "pipelined" and not small and peer.plane is HOST
         self.rnd = SwarmRound(cfg.replace(seed=seed), n, K, self.up, self.down, seed=seed, direct=direct)
         self.deadline = (deadline_s if deadline_s is not None else cfg.deadline_s) or 0.0
         self.stages: list = []
         self.delivered: list[np.ndarray] = []
+        self.times: list = []  # (t_start, t) arrays of a pipelined phase's stages, None for the others
 
     def _directive(self, st, p: int) -> tuple[np.ndarray, np.ndarray]:
         si = np.flatnonzero(st.sender == p)
@@ -794,6 +819,13 @@ class _Tracker:
         while not rnd.done and rnd.stage < s_max:
             if self.deadline and time.monotonic() - t0 > self.deadline:
                 break
+            if self.pipelined and rnd.begin_stage() == BT and not rnd.direct_due:
+                from .bt_pipeline import run_pipelined
+
+                warm_t = warm_t or time.monotonic() - t0
+                left = self.deadline - (time.monotonic() - t0) if self.deadline else 0.0
+                run_pipelined(self, left)  # the rest of the round: no stage clock (bt_pipeline.py)
+                break
             if self.peer_decided and rnd.begin_stage() == BT and not rnd.direct_due:
                 if rnd.s_bt == rnd.stage and warm_t == 0.0:
                     warm_t = time.monotonic() - t0
@@ -810,6 +842,7 @@ class _Tracker:
             self._apply_bans(st.index)
             self.stages.append(st)
             self.delivered.append(delivered)
+            self.times.append(None)
         if warm_t == 0.0 and rnd.s_bt < 0:
             warm_t = time.monotonic() - t0
         return self._end(warm_t)
@@ -897,17 +930,7 @@ class _Tracker:
             parts.append((s, np.full(nr, p, dtype=np.int64), c, ok))
         cat = lambda i: np.concatenate([x[i] for x in parts]) if parts else np.zeros(0, np.int64)  # noqa: E731
         s, r, c, ok = cat(0), cat(1), cat(2), cat(3).astype(bool)
-        st = Stage(
-            index=rnd.stage,
-            phase=BT,
-            sender=s,
-            receiver=r,
-            chunk=c,
-            kind=np.full(s.size, BT, dtype=np.int64),
-            sender_owned=np.full(s.size, K, dtype=np.int64),
-            sender_buffer=rnd.held[s],
-            capacity=rnd.capacity(),
-        )
+        st = rnd.reported_bt_stage(s, r, c)
         # a silent sender's chunks that reached a reporting peer and passed its check were delivered
         return st, ok, silent
 
@@ -1048,6 +1071,6 @@ class _Tracker:
             "misbehaved": {str(k): v for k, v in self.misbehaved.items()},  # peer -> why it was excluded
         }
         rec = RoundRecorder(rnd, cfg, "mpi", self.peer.nbytes, seed=rnd.seed, attrs=attrs)
-        for st, d in zip(self.stages, self.delivered):
-            rec.stage(st, d)
+        for st, d, tt in zip(self.stages, self.delivered, self.times):
+            rec.stage(st, d, *(tt or ()))
         return rec.finish(A, agreed, max(rnd.s_bt, 0), rnd.stage)

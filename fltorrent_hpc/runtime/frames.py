@@ -28,6 +28,20 @@ Layouts (after the 4-word header; n peers, K chunks each, N = n*K chunk ids, W(x
     have        neighbours        flags, then chunk ids received and verified this stage, or (flag FULL)
                                   have bits[W(N)]: everything the neighbour holds; flag WANT: "I lack your
                                   have set, send me a FULL frame" (bitfield resync)
+
+Pipelined BitTorrent (`bt_decisions="pipelined"`, runtime/bt_pipeline.py): no stage clock; every frame's
+stage word is the stage the phase opened at, its kinds and neighbour codes are distinct from the ones above.
+
+    open        tracker -> peer   seq (0: open, k >= 1: the k-th update), n, window, budget_ms,
+                                  active bits[W(n)], may-send bits[W(n)], exposed bits[W(n)]
+    progress    peer -> tracker   seq, status (RUNNING, DONE, STUCK), base (entries reported before), nr,
+                                  senders[nr], chunks[nr], ok[nr], t_us[nr] (non-decreasing), tail (as a report)
+    neighbour frames, one tag, (MAGIC, round, stage, code) + body:
+      PIPE_BITFIELD   have bits[W(N)], once, when the phase opens
+      PIPE_HAVE       chunk ids verified since my last have frame (empty: a keep-alive)
+      PIPE_REQUEST    (q, chunk) pairs: send me `chunk` on the data tag of request number q
+      PIPE_CANCEL     request numbers I no longer need (endgame duplicates)
+      PIPE_NOPE       request numbers I will not serve (refused, or cancelled before they were sent)
 """
 
 from __future__ import annotations
@@ -44,6 +58,12 @@ from ..transport.base import MAGIC
 StaleFrame = StaleFrameError  # the name callers read: "discard it, keep waiting"
 
 KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
+KIND_PIPE_OPEN, KIND_PIPE_REPORT = 6, 7  # pipelined BitTorrent (5 is the engine's end confirmation)
+PIPE_BITFIELD, PIPE_HAVE, PIPE_CANCEL, PIPE_REQUEST, PIPE_NOPE = 40, 41, 42, 43, 44  # above every stage code
+PIPE_CODES = (PIPE_BITFIELD, PIPE_HAVE, PIPE_CANCEL, PIPE_REQUEST, PIPE_NOPE)
+RUNNING, DONE, STUCK = 0, 1, 2  # a progress report's status
+MAX_WINDOW = 1 << 10  # the largest request window an open frame may set
+MAX_SEQ = 1 << 62  # request and report numbers stay far from int64 overflow
 HAVE_WANT, HAVE_FULL = 1, 2  # have-frame flags: send me your full have set / this frame carries mine
 HEAD = 4  # header words: MAGIC, round, stage, kind (or neighbour code)
 PHASES = (SPRAY, WARMUP, BT)
@@ -97,6 +117,34 @@ class BTReport(NamedTuple):
     ok: np.ndarray  # bool [nr]
     banned: np.ndarray  # int64
     unserved: np.ndarray  # int64
+
+
+class PipeOpen(NamedTuple):
+    stage: int  # the stage the pipelined phase opened at
+    seq: int  # 0: the open frame; k >= 1: the k-th update (peers left, owners exposed, lags over)
+    window: int  # requests a peer keeps outstanding per neighbour
+    budget_s: float  # how long the tracker gives the phase
+    active: np.ndarray  # bool [n]
+    can_send: np.ndarray  # bool [n]
+    exposed: np.ndarray  # bool [n]
+
+
+class PipeReport(NamedTuple):
+    stage: int
+    seq: int
+    status: int  # RUNNING, DONE or STUCK
+    base: int  # receive-log entries the peer reported before this frame
+    senders: np.ndarray  # int64 [nr]
+    chunks: np.ndarray  # int64 [nr]
+    ok: np.ndarray  # bool [nr]
+    t_us: np.ndarray  # int64 [nr]: microseconds since the peer's round start, non-decreasing (the log's order)
+    banned: np.ndarray  # int64
+    unserved: np.ndarray  # int64
+
+
+class PipeRequest(NamedTuple):
+    seqs: np.ndarray  # int64: request numbers (the data tag each chunk comes on)
+    chunks: np.ndarray  # int64
 
 
 class Bitfield(NamedTuple):
@@ -172,6 +220,13 @@ def _bits(words: np.ndarray, size: int, where: str, what: str) -> np.ndarray:
     if bits[size:].any():
         raise ProtocolError(f"{where}: {what} sets bits beyond {size}")
     return bits[:size].astype(bool)
+
+
+def _masks(words: np.ndarray, n: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The active, may-send and exposed masks (W(n) words each) that stage and open frames end with."""
+    W = _n_words(n)
+    names = ("active mask", "may-send mask", "exposed mask")
+    return tuple(_bits(words[i * W : (i + 1) * W], n, where, names[i]) for i in range(3))
 
 
 def _n_words(bits: int) -> int:
@@ -307,10 +362,7 @@ def parse_bt_stage(
         raise ProtocolError(f"{where} has {msg.size} words, want {HEAD + 1 + 3 * W}")
     if int(msg[4]) != n:
         raise ProtocolError(f"{where} is for {int(msg[4])} peers, the round has {n}")
-    active = _bits(msg[5 : 5 + W], n, where, "active mask")
-    can = _bits(msg[5 + W : 5 + 2 * W], n, where, "may-send mask")
-    exposed = _bits(msg[5 + 2 * W :], n, where, "exposed mask")
-    return BTStage(h.stage, active, can, exposed)
+    return BTStage(h.stage, *_masks(msg[5:], n, where))
 
 
 def parse_end(frame, *, sender: int, round_id: int, n: int, min_stage: int = 0) -> End:
@@ -474,6 +526,110 @@ def parse_have(body, *, sender: int, round_id: int, stage: int, N: int) -> Have:
     else:
         chunks = _ids(rest, N, where, "chunk", unique=True)
     return Have(chunks, bool(flags & HAVE_FULL), bool(flags & HAVE_WANT))
+
+
+# ---------------------------------------------------------------------------------------------- pipelined BitTorrent
+def parse_pipe_open(
+    frame, *, sender: int, round_id: int, n: int, stage: int | None = None, min_stage: int = 0
+) -> PipeOpen:
+    """The tracker's open (seq 0) or update (seq >= 1) frame of a pipelined phase: seq, n, window (1..MAX_WINDOW),
+    budget_ms (>= 0), then the active, may-send and exposed masks (W(n) words each)."""
+    what = "pipelined open"
+    h = parse_header(
+        frame, sender=sender, round_id=round_id, kinds=KIND_PIPE_OPEN, stage=stage, min_stage=min_stage, what=what
+    )
+    where = _where(sender, round_id, h.stage, what)
+    msg = _words(frame, where)
+    W = _n_words(n)
+    if msg.size != HEAD + 4 + 3 * W:
+        raise ProtocolError(f"{where} has {msg.size} words, want {HEAD + 4 + 3 * W}")
+    seq, nn, window, budget = (int(x) for x in msg[HEAD : HEAD + 4])
+    if not 0 <= seq < MAX_SEQ:
+        raise ProtocolError(f"{where}: update number {seq} outside 0..{MAX_SEQ - 1}")
+    if nn != n:
+        raise ProtocolError(f"{where} is for {nn} peers, the round has {n}")
+    if not 1 <= window <= MAX_WINDOW:
+        raise ProtocolError(f"{where}: request window {window} outside 1..{MAX_WINDOW}")
+    if not 0 <= budget < MAX_SEQ:
+        raise ProtocolError(f"{where}: budget {budget} ms is negative or absurd")
+    return PipeOpen(h.stage, seq, window, budget / 1e3, *_masks(msg[HEAD + 4 :], n, where))
+
+
+def parse_pipe_report(
+    frame, *, sender: int, round_id: int, n: int, K: int, stage: int | None = None, own_ok: bool = False
+) -> PipeReport:
+    """A pipelined phase's progress report: seq, status, base, nr, senders[nr], chunks[nr], ok[nr], t_us[nr], then
+    the tail (as in a report).  Senders are peers other than `sender`, chunks in the round and not `sender`'s own
+    (unless `own_ok`: the hidden protocol), t_us >= 0 and non-decreasing, no chunk delivered twice in the frame
+    (across frames the reader checks: it knows what came before)."""
+    what = "pipelined progress report"
+    h = parse_header(frame, sender=sender, round_id=round_id, kinds=KIND_PIPE_REPORT, stage=stage, what=what)
+    where = _where(sender, round_id, h.stage, what)
+    msg = _words(frame, where)
+    if msg.size < HEAD + 4:
+        raise ProtocolError(f"{where} has {msg.size} words, no room for its counts")
+    seq, status, base, nr = (int(x) for x in msg[HEAD : HEAD + 4])
+    if not 0 <= seq < MAX_SEQ:
+        raise ProtocolError(f"{where}: report number {seq} outside 0..{MAX_SEQ - 1}")
+    if status not in (RUNNING, DONE, STUCK):
+        raise ProtocolError(f"{where}: status {status}, not {RUNNING}, {DONE} or {STUCK}")
+    if not 0 <= base < MAX_SEQ:
+        raise ProtocolError(f"{where}: {base} entries reported before")
+    if nr < 0 or msg.size < HEAD + 4 + 4 * nr:
+        raise ProtocolError(f"{where} has {msg.size} words, {nr} receives need {HEAD + 4 + 4 * max(nr, 0)}")
+    b = HEAD + 4
+    s, c, t = msg[b : b + nr], msg[b + nr : b + 2 * nr], msg[b + 3 * nr : b + 4 * nr]
+    _ids(s, n, where, "sender")
+    if np.any(s == sender):
+        raise ProtocolError(f"{where}: rank {sender} reports a receive from itself")
+    _ids(c, n * K, where, "chunk")
+    if c.size and not own_ok and np.any(c // K == sender):
+        raise ProtocolError(f"{where}: rank {sender} reports receiving a chunk of its own update")
+    ok = _flags(msg[b + 2 * nr : b + 3 * nr], where, "ok")
+    _ids(c[ok], n * K, where, "delivered chunk", unique=True)
+    if not _in_range(t, 0, MAX_SEQ) or (t.size > 1 and np.any(t[1:] < t[:-1])):
+        raise ProtocolError(f"{where}: receive times are negative, absurd or out of order")
+    return PipeReport(h.stage, seq, status, base, s, c, ok, t, *_banned(msg[b + 4 * nr :], n, sender, where))
+
+
+def parse_pipe_header(frame, *, sender: int, round_id: int, stage: int) -> tuple[int, np.ndarray]:
+    """A pipelined neighbour frame (MAGIC, round, stage, code) + body: (code, body) once the header is this round's
+    and phase's and the code one of PIPE_CODES; StaleFrame for an earlier round or phase, ProtocolError otherwise."""
+    what = "pipelined neighbour"
+    where = _where(sender, round_id, stage, what)
+    msg = _words(frame, where)
+    h = parse_header(msg, sender=sender, round_id=round_id, kinds=PIPE_CODES, stage=stage, what=what)
+    return h.kind, msg[HEAD:]
+
+
+def parse_pipe_have(body, *, sender: int, round_id: int, stage: int, N: int) -> np.ndarray:
+    """Chunk ids the neighbour verified since its last have frame: in 0..N-1, no duplicates (empty: keep-alive)."""
+    where = _where(sender, round_id, stage, "pipelined have")
+    return _ids(_words(body, where), N, where, "chunk", unique=True)
+
+
+def parse_pipe_request(body, *, sender: int, round_id: int, stage: int, N: int, window: int) -> PipeRequest:
+    """(q, chunk) pairs: at most `window` of them (more in one frame is a flood), request numbers in
+    0..MAX_SEQ-1 and distinct, chunks in 0..N-1 and distinct."""
+    where = _where(sender, round_id, stage, "pipelined request")
+    b = _words(body, where)
+    if b.size % 2:
+        raise ProtocolError(f"{where} has {b.size} words, not (request, chunk) pairs")
+    if b.size // 2 > window:
+        raise ProtocolError(f"{where} asks for {b.size // 2} chunks at once, over the window of {window}")
+    q, c = b[0::2], b[1::2]
+    _ids(q, MAX_SEQ, where, "request number", unique=True)
+    _ids(c, N, where, "requested chunk", unique=True)
+    return PipeRequest(q, c)
+
+
+def parse_pipe_seqs(body, *, sender: int, round_id: int, stage: int, what: str, max_count: int) -> np.ndarray:
+    """Request numbers (a cancel or a refusal): in 0..MAX_SEQ-1, distinct, at most `max_count` of them."""
+    where = _where(sender, round_id, stage, f"pipelined {what}")
+    q = _words(body, where)
+    if q.size > max_count:
+        raise ProtocolError(f"{where} names {q.size} requests, more than the {max_count} possible")
+    return _ids(q, MAX_SEQ, where, "request number", unique=True)
 
 
 def own_frame(msg: np.ndarray, magic: int) -> np.ndarray | None:

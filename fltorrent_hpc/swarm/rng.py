@@ -15,7 +15,7 @@ MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
 
 # stream tags keep the uses of one seed apart
-OVERLAY, LAGS, SPRAY, RELEASE, WARMUP, BT, RATES, LEAVE = range(1, 9)
+OVERLAY, LAGS, SPRAY, RELEASE, WARMUP, BT, RATES, LEAVE, PIPE = range(1, 10)
 
 
 def mix(z):

@@ -439,6 +439,22 @@ class SwarmRound:
     def capacity(self) -> int:
         return int(self.up[self.active[: self.n]].sum())
 
+    def reported_bt_stage(self, sender: np.ndarray, receiver: np.ndarray, chunk: np.ndarray) -> Stage:
+        """The BitTorrent stage of the current slot made of transfers the peers decided and reported themselves
+        (a real round's decentralised or pipelined BitTorrent), for `complete`, the trace and the agreement."""
+        s = np.asarray(sender, dtype=np.int64)
+        return Stage(
+            index=self.stage,
+            phase=BT,
+            sender=s,
+            receiver=np.asarray(receiver, dtype=np.int64),
+            chunk=np.asarray(chunk, dtype=np.int64),
+            kind=np.full(s.size, BT, dtype=np.int64),
+            sender_owned=np.full(s.size, self.K, dtype=np.int64),
+            sender_buffer=self.held[s],
+            capacity=self.capacity(),
+        )
+
     def complete(self, stage: Stage, delivered: np.ndarray | None = None) -> None:
         """Apply the transfers of `stage` that arrived (all of them when `delivered` is None)."""
         if stage.index != self.stage:

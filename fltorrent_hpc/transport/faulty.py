@@ -40,7 +40,9 @@ class Fault:
         the rank stops talking but keeps listening, so it still learns the round's outcome), "replay"
         (all-gathers only: this rank contributes what it contributed to the first all-gather of the same
         size, e.g. an earlier round's descriptor).
-    channel: "data", "ctrl", "nbr" (the engine's contexts) or None for every context.
+    channel: "data", "ctrl", "nbr" (the engine's contexts) or None for every context; "data" also covers "pipe",
+        the pipelined BitTorrent phase's payload (runtime/bt_pipeline.py), whose messages take the stage of the
+        last control frame the wrapper saw (the phase's).
     peer: the destination it applies to, None for all.
     code: only control frames whose fourth word (a tracker frame's kind, a neighbour frame's code, e.g.
         bt_stages.BITFIELD) is `code`; None for every message.  A data message has no code and never matches.
@@ -74,7 +76,7 @@ class Fault:
     def matches(
         self, channel: str, dest: int, round_id: int | None, stage: int | None, code: int | None = None
     ) -> bool:
-        if self.channel is not None and self.channel != channel:
+        if self.channel is not None and self.channel != channel and (self.channel, channel) != ("data", "pipe"):
             return False
         if self.code is not None and code != self.code:
             return False
@@ -114,6 +116,7 @@ class _Epoch:
     """What the wrapper has learned of the current round (shared by every context of one wrapper)."""
 
     round_id: int | None = None
+    stage: int | None = None  # of the last control frame seen: a pipelined payload message's stage
 
 
 class FaultyTransport(Transport):
@@ -136,17 +139,20 @@ class FaultyTransport(Transport):
         """The stage of a control frame (and its round, remembered); None when `buf` is no frame."""
         if buf.dtype == np.int64 and buf.ndim == 1 and buf.size >= 4 and (int(buf[0]) & 0xFFFFFFFF) == MAGIC:
             self._epoch.round_id = int(buf[1])
+            self._epoch.stage = int(buf[2])
             return int(buf[2])
         return None
 
     def _stage_of(self, buf: np.ndarray, tag: int) -> int | None:
         if self.name == "data":
             return stage_of_data_tag(tag)
+        if self.name == "pipe":  # pipelined payload: tags number requests, the phase is the frames' stage
+            return self._epoch.stage
         return self._learn(buf)
 
     def _fault(self, buf: np.ndarray, dest: int, tag: int) -> Fault | None:
         stage = self._stage_of(buf, tag)
-        code = int(buf[3]) if self.name != "data" and stage is not None else None
+        code = int(buf[3]) if self.name not in ("data", "pipe") and stage is not None else None
         for f in self.faults:
             if f.nbytes is not None or f.action == "replay":
                 continue  # all-gather faults

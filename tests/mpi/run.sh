@@ -26,6 +26,8 @@ run() {  # run NP FILE
 }
 for f in tests/mpi/test_*.py; do run 4 "$f"; done
 for np in 1 2 3 7; do run "$np" tests/mpi/test_engine.py; done
+# the pipelined BitTorrent phase at 2 and 7 ranks too (4 above)
+for np in 2 7; do run "$np" tests/mpi/test_pipeline.py; done
 # the misbehaving-peer suites and the attacked real round at 7 ranks too (4 above)
 for f in tests/mpi/test_integrity.py tests/mpi/test_robust.py tests/mpi/test_transport.py tests/mpi/test_privacy_engine.py \
   tests/mpi/test_direct.py; do
