@@ -293,8 +293,12 @@ class SwarmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The knobs as plain values (a trace's attributes); a fresh dict, computed once per config (every
-        round's trace asks, and dataclasses.asdict costs ~0.7 ms)."""
-        return dict(_knobs(self))
+        round's trace asks, and dataclasses.asdict costs ~0.7 ms); a config holding an unhashable value (a
+        list a study set) is converted each time."""
+        try:
+            return dict(_knobs(self))
+        except TypeError:
+            return _knobs.__wrapped__(self)
 
 
 @functools.lru_cache(maxsize=64)
