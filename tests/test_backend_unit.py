@@ -396,3 +396,19 @@ def test_recv_of_a_longer_message_raises_truncation_error(solo):
 
 def test_unsupported_error_is_one_of_the_errors():
     assert issubclass(UnsupportedError, FLTorrentError) and issubclass(UnsupportedError, ValueError)
+
+
+def test_host_view_writes_through_and_leaves_the_storage_resizable():
+    """The all-gather receives into its outputs through host_view; FSDP then frees its gathered flat parameter
+    by resizing the storage to 0, which `Tensor.numpy()` would have forbidden for good."""
+    import torch
+
+    from fltorrent_hpc.api import wire
+
+    t = torch.zeros(6, dtype=torch.int16)
+    v = wire.host_view(t)
+    assert v.dtype.itemsize == 1 and v.size == 12 and v.flags.writeable
+    v[:2] = [1, 2]
+    assert int(t[0]) == 0x0201
+    t.untyped_storage().resize_(0)  # raises "not resizable" after t.numpy()
+    assert wire.host_view(torch.zeros(0)).size == 0

@@ -599,7 +599,7 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
         direct = len(ins) == 1 and all(
             o.device.type == "cpu" and o.is_contiguous() and not (o.is_conj() or o.is_neg()) for o in outs[0]
         )
-        rnd = _Round(payload, out=[wire.host_bytes(o) for o in outs[0]] if direct else None)
+        rnd = _Round(payload, out=[wire.host_view(o) for o in outs[0]] if direct else None)
 
         def run(deadline, seq):
             res = self._disseminate(rnd, seq, deadline, what=name)

@@ -8,6 +8,7 @@ arguments (`OP_FIELDS`) and, for swarm rounds, the engine's round words (`ROUND_
 
 from __future__ import annotations
 
+import ctypes
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -78,6 +79,18 @@ def host_bytes(t: torch.Tensor) -> np.ndarray:
     if t.numel() == 0:
         return np.zeros(0, dtype=np.uint8)
     return t.view(torch.uint8).numpy()
+
+
+def host_view(t: torch.Tensor) -> np.ndarray:
+    """A writable uint8 numpy view of a contiguous CPU tensor's bytes that leaves its storage resizable.
+
+    Why not `t.numpy()`: torch marks a storage that numpy shares as not resizable for good, and FSDP frees its
+    gathered flat parameter by resizing that storage to 0 after the all-gather wrote into it.  The caller keeps
+    `t` alive while the view is used (the collective's outputs live until its Work completes)."""
+    nb = t.numel() * t.element_size()
+    if nb == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.frombuffer((ctypes.c_uint8 * nb).from_address(t.data_ptr()), dtype=np.uint8)
 
 
 def from_bytes(buf: np.ndarray, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
