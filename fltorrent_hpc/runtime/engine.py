@@ -40,7 +40,7 @@ from ..config import BT_DECISIONS, PRIVACY_MECHANISMS, PROTOCOLS, SCHEDULERS, Sw
 from ..errors import ConfigError, PeerTimeoutError, ProtocolError, ShapeMismatchError, TransportError
 from ..swarm import rng
 from ..swarm.bt_peer import pack_bits
-from ..swarm.budget import chunk_budgets, direct_round
+from ..swarm.budget import chunk_budgets, direct_round, small_round
 from ..swarm.round import BT, SPRAY, Stage, SwarmRound
 from ..trace import Trace
 from ..transport import base as tb
@@ -368,7 +368,7 @@ class SwarmEngine:
                 end = peer.follow()
         finally:
             peer.drop_late()  # no receive kept past its deadline outlives the round's buffers
-            if peer.own_in is not None:
+            if peer.own_written:
                 peer.own_in[:] = pay  # whatever came back (a refused copy included), the output holds the payload
         res = peer.finish(end, weights, consensus, t0, trace or cfg.trace)
         res.stats["shape_mismatch"] = odd  # ranks left out for a payload size other than the tracker's
@@ -421,6 +421,7 @@ class _PeerState:
         self.data: Transport = plane.data if plane.data is not None else eng.data
         self.bufs, self.hashes, self.bad_desc = bufs, all_hash, bad_desc
         self.own_in: np.ndarray | None = None  # where own chunks coming back land (the caller's output row)
+        self.own_written = False  # a receive was posted into own_in: restore it from the payload after the round
         self.pipelined = False  # this rank ran a pipelined BitTorrent phase (bt_pipeline.PipePeer)
         self.keys = [round_key(eng.salt, rid, u) for u in range(eng.size)] if cfg.integrity == "blake3" else []
         self.refused_bytes = 0
@@ -584,6 +585,7 @@ class _PeerState:
             if owner != eng.rank:
                 into.append(run)
             else:
+                self.own_written |= self.own_in is not None
                 into.append(self.own_in[a:b] if self.own_in is not None else self.plane.scratch(run))
             rreq.append(self.data.post_recv(into[-1], src, tag))
         sreq: list = []
@@ -782,7 +784,7 @@ class _Tracker:
         direct = direct_round(cfg, n, peer.nbytes, np.delete(all_info[:, 1], bad_desc))
         # a small round's BitTorrent stages are the tracker's (the same decisions: swarm/bt_peer.py): a directive,
         # the data and a report per stage instead of nine neighbour exchanges, which are all a small round costs
-        small = 0 < peer.nbytes <= cfg.direct_bytes
+        small = small_round(cfg, peer.nbytes)
         self.peer_decided = cfg.bt_decisions == "peers" and not small
         # the pipelined phase moves host rows on its own context; a device plane's rounds keep the stages
         self.pipelined = cfg.bt_decisions == "pipelined" and not small and peer.plane is HOST

@@ -138,15 +138,7 @@ def simulate(
     act = rnd.active[: rnd.n]
     A = rnd.reconstructable()
     summary: dict[str, Any] = {
-        "peers": peers,
-        "chunks_per_update": K,
-        "chunk_bytes": C,
-        "update_bytes": int(update_bytes),
-        "privacy": privacy_label(config.privacy),
-        "scheduler": config.scheduler,
-        "overlay": config.overlay,
-        "degree": config.degree,
-        "seed": config.seed,
+        **_summary_head(config, peers, K, update_bytes),
         "cover_k": rnd.k,
         "stages": stages,
         "warmup_stages": s_bt,
@@ -210,15 +202,7 @@ def _simulate_events(
     r = simulate_events(config, up, down, update_bytes)
     K = max(1, math.ceil(update_bytes / config.chunk_bytes)) if update_bytes > 0 else 0
     summary: dict[str, Any] = {
-        "peers": peers,
-        "chunks_per_update": K,
-        "chunk_bytes": config.chunk_bytes,
-        "update_bytes": int(update_bytes),
-        "privacy": privacy_label(config.privacy),
-        "scheduler": config.scheduler,
-        "overlay": config.overlay,
-        "degree": config.degree,
-        "seed": config.seed,
+        **_summary_head(config, peers, K, update_bytes),
         "sim_model": "events",
         "stages": r.warmup_stages,
         "warmup_stages": r.warmup_stages,
@@ -235,6 +219,21 @@ def _simulate_events(
         "peak_rss_bytes": _peak_rss(),
     }
     return SimResult(summary, None, r.round)
+
+
+def _summary_head(config: SwarmConfig, peers: int, K: int, update_bytes: int) -> dict[str, Any]:
+    """What a round was: the first keys of both models' summaries."""
+    return {
+        "peers": peers,
+        "chunks_per_update": K,
+        "chunk_bytes": config.chunk_bytes,
+        "update_bytes": int(update_bytes),
+        "privacy": privacy_label(config.privacy),
+        "scheduler": config.scheduler,
+        "overlay": config.overlay,
+        "degree": config.degree,
+        "seed": config.seed,
+    }
 
 
 def _progress(on: bool, total: int, label: str):

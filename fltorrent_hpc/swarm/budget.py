@@ -29,6 +29,11 @@ def too_slow(rate: np.ndarray, chunk_bytes: int, slot_seconds: float) -> np.ndar
 EVEN_LINKS = 1.25  # uplinks within this factor of each other count as even (direct_round)
 
 
+def small_round(config, nbytes: int) -> bool:
+    """At most `config.direct_bytes` per rank (and not empty): a round whose cost is its control exchanges."""
+    return 0 < nbytes <= config.direct_bytes
+
+
 def direct_round(config, n: int, nbytes: int, uplinks: np.ndarray | None = None) -> bool:
     """Whether a real round of `nbytes` per rank over `n` ranks is one direct exchange (SwarmRound(direct=True)).
 
@@ -44,7 +49,7 @@ def direct_round(config, n: int, nbytes: int, uplinks: np.ndarray | None = None)
     """
     if config.privacy or config.direct_bytes <= 0 or n < 2 or nbytes <= 0:
         return False
-    if nbytes <= config.direct_bytes:
+    if small_round(config, nbytes):
         return True
     if uplinks is None:
         return False

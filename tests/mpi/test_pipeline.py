@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 from mpi4py import MPI
+from swarm_checks import honest_identical
 
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.privacy.attacks import ATTACKS
@@ -63,19 +64,8 @@ def engine(faults: list[Fault] = (), **kw):
 
 
 def identical(res, rnd: int, must: list[int] | None = None, nbytes: int = NB) -> bool:
-    """The honest ranks hold the same participants (every honest rank among them, `must` exactly if given) and
-    every participant's true bytes."""
-    mask = np.zeros(N, dtype=np.int64)
-    if res is not None:
-        mask[res.participants] = 1
-    allm = np.empty((N, N), dtype=np.int64)
-    COMM.Allgather(mask, allm)
-    ok = all(np.array_equal(allm[HONEST[0]], allm[r]) for r in HONEST)
-    parts = np.flatnonzero(allm[HONEST[0]]).tolist()
-    ok &= set(HONEST) <= set(parts) and (must is None or parts == must)
-    if R in HONEST:
-        ok &= all(np.array_equal(res.updates[u], payload_of(u, rnd, nbytes)) for u in parts)
-    return ok
+    """The honest ranks agree on the participants and hold their true bytes (swarm_checks.honest_identical)."""
+    return honest_identical(COMM, res, HONEST, lambda u: payload_of(u, rnd, nbytes), must)
 
 
 def named(res, keys) -> set[int]:

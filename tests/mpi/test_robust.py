@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 from mpi4py import MPI
+from swarm_checks import honest_identical as shared_honest_identical
 
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, ShapeMismatchError, TransportError
@@ -60,17 +61,7 @@ def engine(faults: list[Fault], who: int = BAD, **cfg) -> tuple[SwarmEngine, obj
 
 def honest_identical(res, rnd: int, parts_must: list[int] | None = None) -> bool:
     """The honest ranks hold the same participants (every honest rank among them) and true bytes."""
-    mask = np.zeros(N, dtype=np.int64)
-    if res is not None:
-        mask[res.participants] = 1
-    allm = np.empty((N, N), dtype=np.int64)
-    COMM.Allgather(mask, allm)
-    ok = all(np.array_equal(allm[HONEST[0]], allm[r]) for r in HONEST)
-    parts = np.flatnonzero(allm[HONEST[0]]).tolist()
-    ok &= set(HONEST) <= set(parts) and (parts_must is None or parts == parts_must)
-    if R in HONEST:
-        ok &= all(np.array_equal(res.updates[u], payload_of(u, rnd)) for u in parts)
-    return ok
+    return shared_honest_identical(COMM, res, HONEST, lambda u: payload_of(u, rnd), parts_must)
 
 
 def named(res, keys=("bad_senders", "protocol_errors", "misbehaved", "excluded")) -> set[int]:
