@@ -63,3 +63,43 @@ def test_audit_accepts_the_round_and_catches_a_first_hop_to_a_neighbour(rounds):
     t["receiver"][i] = nbr  # the owner hands its chunk straight to a neighbour
     rep = audit_trace(tr)
     assert not rep.ok and {"seed_target", "seed_plan"} <= set(rep.failures)
+
+
+def plan(up: np.ndarray, K: int = 64, seed: int = 3):
+    from fltorrent_hpc.swarm.round import SwarmRound
+
+    n = up.size
+    cfg = SwarmConfig(chunk_bytes=C, privacy="full", protocol="hidden", degree=2, seed=seed)
+    return SwarmRound(cfg, n, K, up, np.full(n, 1 << 20), seed=seed)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_seed_plan_follows_the_uplinks(seed):
+    """Uneven uplinks: the slowest peer's seed phase is its own first hops (it mixes nothing), every peer's
+    first hops plus forwards fit the water-filled time, and first public copies sit in proportion to uplinks."""
+    K = 64
+    up = np.array([11, 23, 35, 47, 11, 23, 35, 47], dtype=np.int64)  # chunks a slot: 400..1600 Mbit/s, 1 MiB
+    n = up.size
+    rnd = plan(up, K, seed)
+    owner = np.arange(n * K) // K
+    assert np.all(rnd.mixer != owner) and np.all(rnd.seeder != owner) and np.all(rnd.seeder != rnd.mixer)
+    mixed = np.bincount(rnd.mixer, minlength=n)
+    assert mixed.sum() == n * K and np.all(mixed[up == up.min()] == 0)
+    # the seed phase's floor: the slowest peer's own first hops, or all first hops and forwards over the uplinks
+    floor = max(K / up.min(), 2 * n * K / up.sum())
+    slots = (K + mixed) / up
+    assert slots.max() <= 1.05 * floor, (slots, floor)
+    assert 2 * K / up.min() > 1.5 * floor  # an equal plan (everyone mixes K) takes 2 K / U_min
+    share = np.bincount(rnd.seeder, minlength=n) / (n * K)
+    assert np.abs(share - up / up.sum()).max() < 0.05, share
+
+
+def test_even_uplinks_keep_equal_blocks_and_one_seed_per_block():
+    K, r = 64, SwarmConfig().seed_peers
+    rnd = plan(np.full(6, 20, dtype=np.int64), K)
+    mixed = np.bincount(rnd.mixer, minlength=6)
+    assert np.all(mixed == K)  # each peer mixes one block per permutation
+    blocks = rnd.mixer.reshape(6, K) * 1000 + rnd.seeder.reshape(6, K)
+    for u in range(6):  # r contiguous blocks of K / r chunks, each with its own mixer and seed
+        cuts = np.flatnonzero(np.diff(blocks[u])) + 1
+        assert set(cuts.tolist()) <= {K * b // r for b in range(1, r)}

@@ -203,17 +203,36 @@ class SwarmRound:
                 p[u], p[j] = p[j], p[u]
         return p
 
+    def _mix_capacity(self) -> np.ndarray:
+        """Chunks each peer can forward as a mixer in the time the seed phase must take anyway: water-filling on
+        the uplink budgets, T = the least time with sum_u max(0, T up_u - K) = n K (every peer sends its own K
+        first hops; the forwards, n K in all, fill what is left), capacity_u = max(0, T up_u - K).  Even
+        uplinks give every peer K; a peer too slow to send more than its own update in T mixes nothing, so the
+        slowest uplink's seed phase is its own first hops, not twice its update (4 ranks, 400..1600 Mbit/s:
+        2S / U_min before)."""
+        n, K = self.n, self.K
+        up = self.up.astype(np.float64)
+        order = np.argsort(-up, kind="stable")
+        cum = np.cumsum(up[order])
+        for j in range(1, n + 1):
+            T = (n + j) * K / cum[j - 1]
+            if j == n or T * up[order[j]] <= K:
+                break
+        return np.maximum(0.0, T * up - K)
+
     def _plan_seeds(self) -> dict[str, np.ndarray]:
         """Hidden protocol: every chunk of every owner is split over `seed_peers` contiguous blocks; each block
         has one mixer (a non-neighbour of its owner, which forwards and hides it) and one seed (any peer but
         owner and mixer, which holds it publicly), so a seed's receipt names a mixer, never the owner, and the
         owner's distance to its update's entry points is that of a random peer (docs/PRIVACY.md).  Mixers and
-        seeds come from balanced permutations: each peer mixes and seeds one block per permutation."""
+        seeds come from balanced permutations: each peer mixes and seeds one block per permutation.  A block's
+        size follows its mixer's capacity (`_mix_capacity`: equal on even uplinks), so fast uplinks forward
+        more; the choice of mixers does not depend on the links."""
         n, K, N = self.n, self.K, self.N
         self.seed_state = np.full(N, self.AT_OWNER, dtype=np.int64)
         self.mixer = np.full(N, -1, dtype=np.int64)
         self.seeder = np.full(N, -1, dtype=np.int64)
-        self.block_off = np.zeros(N, dtype=np.int64)  # offset of a chunk within its block (send order)
+        self.block_off = np.zeros(N, dtype=np.int64)  # a chunk's place in its owner's send order
         self.bad_mixers: set[int] = set()  # peers a seed refused a forward from: never mixers again
         self.spray_to_neighbours = int(np.count_nonzero(n - 1 - self.deg == 0))  # owners adjacent to all
         r = int(min(self.cfg.seed_peers, K))
@@ -221,10 +240,8 @@ class SwarmRound:
         e = self.overlay.edges.reshape(-1, 2)
         adj[e[:, 0], e[:, 1]] = adj[e[:, 1], e[:, 0]] = True
         adj[self.deg >= n - 1] = np.eye(n, dtype=bool)[self.deg >= n - 1]  # adjacent to all: any other peer
-        i = np.arange(K)
-        block = i * r // K if r else i
-        off = i - (-(-block * K // max(r, 1)))
-        self.block_off[:] = np.tile(off, n)
+        mixers = np.full((n, r), -1, dtype=np.int64)
+        seeds = np.full((n, r), -1, dtype=np.int64)
         for b in range(r):
             mix = self._balanced(adj, b, 0)
             not_seed = np.eye(n, dtype=bool)
@@ -236,11 +253,72 @@ class SwarmRound:
                     m = self._pick(self._candidates(u, set(), True), u, b, 0)
                 if sd in (u, m):
                     sd = self._pick(self._candidates(u, {m}, False), u, b, 1)
-                sel = u * K + i[block == b]
-                self.mixer[sel], self.seeder[sel] = m, sd  # n >= 3: there is always a third peer
+                mixers[u, b], seeds[u, b] = m, sd  # n >= 3: there is always a third peer
+        uneven = bool(np.any(self.up != self.up[0]))
+        x = np.zeros((n, r), dtype=np.int64)  # chunks of owner u through its mixer b
+        x[:] = np.diff(-(-K * np.arange(r + 1) // r))  # even uplinks: equal blocks, ceil(K b / r) apart
+        if uneven:
+            x = self._size_blocks(mixers, adj)
+        i = np.arange(K)
+        for u in range(n):
+            cuts = np.concatenate([[0], np.cumsum(x[u])])
+            block = np.searchsorted(cuts, i, side="right") - 1
+            off = i - cuts[block]
+            # the blocks interleave in proportion to their sizes, so every mixer's share starts at once
+            self.block_off[u * K : (u + 1) * K] = off * K // np.maximum(x[u, block], 1) if uneven else off
+            sel = u * K + i
+            self.mixer[sel], self.seeder[sel] = mixers[u, block], seeds[u, block]
+        if uneven:
+            self._spread_seeds()
         self.seed_state[self.mixer < 0] = self.DROPPED
         self.unseeded[:] = self.seed_state != self.DROPPED
         return self._seed_items()
+
+    def _size_blocks(self, mixers: np.ndarray, adj: np.ndarray) -> np.ndarray:
+        """Uneven uplinks: how many of its K chunks each owner sends through each of its mixers.  Chunk by
+        chunk (all owners at once), to the mixer that would finish its own first hops and its forwards first,
+        (K + forwards + 1) / uplink; ties to the owner's smaller block.  An owner whose mixers all lie beyond
+        `_mix_capacity` (too slow to forward anything in the seed phase) swaps its first mixer for a
+        non-neighbour that can.  Returns int64 [n, r]; `mixers` is updated in place."""
+        n, K = self.n, self.K
+        r = mixers.shape[1]
+        cap = self._mix_capacity()
+        for u in np.flatnonzero(np.all(cap[mixers] <= 0, axis=1)):
+            cand = self._candidates(int(u), set(mixers[u].tolist()), True)
+            cand = cand[(cap[cand] > 0) & ~adj[u, cand]]
+            if cand.size:
+                mixers[u, 0] = self._pick(cand, int(u), 0, 4)
+        up = self.up.astype(np.float64)
+        load = np.zeros(n, dtype=np.int64)
+        x = np.zeros((n, r), dtype=np.int64)
+        rows, bidx = np.arange(n), np.broadcast_to(np.arange(r), (n, r))
+        for _ in range(K):
+            t = (K + load[mixers] + 1) / up[mixers]
+            best = np.lexsort((bidx, x, t), axis=-1)[:, 0]
+            x[rows, best] += 1
+            np.add.at(load, mixers[rows, best], 1)
+        return x
+
+    def _spread_seeds(self) -> None:
+        """Uneven uplinks: a block's chunks go to several seeds, each peer seeding in proportion to its uplink
+        (a smooth weighted round-robin over all blocks, owner and mixer excluded).  A seed is the first public
+        copy of its chunks and must upload each once: one seed per block put a whole update's first copies
+        behind whichever uplink the permutation drew (4 ranks, 400..1600 Mbit/s: the BitTorrent phase 1.7 ->
+        2.8 s in the event model once blocks followed the mixers' capacity)."""
+        n, K = self.n, self.K
+        w = self.up.astype(np.float64)
+        credit = np.zeros(n)
+        jitter = rng.uniform(self.seed, rng.SPRAY, 7, np.arange(n)) * 1e-6  # a seeded tie-break
+        for c in np.argsort(rng.uniform(self.seed, rng.SPRAY, 8, np.arange(self.N)), kind="stable"):
+            m = int(self.mixer[c])
+            if m < 0:
+                continue
+            ok = self.active[:n].copy()
+            ok[[int(c) // K, m]] = False
+            credit[ok] += w[ok]
+            sd = int(np.argmax(np.where(ok, credit + jitter, -np.inf)))
+            credit[sd] -= w[ok].sum()
+            self.seeder[c] = sd
 
     def _seed_items(self) -> dict[str, np.ndarray]:
         """The seed sends due now: forwards (mixer -> seed) first, then first hops in block order."""
