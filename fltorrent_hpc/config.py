@@ -148,6 +148,7 @@ class SwarmConfig:
     # lags, gating, non-owner-first).  A mechanism list (an ablation) always runs the paper's mechanisms.
     protocol: str = "hidden"
     seed_peers: int = 2  # hidden protocol: blocks per update, each through its own mixer to its own seed
+    seed_overlap: bool = True  # hidden protocol: BitTorrent passes use what seed stages leave of the budgets
     spray_ratio: float = 0.2  # R: floor(R*K) chunks per owner sprayed to non-neighbours
     lag_slots: int = 3  # T_lag: lag ~ U{0..T_lag-1} slots
     cover: float = 0.10  # K: cover-set threshold fraction

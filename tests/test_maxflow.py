@@ -236,8 +236,9 @@ def test_every_warmup_stage_at_most_maxflow(p):
     stages = 0
     while not rnd.done and rnd.stage < rnd.deadline() and rnd.phase == WARMUP and stages < 40:
         st_ = rnd.next_stage()
-        spray_only = st_.size > 0 and bool(np.all(st_.kind == SPRAY))
-        if st_.phase == WARMUP and not (spray_only and st_.maxflow == -1):  # pre-round spray stages: no bound
+        # pre-round spray and hidden seed stages (with the BitTorrent that fills what seeds leave): no bound
+        spray = st_.size > 0 and bool(np.any(st_.kind == SPRAY)) and not np.any(st_.kind == WARMUP)
+        if st_.phase == WARMUP and not (spray and st_.maxflow == -1):
             got = int(np.count_nonzero(st_.kind == WARMUP))
             assert st_.maxflow >= 0, "maxflow not computed on a warm-up stage"
             assert st_.maxflow >= got, f"stage {st_.index}: scheduler moved {got} > max-flow {st_.maxflow}"

@@ -52,12 +52,17 @@ def test_round_is_above_the_bound_and_within_a_factor(n, up, down, degree, laten
 
 def test_hidden_protocol_owners_download_their_own_update_back():
     up = 1e7 * (1 + 3 * np.arange(6) / 5)
-    r = simulate_events(cfg(privacy="full", slot_seconds=0.1), up, np.zeros(6), S, latency_s=1e-4, hash_rate=1e9)
+    c = cfg(privacy="full", slot_seconds=0.1, seed_overlap=False)
+    r = simulate_events(c, up, np.zeros(6), S, latency_s=1e-4, hash_rate=1e9)
     assert r.have.all()
     assert r.warmup_stages > 0 and r.warmup_s == pytest.approx(r.warmup_stages * 0.1)
     assert r.round_s == pytest.approx(r.warmup_s + r.bt_s)
     # in BitTorrent every peer (owners included) receives all n updates: n*n*S bytes over the uplinks at least
     assert r.sent_bytes.sum() >= 6 * 6 * S - 6 * S  # minus the seeds' own copies, at most one update each
+    # BitTorrent in what the seed stages leave of the uplinks: everything arrives, and sooner
+    o = simulate_events(c.replace(seed_overlap=True), up, np.zeros(6), S, latency_s=1e-4, hash_rate=1e9)
+    assert o.have.all() and o.round_s < r.round_s
+    assert o.sent_bytes.sum() < r.sent_bytes.sum()  # part of BitTorrent ran in the seed stages
 
 
 def test_deterministic_for_a_seed():

@@ -35,16 +35,13 @@ def request_pipeline(nbr: np.ndarray, up: np.ndarray, deg: np.ndarray, n: int) -
     return np.ceil(REQUEST_FACTOR * share.sum(axis=1)).astype(np.int64) + PIPELINE_MIN
 
 
-def bt_stage(rnd: RoundState) -> Stage:
-    """One BitTorrent stage: up to `bt_passes` request/grant passes (bt_kernel.bt_pass)."""
+def bt_passes(rnd: RoundState, b: StageBudget, col: Collector, bt_want: np.ndarray) -> None:
+    """The request/grant passes of one stage within the budgets `b` leaves (all of a BitTorrent stage's; what a
+    hidden seed stage's first hops and forwards leave), transfers into `col`."""
     from .bt_kernel import bt_pass, key_base
 
-    if rnd.bt_want is None:  # first BitTorrent stage: pipelines from the overlay as it is now
-        rnd.bt_want = request_pipeline(rnd.nbr, rnd.up, rnd.deg, rnd.n)
     nbr64, rev = rnd.slot_tables()
     n, N = rnd.n, rnd.N
-    b = StageBudget(rnd)
-    col = Collector()
     D = nbr64.shape[1]
     choked = np.zeros((n + 1, D), dtype=bool)  # [receiver, neighbour slot] refused it this stage
     for p in range(rnd.cfg.bt_passes):
@@ -52,7 +49,7 @@ def bt_stage(rnd: RoundState) -> Stage:
         recv = np.flatnonzero(rnd.active[:n] & (b.down_left[:n] > 0) & (missing > 0) & (rnd.deg > 0))
         if recv.size == 0:
             break
-        want = np.minimum(np.minimum(b.down_left[recv], rnd.bt_want[recv]), missing[recv])
+        want = np.minimum(np.minimum(b.down_left[recv], bt_want[recv]), missing[recv])
         endgame = missing[recv] <= rnd.cfg.endgame_chunks
         s, r, c, _slot = bt_pass(
             np.uint64(key_base(rnd.seed, rng.BT, rnd.stage, p)),
@@ -82,6 +79,15 @@ def bt_stage(rnd: RoundState) -> Stage:
         # no early stop on a pass without grants: whether anyone got a grant is global knowledge, which a
         # peer running its own passes (engine, decentralised BitTorrent) does not have
         col.add(s, r, c, np.full(s.size, BT), np.full(s.size, rnd.K), rnd.held[s])
+
+
+def bt_stage(rnd: RoundState) -> Stage:
+    """One BitTorrent stage: up to `bt_passes` request/grant passes (bt_kernel.bt_pass)."""
+    if rnd.bt_want is None:  # first BitTorrent stage: pipelines from the overlay as it is now
+        rnd.bt_want = request_pipeline(rnd.nbr, rnd.up, rnd.deg, rnd.n)
+    b = StageBudget(rnd)
+    col = Collector()
+    bt_passes(rnd, b, col, rnd.bt_want)
     s, r, c, kind, owned, buf = col.arrays()
     return Stage(
         index=rnd.stage,

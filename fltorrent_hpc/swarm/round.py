@@ -21,6 +21,8 @@ from .overlay import Overlay, build_overlay
 from .stage import BT, SPRAY, WARMUP, Stage
 from .warmup import warmup_stage
 
+WARM_STALL = 4  # empty warm-up stages (nothing lagged, nothing to spray or release) before warm-up fails open
+
 __all__ = ["BT", "SPRAY", "WARMUP", "Stage", "SwarmRound"]  # phase codes and Stage live in stage.py
 
 
@@ -125,6 +127,7 @@ class SwarmRound:
         # a small round without privacy: one direct exchange first (swarm.budget.direct_round says when)
         self.direct_due = bool(direct) and self.phase == BT and n > 1 and K > 0
         self.warmup_failed_open = False
+        self.warm_idle = 0  # consecutive warm-up stages with nothing to send although every peer may send
         self.warmup_deadline = config.warmup_deadline_stages or 0
         self.releases = 0
         self.round_start = 0  # first stage after the pre-round spray; lags count from here
@@ -466,7 +469,7 @@ class SwarmRound:
             spray_left = self.spray["sender"].size > 0
             if not spray_left and np.all(self.received[act] >= self.k):
                 self._enter_bt()
-            elif self.warmup_deadline and self.stage >= self.warmup_deadline:
+            elif (self.warmup_deadline and self.stage >= self.warmup_deadline) or self.warm_idle >= WARM_STALL:
                 self.warmup_failed_open = True
                 self._enter_bt()
         return self.phase
@@ -581,6 +584,11 @@ class SwarmRound:
             self.spray = {k: v[keep] for k, v in self.spray.items()}
             if self.spray["sender"].size == 0:
                 self.round_start = self.stage + 1
+        if self.phase == WARMUP:
+            # a stalled warm-up (peers left and k is out of reach of what the gates let through) fails open
+            idle = stage.size == 0 and stage.release_peer.size == 0 and self.spray["sender"].size == 0
+            idle &= bool(np.array_equal(self.may_send(), self.active[: self.n]))
+            self.warm_idle = self.warm_idle + 1 if idle else 0
         self.stage += 1
         if self.phase == WARMUP:
             self._refresh_windows()

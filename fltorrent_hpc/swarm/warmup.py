@@ -18,6 +18,7 @@ import numpy as np
 
 from . import rng
 from .assign import accept, cumcount, first_occurrence, member, take_per_group
+from .bittorrent import bt_passes, request_pipeline
 from .bt_kernel import key_base, warm_pass
 from .stage import BT, SPRAY, WARMUP, Collector, RoundState, Stage, StageBudget
 
@@ -173,6 +174,10 @@ def warmup_stage(rnd: RoundState) -> Stage:
     col = Collector()
     if rnd.spray["sender"].size:  # pre-round spray: the round proper (and the lag clock) starts after it
         _spray(rnd, b, col)
+        if rnd.hidden and rnd.cfg.seed_overlap:
+            # hidden seeds: what the first hops and forwards leave of the budgets goes to BitTorrent among the
+            # chunks already seeded, so fast uplinks do not idle while slow owners send their first hops
+            bt_passes(rnd, b, col, request_pipeline(rnd.nbr, rnd.up, rnd.deg, rnd.n))
         s, r, c, kind, owned, buf = col.arrays()
         return Stage(
             index=rnd.stage,
