@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_cases(cases, out, size, a.emulate_iters, 0, True, rows)
         # computed rows: the capacity bound (downlinks unpaced: no downlink term) and the simulators' predictions
         bound = capacity_bound(ups, size)
+        bound_hidden = capacity_bound(ups, size, hidden=True)  # privacy full's own transfers (two seed hops)
         sims = {}
         if ME == 0:
             for priv in ("none", "full"):
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 sims[f"sim_slotted_{priv}"] = (slotted_round_s(cfg_p, ups, size), {"model": "slotted"})
         sims = COMM.bcast(sims, root=0)
         computed_row(rows, size, "bound", bound, uplinks=ups.tolist())
+        computed_row(rows, size, "bound_hidden", bound_hidden, uplinks=ups.tolist())
         for name, (t, info) in sims.items():
             computed_row(rows, size, name, t, latency_s=lat, hash_rate=hrate, **info)
         r = ratios.setdefault(str(size), {})
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 "hash_cost_emulated": res["swarm_none_paced"] / res["swarm_none_nohash_paced"],
                 "swarm_none_vs_bound": res["swarm_none_paced"] / bound,
                 "swarm_full_vs_bound": res["swarm_full_paced"] / bound,
+                "swarm_full_vs_bound_hidden": res["swarm_full_paced"] / bound_hidden,
             }
         )
         for priv in ("none", "full"):
@@ -282,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             if f"swarm_pipe_{priv}_paced" in res:
                 r[f"sim_{priv}_vs_pipelined"] = sims[f"sim_{priv}"][0] / res[f"swarm_pipe_{priv}_paced"]
                 r[f"swarm_pipe_{priv}_vs_bound"] = res[f"swarm_pipe_{priv}_paced"] / bound
+                if priv == "full":
+                    r["swarm_pipe_full_vs_bound_hidden"] = res["swarm_pipe_full_paced"] / bound_hidden
         for e in (eng, eng_none, eng_nohash, *extra):
             e.close()
     mem_ok = True

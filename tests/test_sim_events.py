@@ -38,6 +38,23 @@ def test_capacity_bound_by_hand():
     assert capacity_bound(np.array([10.0, 10.0]), 10) == pytest.approx(1.0)  # S / min(U) = n(n-1)S / sum(U)
     assert capacity_bound(np.array([10.0, 10.0]), 10, np.array([2.0, 5.0])) == pytest.approx(5.0)  # downlink
     assert capacity_bound(np.array([10.0, 10.0]), 10, np.zeros(2)) == pytest.approx(1.0)  # unpaced: no term
+    # the hidden protocol: n + 1 uploads a chunk (two seed hops, and the owner's copy back); n updates taken in
+    up4 = np.array([1.0, 2.0, 3.0, 4.0])
+    assert capacity_bound(up4, 10, hidden=True) == pytest.approx(4 * 5 * 10 / 10)
+    assert capacity_bound(up4, 10, np.full(4, 1.0), hidden=True) == pytest.approx(4 * 10 / 1.0)
+    assert capacity_bound(up, 6, hidden=True) == pytest.approx(3 * 4 * 6 / 6)
+    assert capacity_bound(np.array([10.0, 10.0]), 10, hidden=True) == pytest.approx(1.0)  # n = 2: no hidden hops
+
+
+def test_hidden_round_near_its_own_bound_on_uneven_uplinks():
+    """Seed blocks sized by the mixers' uplinks and BitTorrent in what seed stages leave: privacy full within
+    1.25x of the hidden protocol's bound (4 and 8 peers, uplinks 4x apart; 4 peers took 1.85x before both)."""
+    for n in (4, 8):
+        up = 50e6 * (1 + 3 * np.arange(n) / (n - 1))
+        c = cfg(privacy="full", chunk_bytes=1 << 20, slot_seconds=0.25, degree=3)
+        r = simulate_events(c, up, np.zeros(n), 64 << 20, latency_s=5e-5, hash_rate=2e9)
+        assert r.have.all()
+        assert r.round_s <= 1.25 * capacity_bound(up, 64 << 20, hidden=True), (n, r.round_s)
 
 
 @pytest.mark.parametrize("latency", [0.0, 1e-3])

@@ -57,22 +57,28 @@ class EventsResult:
     round: SwarmRound | None = None  # the slotted round the warm-up ran on (its overlay, plans)
 
 
-def capacity_bound(uplink: np.ndarray, update_bytes: int, downlink: np.ndarray | None = None) -> float:
+def capacity_bound(
+    uplink: np.ndarray, update_bytes: int, downlink: np.ndarray | None = None, hidden: bool = False
+) -> float:
     """Seconds no all-gather of `update_bytes` per peer can beat on these links.
 
     Every peer must receive the other n-1 updates, and every byte received was sent by some uplink:
     n(n-1)S / sum(U); the slowest peer must send its own S at least once: S / min(U); with paced downlinks each
     peer must take in (n-1)S: (n-1)S / min(D).  Unpaced downlinks (0) add no term: the uplinks bind.
+    `hidden`: the hidden protocol's transfers (privacy "full"): each chunk also goes owner -> mixer -> seed and
+    comes back to its owner, n + 1 uploads a chunk instead of n - 1 (n(n+1)S / sum(U)), and every peer takes in
+    all n updates (nS / min(D)).
     """
     up = np.asarray(uplink, dtype=np.float64)
     n, S = up.size, float(update_bytes)
     if n < 2 or S <= 0:
         return 0.0
-    terms = [n * (n - 1) * S / up.sum(), S / up.min()]
+    extra = 2 if hidden and n > 2 else 0  # the hidden protocol needs an owner, a mixer and a seed
+    terms = [n * (n - 1 + extra) * S / up.sum(), S / up.min()]
     if downlink is not None:
         d = np.asarray(downlink, dtype=np.float64)
         if np.all(d > 0):
-            terms.append((n - 1) * S / d.min())
+            terms.append((n - 1 + extra // 2) * S / d.min())
     return float(max(terms))
 
 
