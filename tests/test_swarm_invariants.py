@@ -95,8 +95,9 @@ class Checker:
             assert st.release_peer.size == 0
         else:
             assert st.phase == WARMUP
-            # no BitTorrent in warm-up stages, except where a hidden seed stage fills what its seeds leave
-            assert (rnd.hidden and rnd.cfg.seed_overlap and np.any(kind == SPRAY)) or np.all(kind != BT)
+            # no BitTorrent in warm-up stages, except in the hidden protocol's seed stages (its only warm-up stages),
+            # which fill what their seeds leave (all of it when a departure voided the stage's seeds)
+            assert (rnd.hidden and rnd.cfg.seed_overlap) or np.all(kind != BT)
         # adjacency (warm-up and BT), non-adjacency (spray; in the hidden protocol its first hop, owner ->
         # mixer: the mixer's forward may reach anyone)
         for si, ri, ci, ki in zip(s.tolist(), r.tolist(), c.tolist(), kind.tolist()):
@@ -118,8 +119,10 @@ class Checker:
             assert not np.any(have0[s[sp0], c[sp0]]), f"stage {stage0}: a seed of a chunk held publicly"
             held |= first_hop | forward
             # an owner serves its own chunks only once they came back to it through the swarm
-            own = ~sp0 & (c // K == s)
+            # (or once it published its update: no peer left to hide it through, `_expose`, maybe in this very stage)
+            own = ~sp0 & (c // K == s) & ~rnd.exposed[s]
             assert np.all(have0[s[own], c[own]]), f"stage {stage0}: an owner served a chunk it never got back"
+            held |= (c // K == s) & rnd.exposed[s]
         assert np.all(held), f"stage {stage0}: a sender did not hold the chunk it sent"
         # no duplicate delivery: receiver lacks it, and gets it once
         assert not np.any(have0[r, c]), f"stage {stage0}: delivery of a chunk the receiver already held"
