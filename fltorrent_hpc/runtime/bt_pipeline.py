@@ -107,6 +107,13 @@ def heartbeat(cfg) -> float:
     return min(0.25, max(0.02, cfg.stage_timeout_s / 8))
 
 
+def tracker_quiet(cfg) -> float:
+    """Seconds a follower waits in the phase with nothing from the tracker before it gives up on it: the stage
+    mode's wait for the next directive (engine `_PeerState.follow`), so a stalled tracker fails the round on the
+    same bound in both modes (the tracker's own wait for end confirmations is shorter, so it fails too)."""
+    return cfg.timeout_s + 3 * cfg.stage_timeout_s
+
+
 class _Req:
     """One of my outstanding requests."""
 
@@ -781,6 +788,8 @@ def follow_pipelined(peer, msg: np.ndarray) -> np.ndarray:
     end: list = []
     last = [op.seq]
     give_up = pp.t_open + op.budget_s + cfg.timeout_s
+    quiet = tracker_quiet(cfg)
+    heard = [pp.t_open]  # the tracker's last frame (it sends an update at least every quiet / 4)
 
     def poll() -> bool:
         while True:
@@ -790,6 +799,7 @@ def follow_pipelined(peer, msg: np.ndarray) -> np.ndarray:
             got = own_frame(got, eng.magic)
             if got is None:
                 continue
+            heard[0] = time.monotonic()
             try:
                 h = frames.parse_header(
                     got, sender=eng.tracker, round_id=peer.rid, kinds=(KIND_PIPE_OPEN, KIND_END), min_stage=op.stage
@@ -803,10 +813,16 @@ def follow_pipelined(peer, msg: np.ndarray) -> np.ndarray:
             if upd.seq > last[0]:
                 last[0] = upd.seq
                 pp.apply(upd)
-        if time.monotonic() > give_up:
+        now = time.monotonic()
+        if now > give_up:
             raise PeerTimeoutError(
                 f"rank {eng.rank}: no end of round {peer.rid} from the tracker (rank {eng.tracker}) within "
                 f"{op.budget_s + cfg.timeout_s:.1f}s of its pipelined phase (the tracker stalled or died)"
+            )
+        if now - heard[0] > quiet:
+            raise PeerTimeoutError(
+                f"rank {eng.rank}: nothing from the tracker (rank {eng.tracker}) for {quiet:.1f}s in the pipelined "
+                f"phase of round {peer.rid} (the tracker stalled or died)"
             )
         return False
 
@@ -848,6 +864,8 @@ class _TrackerSide:
         self.sends: list = []
         self.local: PipePeer | None = None
         self.finished = False
+        self.keepalive = max(self.hb, tracker_quiet(self.cfg) / 4)  # an update at least this often
+        self.sent_at = self.t0
 
     def _masks(self) -> tuple:
         n, rnd = self.n, self.rnd
@@ -870,6 +888,10 @@ class _TrackerSide:
         for p in peers:
             if p != me:
                 self.sends.append((self.eng.ctrl.post_send(frame, int(p), TAG_DIRECTIVE), frame))
+        self.sent_at = time.monotonic()
+        if len(self.sends) > 64:
+            done = set(self.eng.ctrl.test([r for r, _ in self.sends]))
+            self.sends = [x for i, x in enumerate(self.sends) if i not in done]
 
     def parsed(self, frame: np.ndarray) -> frames.PipeOpen:
         return frames.parse_pipe_open(
@@ -986,6 +1008,9 @@ class _TrackerSide:
             self.send(frame, np.flatnonzero(masks[0]).tolist() + gone)
             if self.local is not None:
                 self.local.apply(self.parsed(frame))
+        elif now - self.sent_at > self.keepalive:  # nothing changed: the same masks again, so followers know
+            self.upd += 1  # the tracker is alive (they give up after tracker_quiet without a frame)
+            self.send(self.frame(self.upd), np.flatnonzero(masks[0]).tolist())
         live = [p for p in self.status if self.rnd.active[p]]
         states = {self.status[p] for p in live}
         if states <= {DONE}:

@@ -261,12 +261,18 @@ def test_a_rank_silent_for_rounds_costs_nothing_and_leaves_no_state(privacy, bt)
     assert agree(ok)
 
 
+@pytest.mark.parametrize("bt", BT)
 @pytest.mark.parametrize("privacy", PRIVACY)
-def test_a_stalled_tracker_fails_the_round_the_same_way_everywhere(privacy):
+def test_a_stalled_tracker_fails_the_round_the_same_way_everywhere(privacy, bt):
     """Row: the tracker stalls.  Followers give up on it with PeerTimeoutError naming it; the tracker, which no
-    follower confirmed, fails the same way instead of succeeding alone; the next round succeeds."""
-    stall = Fault("delay", channel="ctrl", round_id=0, from_stage=1, delay_s=4.0)
-    eng, net, base = engine([stall], who=0, timeout_s=2.0, privacy=privacy)
+    follower confirmed, fails the same way instead of succeeding alone; the next round succeeds.  Pipelined: the
+    tracker stalls when its phase ends (its end frame late), and the followers, which hear from it at least every
+    quarter of their bound during the phase, give up on the same bound as between stages."""
+    if bt == "peers":
+        stall = Fault("delay", channel="ctrl", round_id=0, from_stage=1, delay_s=4.0)
+    else:
+        stall = Fault("delay", channel="ctrl", round_id=0, code=frames.KIND_END, delay_s=4.0)
+    eng, net, base = engine([stall], who=0, timeout_s=2.0, privacy=privacy, bt_decisions=bt)
     t0 = time.monotonic()
     try:
         eng.disseminate(payload_of(R, 0))
@@ -280,6 +286,7 @@ def test_a_stalled_tracker_fails_the_round_the_same_way_everywhere(privacy):
     ok &= dt < 2.0 + 3 * 0.5 + 5.0  # the follower's bound, plus the tracker's own stall
     ok &= net.injected.get("delay", 0) > 0 if R == 0 else True  # the stall happened
     res = eng.disseminate(payload_of(R, 1))
+    ok &= ran(res, bt)
     ok &= res.participants.tolist() == list(range(N))
     ok &= all(np.array_equal(res.updates[u], payload_of(u, 1)) for u in range(N))
     eng.close()
