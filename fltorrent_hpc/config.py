@@ -159,11 +159,13 @@ class SwarmConfig:
     tau: int = 4  # concurrent receivers per sender per stage
     bt_passes: int = 2  # request/grant passes per BitTorrent stage
     endgame_chunks: int = 8  # a receiver missing at most this many chunks enters endgame
-    # real rounds: "peers" = each rank makes its own BitTorrent decisions over neighbour exchanges;
-    # "tracker" = the tracker evaluates them on the peers' behalf and relays directives (same decisions);
-    # "pipelined" = no stage clock in the BitTorrent phase: each rank keeps `bt_window` requests outstanding per
-    # neighbour and serves requests as its uplink frees (runtime/bt_pipeline.py; the simulator stays slotted)
-    bt_decisions: str = "peers"
+    # real rounds: "pipelined" = no stage clock in the BitTorrent phase: each rank keeps `bt_window` requests
+    # outstanding per neighbour and serves requests as its uplink frees (runtime/bt_pipeline.py; host-plane rounds
+    # above `direct_bytes` only: small rounds and device-plane rounds keep the stages; the simulator stays slotted);
+    # "peers" = stage-clocked, each rank makes its own BitTorrent decisions over neighbour exchanges (the
+    # simulator's model, decision for decision); "tracker" = the tracker evaluates them on the peers' behalf and
+    # relays directives (same decisions)
+    bt_decisions: str = "pipelined"
     # privacy "none" rounds of at most this many bytes per rank, or on even links, are one direct exchange
     # (swarm.budget.direct_round); 0 = never (the swarm always runs)
     direct_bytes: int = 4 * 2**20

@@ -550,11 +550,34 @@ def test_pipe_neighbour_frames():
     for body in ([4, 4], [-3], [1, 2, 3]):
         with pytest.raises(ProtocolError):
             F.parse_pipe_seqs(arr(body), **NKW, what="refusal", max_count=2)
-    assert F.parse_pipe_have(arr([3, 0]), **NKW, N=N).tolist() == [3, 0]
-    assert F.parse_pipe_have(arr([]), **NKW, N=N).size == 0  # a keep-alive
-    for body in ([3, 3], [N], [-1]):
+    h = F.parse_pipe_have(arr([5, 3, 0]), **NKW, N=N)
+    assert h.seq == 5 and h.chunks.tolist() == [3, 0]
+    h = F.parse_pipe_have(arr([0]), **NKW, N=N)  # a keep-alive
+    assert h.seq == 0 and h.chunks.size == 0
+    for body in ([], [0, 3, 3], [0, N], [0, -1], [-1], [F.MAX_SEQ, 2]):
         with pytest.raises(ProtocolError):
             F.parse_pipe_have(arr(body), **NKW, N=N)
+
+
+def test_pipe_resync_frames():
+    """Bitfield and full frames carry a sequence number and exactly the have bits of N chunks; a want frame is
+    empty.  Each has a code of its own (a fault, or a reader, can tell the bitfield from its resent copy)."""
+    assert F.PIPE_WANT in F.PIPE_CODES and F.PIPE_FULL in F.PIPE_CODES and F.PIPE_FULL != F.PIPE_BITFIELD
+    have = np.zeros(N, bool)
+    have[[0, 7, N - 1]] = True
+    bits = pack_bits(have).view(np.int64)
+    h = F.parse_pipe_full(arr([4], bits), **NKW, N=N)
+    assert h.seq == 4 and h.chunks.tolist() == [0, 7, N - 1]
+    extra = bits.copy()
+    extra[-1] |= np.int64(1) << np.int64(N)  # a bit beyond N (N < 64 here)
+    for body in (arr([]), arr([0]), arr([-1], bits), arr([0], bits, [0]), arr([F.MAX_SEQ], bits), arr([0], extra)):
+        with pytest.raises(ProtocolError):
+            F.parse_pipe_full(body, **NKW, N=N)
+    assert F.parse_pipe_want(arr([]), **NKW) is None
+    with pytest.raises(ProtocolError):
+        F.parse_pipe_want(arr([0]), **NKW)
+    code, body = F.parse_pipe_header(pipe_frame(F.PIPE_WANT), **NKW)
+    assert code == F.PIPE_WANT and body.size == 0
 
 
 # ---------------------------------------------------------------------------------------------- fuzz
@@ -600,7 +623,9 @@ PARSERS = {
     ),
     "pipe request": (lambda f: F.parse_pipe_request(f, **NKW, N=N, window=4), [arr([1, 2, 5, 14])]),
     "pipe seqs": (lambda f: F.parse_pipe_seqs(f, **NKW, what="cancel", max_count=4), [arr([3, 1])]),
-    "pipe have": (lambda f: F.parse_pipe_have(f, **NKW, N=N), [arr([0, 14, 3])]),
+    "pipe have": (lambda f: F.parse_pipe_have(f, **NKW, N=N), [arr([0, 14, 3]), arr([9])]),
+    "pipe full": (lambda f: F.parse_pipe_full(f, **NKW, N=N), [arr([2], pack_bits(np.ones(N, bool)).view(np.int64))]),
+    "pipe want": (lambda f: F.parse_pipe_want(f, **NKW), [arr([])]),
     "have": (
         lambda f: F.parse_have(f, **NKW, N=N),
         [

@@ -7,10 +7,11 @@ below until the tracker's end frame, and the tracker rebuilds what the peers rep
 
 A peer's loop, per iteration (one neighbour tag, TAG_PIPE, for every frame; payload on the engine's `pipe` context):
 
-    read frames     bitfield (once) and have frames set the neighbour's have bits; requests are queued, or refused
+    read frames     bitfield (once), have and full frames set the neighbour's have bits; requests are queued, or refused
                     (NOPE) for chunks I do not hold; cancels drop queued requests (answered NOPE); NOPEs free my
                     requests.  A frame that does not fit (out of range, a chunk the asker already announced, its
                     own chunk, a request number reused, more than the window outstanding: a flood) bans its sender.
+                    A want frame is answered with a full frame (my whole have set) in this iteration's flush.
     receives        posted straight into the destination row before the request goes out (zero copy; an endgame
                     duplicate and an owner's own chunks coming back go to scratch); each completion is checked
                     against its owner's digest (`_PeerState.check`), a failure bans the sender and the chunk is
@@ -19,6 +20,11 @@ A peer's loop, per iteration (one neighbour tag, TAG_PIPE, for every frame; payl
                     stage_timeout_s stalls the server (nothing new asked of it, the chunk asked elsewhere, the
                     receive kept posted); still unanswered stage_timeout_s later, a server that kept sending frames
                     took it and did not serve it (banned, named `unserved`), a quiet one is dropped until it talks.
+    resync          bitfield, have and full frames to a neighbour are numbered 0, 1, 2, ...; a neighbour whose bitfield
+                    has not come 2 heartbeats into the phase, or whose numbers skip (a frame was lost), is asked for
+                    its whole have set (a want frame; again every 2 heartbeats until a full frame comes, at most
+                    MAX_WANTS times a phase: more wants than that from one neighbour is a flood, and bans it).
+                    While one is pending the peer reports RUNNING, not STUCK.
     requests        up to `window` outstanding per neighbour; rarest first among the chunks I lack and have not
                     asked for (a seeded random tie-break, swarm/rng.py), each from the holder with the least
                     expected wait (my outstanding requests there over its uplink, from the descriptors), so fast
@@ -74,9 +80,11 @@ from .frames import (
     KIND_PIPE_REPORT,
     PIPE_BITFIELD,
     PIPE_CANCEL,
+    PIPE_FULL,
     PIPE_HAVE,
     PIPE_NOPE,
     PIPE_REQUEST,
+    PIPE_WANT,
     RUNNING,
     STUCK,
     own_frame,
@@ -87,6 +95,7 @@ TAG_SPAN = 32000  # data tags on the engine's pipe context: 1 + request number %
 TAG_DIRECTIVE, TAG_REPORT = 11, 12  # the engine's control tags (engine.py)
 BOOK_AHEAD = 2  # paced sends booked for the link ahead of time (a cancel no longer stops them)
 FRAMES_PER_POLL = 64  # frames read from one neighbour per iteration, so one chatty neighbour cannot starve the rest
+MAX_WANTS = 8  # want frames a peer sends one neighbour in a phase (resync); more received from one is a flood
 
 
 def data_tag(q: int) -> int:
@@ -96,6 +105,13 @@ def data_tag(q: int) -> int:
 def heartbeat(cfg) -> float:
     """Seconds between a peer's progress reports (and keep-alives), and between the tracker's buckets."""
     return min(0.25, max(0.02, cfg.stage_timeout_s / 8))
+
+
+def tracker_quiet(cfg) -> float:
+    """Seconds a follower waits in the phase with nothing from the tracker before it gives up on it: the stage
+    mode's wait for the next directive (engine `_PeerState.follow`), so a stalled tracker fails the round on the
+    same bound in both modes (the tracker's own wait for end confirmations is shorter, so it fails too)."""
+    return cfg.timeout_s + 3 * cfg.stage_timeout_s
 
 
 class _Req:
@@ -146,6 +162,14 @@ class PipePeer:
         self.stalled: set[int] = set()  # neighbours with a request past its deadline (none new until it resolves)
         self.refusing: set[int] = set()  # neighbours that refused a request of mine (NOPE I did not ask for)
         self.heard = dict.fromkeys(self.nbrs, self.t_open)  # last frame from each neighbour
+        # bitfield resync: have-set frames are numbered per (sender, receiver); a gap or no bitfield asks for a full
+        self.seq_out = dict.fromkeys(self.nbrs, 0)  # my next have-set frame number to each neighbour
+        self.seq_in = dict.fromkeys(self.nbrs, 0)  # the next number I expect from each neighbour
+        self.whole: set[int] = set()  # neighbours whose whole have set I hold (bitfield or full, no gap since)
+        self.want_at = dict.fromkeys(self.nbrs, -math.inf)  # when I last asked each for a full frame
+        self.wants_out = dict.fromkeys(self.nbrs, 0)
+        self.wants_in = dict.fromkeys(self.nbrs, 0)
+        self.full_out: set[int] = set()  # neighbours that asked me for a full frame (answered in the next flush)
         # their requests
         self.jobs: deque = deque()  # (w, q, chunk, t) in arrival order
         self.queued = dict.fromkeys(self.nbrs, 0)  # per requester: queued or booked, not yet on the wire
@@ -237,7 +261,7 @@ class PipePeer:
         bits = pack_bits(self.have).view(np.int64)
         for w in self.nbrs:
             if self.active[w]:
-                self._frame(w, PIPE_BITFIELD, bits)
+                self._have_frame(w, PIPE_BITFIELD, bits)
         self._report(time.monotonic(), force=True)
         idle = 0
         while not poll():
@@ -246,6 +270,7 @@ class PipePeer:
             busy |= self._test_receives()
             busy |= self._test_sends()
             self._timeouts(now)
+            self._resync(now)
             busy |= self._request(now)
             busy |= self._serve(time.monotonic())
             busy |= self._flush(time.monotonic())
@@ -330,12 +355,26 @@ class PipePeer:
     def _on_frame(self, w: int, code: int, body: np.ndarray, serve: bool) -> None:
         kw = dict(sender=w, round_id=self.rid, stage=self.stage)
         j = self.slot[w]
-        if code == PIPE_BITFIELD:
-            self.nh[j] |= frames.parse_bitfield(body, **kw, N=self.N).have
+        if code in (PIPE_BITFIELD, PIPE_FULL):
+            h = frames.parse_pipe_full(body, **kw, N=self.N)
+            self.nh[j, h.chunks] = True
             self._copies_dirty = True
+            if h.seq >= self.seq_in[w]:  # (an older one, duplicated, adds its bits and no more)
+                self.seq_in[w] = h.seq + 1
+                self.whole.add(w)
         elif code == PIPE_HAVE:
-            self.nh[j, frames.parse_pipe_have(body, **kw, N=self.N)] = True
+            h = frames.parse_pipe_have(body, **kw, N=self.N)
+            self.nh[j, h.chunks] = True
             self._copies_dirty = True
+            if h.seq > self.seq_in[w]:  # a have-set frame of its never came: its row here is incomplete
+                self.whole.discard(w)
+            self.seq_in[w] = max(self.seq_in[w], h.seq + 1)
+        elif code == PIPE_WANT:
+            frames.parse_pipe_want(body, **kw)
+            self.wants_in[w] += 1
+            if self.wants_in[w] > MAX_WANTS:
+                raise ProtocolError(f"rank {w} asked for my whole have set more than {MAX_WANTS} times (a flood)")
+            self.full_out.add(w)
         elif code == PIPE_REQUEST:
             rq = frames.parse_pipe_request(body, **kw, N=self.N, window=self.W)
             self._on_requests(w, rq.seqs, rq.chunks, serve)
@@ -384,6 +423,29 @@ class PipePeer:
     def _unqueue(self, w: int, c: int) -> None:
         self.queued[w] -= 1
         self.asked.discard((w, c))
+
+    # ------------------------------------------------------------------ bitfield resync
+    def _resyncing(self) -> list[int]:
+        """Neighbours I may ask whose whole have set I lack and may still ask for."""
+        return [w for w in self._servers() if w not in self.whole and self.wants_out[w] < MAX_WANTS]
+
+    def _resync(self, now: float) -> None:
+        """Ask a neighbour for its full have set when its bitfield has not come 2 heartbeats into the phase, or
+        a have-set frame of its went missing (a gap in its numbers); again every 2 heartbeats until a full frame
+        comes, at most MAX_WANTS times in the phase."""
+        for w in self._resyncing():
+            if self.seq_in[w] == 0 and now - self.t_open < 2 * self.hb:
+                continue  # its bitfield may still be on the way
+            if now - self.want_at[w] >= 2 * self.hb:
+                self.want_at[w] = now
+                self.wants_out[w] += 1
+                self._frame(w, PIPE_WANT, ())
+
+    def _have_frame(self, w: int, code: int, body) -> None:
+        """A have-set frame (bitfield, have or full) to `w`, numbered."""
+        q = self.seq_out[w]
+        self.seq_out[w] += 1
+        self._frame(w, code, np.concatenate([[q], np.asarray(body, dtype=np.int64)]))
 
     # ------------------------------------------------------------------ my requests
     def _timeout(self, w: int) -> float:
@@ -639,7 +701,13 @@ class PipePeer:
         self.sent_at[w] = time.monotonic()
 
     def _flush(self, now: float, keepalive: bool = True) -> bool:
-        busy = bool(self.req_out or self.cancel_out or self.nope_out or self.fresh)
+        busy = bool(self.req_out or self.cancel_out or self.nope_out or self.fresh or self.full_out)
+        if self.full_out:
+            bits = pack_bits(self.have).view(np.int64)
+            for w in sorted(self.full_out):
+                if self.active[w]:
+                    self._have_frame(w, PIPE_FULL, bits)
+            self.full_out.clear()
         for code, box in ((PIPE_NOPE, self.nope_out), (PIPE_CANCEL, self.cancel_out), (PIPE_REQUEST, self.req_out)):
             for w, body in box.items():
                 self._frame(w, code, body)
@@ -648,19 +716,19 @@ class PipePeer:
             fresh = np.asarray(sorted(set(self.fresh)), dtype=np.int64)
             for w in self.nbrs:
                 if self.active[w]:
-                    self._frame(w, PIPE_HAVE, fresh)
+                    self._have_frame(w, PIPE_HAVE, fresh)
             self.fresh = []
         elif keepalive:
             for w in self.nbrs:
                 if self.active[w] and now - self.sent_at[w] > self.hb:
-                    self._frame(w, PIPE_HAVE, ())
+                    self._have_frame(w, PIPE_HAVE, ())
         return busy
 
     # ------------------------------------------------------------------ reports
     def _report(self, now: float, force: bool = False) -> None:
         if not self.missing.any():
             status = DONE
-        elif self.out or ((self._copies() > 0) & self.missing).any():
+        elif self.out or ((self._copies() > 0) & self.missing).any() or self._resyncing():
             status, self.stuck_since = RUNNING, None
         else:
             self.stuck_since = self.stuck_since or now
@@ -720,6 +788,8 @@ def follow_pipelined(peer, msg: np.ndarray) -> np.ndarray:
     end: list = []
     last = [op.seq]
     give_up = pp.t_open + op.budget_s + cfg.timeout_s
+    quiet = tracker_quiet(cfg)
+    heard = [pp.t_open]  # the tracker's last frame (it sends an update at least every quiet / 4)
 
     def poll() -> bool:
         while True:
@@ -729,6 +799,7 @@ def follow_pipelined(peer, msg: np.ndarray) -> np.ndarray:
             got = own_frame(got, eng.magic)
             if got is None:
                 continue
+            heard[0] = time.monotonic()
             try:
                 h = frames.parse_header(
                     got, sender=eng.tracker, round_id=peer.rid, kinds=(KIND_PIPE_OPEN, KIND_END), min_stage=op.stage
@@ -742,10 +813,16 @@ def follow_pipelined(peer, msg: np.ndarray) -> np.ndarray:
             if upd.seq > last[0]:
                 last[0] = upd.seq
                 pp.apply(upd)
-        if time.monotonic() > give_up:
+        now = time.monotonic()
+        if now > give_up:
             raise PeerTimeoutError(
                 f"rank {eng.rank}: no end of round {peer.rid} from the tracker (rank {eng.tracker}) within "
                 f"{op.budget_s + cfg.timeout_s:.1f}s of its pipelined phase (the tracker stalled or died)"
+            )
+        if now - heard[0] > quiet:
+            raise PeerTimeoutError(
+                f"rank {eng.rank}: nothing from the tracker (rank {eng.tracker}) for {quiet:.1f}s in the pipelined "
+                f"phase of round {peer.rid} (the tracker stalled or died)"
             )
         return False
 
@@ -787,6 +864,8 @@ class _TrackerSide:
         self.sends: list = []
         self.local: PipePeer | None = None
         self.finished = False
+        self.keepalive = max(self.hb, tracker_quiet(self.cfg) / 4)  # an update at least this often
+        self.sent_at = self.t0
 
     def _masks(self) -> tuple:
         n, rnd = self.n, self.rnd
@@ -809,6 +888,10 @@ class _TrackerSide:
         for p in peers:
             if p != me:
                 self.sends.append((self.eng.ctrl.post_send(frame, int(p), TAG_DIRECTIVE), frame))
+        self.sent_at = time.monotonic()
+        if len(self.sends) > 64:
+            done = set(self.eng.ctrl.test([r for r, _ in self.sends]))
+            self.sends = [x for i, x in enumerate(self.sends) if i not in done]
 
     def parsed(self, frame: np.ndarray) -> frames.PipeOpen:
         return frames.parse_pipe_open(
@@ -925,6 +1008,9 @@ class _TrackerSide:
             self.send(frame, np.flatnonzero(masks[0]).tolist() + gone)
             if self.local is not None:
                 self.local.apply(self.parsed(frame))
+        elif now - self.sent_at > self.keepalive:  # nothing changed: the same masks again, so followers know
+            self.upd += 1  # the tracker is alive (they give up after tracker_quiet without a frame)
+            self.send(self.frame(self.upd), np.flatnonzero(masks[0]).tolist())
         live = [p for p in self.status if self.rnd.active[p]]
         states = {self.status[p] for p in live}
         if states <= {DONE}:

@@ -785,9 +785,9 @@ class _Tracker:
         # a small round's BitTorrent stages are the tracker's (the same decisions: swarm/bt_peer.py): a directive,
         # the data and a report per stage instead of nine neighbour exchanges, which are all a small round costs
         small = small_round(cfg, peer.nbytes)
-        self.peer_decided = cfg.bt_decisions == "peers" and not small
-        # the pipelined phase moves host rows on its own context; a device plane's rounds keep the stages
+        # the pipelined phase moves host rows on its own context; a device plane's rounds keep the peers' stages
         self.pipelined = cfg.bt_decisions == "pipelined" and not small and peer.plane is HOST
+        self.peer_decided = cfg.bt_decisions in ("peers", "pipelined") and not small and not self.pipelined
         self.rnd = SwarmRound(cfg.replace(seed=seed), n, K, self.up, self.down, seed=seed, direct=direct)
         self.deadline = (deadline_s if deadline_s is not None else cfg.deadline_s) or 0.0
         self.stages: list = []

@@ -37,11 +37,15 @@ stage word is the stage the phase opened at, its kinds and neighbour codes are d
     progress    peer -> tracker   seq, status (RUNNING, DONE, STUCK), base (entries reported before), nr,
                                   senders[nr], chunks[nr], ok[nr], t_us[nr] (non-decreasing), tail (as a report)
     neighbour frames, one tag, (MAGIC, round, stage, code) + body:
-      PIPE_BITFIELD   have bits[W(N)], once, when the phase opens
-      PIPE_HAVE       chunk ids verified since my last have frame (empty: a keep-alive)
+      PIPE_BITFIELD   seq, have bits[W(N)], once, when the phase opens
+      PIPE_HAVE       seq, chunk ids verified since my last have frame (none: a keep-alive)
+      PIPE_WANT       (empty) I lack your whole have set (no bitfield, or a gap in your seqs): send PIPE_FULL
+      PIPE_FULL       seq, have bits[W(N)]: everything I hold, the answer to a want
       PIPE_REQUEST    (q, chunk) pairs: send me `chunk` on the data tag of request number q
       PIPE_CANCEL     request numbers I no longer need (endgame duplicates)
       PIPE_NOPE       request numbers I will not serve (refused, or cancelled before they were sent)
+    seq numbers a sender's bitfield, have and full frames to one neighbour 0, 1, 2, ... in the phase, so the
+    receiver sees a lost one as a gap (bitfield resync, as HAVE_WANT / HAVE_FULL in the stage mode).
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ StaleFrame = StaleFrameError  # the name callers read: "discard it, keep waiting
 KIND_DIRECTIVE, KIND_REPORT, KIND_END, KIND_BT_STAGE = 1, 2, 3, 4
 KIND_PIPE_OPEN, KIND_PIPE_REPORT = 6, 7  # pipelined BitTorrent (5 is the engine's end confirmation)
 PIPE_BITFIELD, PIPE_HAVE, PIPE_CANCEL, PIPE_REQUEST, PIPE_NOPE = 40, 41, 42, 43, 44  # above every stage code
-PIPE_CODES = (PIPE_BITFIELD, PIPE_HAVE, PIPE_CANCEL, PIPE_REQUEST, PIPE_NOPE)
+PIPE_WANT, PIPE_FULL = 45, 46  # pipelined bitfield resync
+PIPE_CODES = (PIPE_BITFIELD, PIPE_HAVE, PIPE_CANCEL, PIPE_REQUEST, PIPE_NOPE, PIPE_WANT, PIPE_FULL)
 RUNNING, DONE, STUCK = 0, 1, 2  # a progress report's status
 MAX_WINDOW = 1 << 10  # the largest request window an open frame may set
 MAX_SEQ = 1 << 62  # request and report numbers stay far from int64 overflow
@@ -140,6 +145,11 @@ class PipeReport(NamedTuple):
     t_us: np.ndarray  # int64 [nr]: microseconds since the peer's round start, non-decreasing (the log's order)
     banned: np.ndarray  # int64
     unserved: np.ndarray  # int64
+
+
+class PipeHave(NamedTuple):
+    seq: int  # the sender's have-frame number to me (bitfield 0, then every have or full frame)
+    chunks: np.ndarray  # int64: chunks announced (a have frame's delta, or all the sender holds)
 
 
 class PipeRequest(NamedTuple):
@@ -602,10 +612,40 @@ def parse_pipe_header(frame, *, sender: int, round_id: int, stage: int) -> tuple
     return h.kind, msg[HEAD:]
 
 
-def parse_pipe_have(body, *, sender: int, round_id: int, stage: int, N: int) -> np.ndarray:
-    """Chunk ids the neighbour verified since its last have frame: in 0..N-1, no duplicates (empty: keep-alive)."""
+def _pipe_seq(b: np.ndarray, where: str) -> int:
+    if b.size < 1:
+        raise ProtocolError(f"{where} is empty, no sequence number")
+    seq = int(b[0])
+    if not 0 <= seq < MAX_SEQ:
+        raise ProtocolError(f"{where}: sequence number {seq} outside 0..{MAX_SEQ - 1}")
+    return seq
+
+
+def parse_pipe_have(body, *, sender: int, round_id: int, stage: int, N: int) -> PipeHave:
+    """A sequence number (0..MAX_SEQ-1), then the chunk ids the neighbour verified since its last have frame: in
+    0..N-1, no duplicates (none: a keep-alive)."""
     where = _where(sender, round_id, stage, "pipelined have")
-    return _ids(_words(body, where), N, where, "chunk", unique=True)
+    b = _words(body, where)
+    seq = _pipe_seq(b, where)
+    return PipeHave(seq, _ids(b[1:], N, where, "chunk", unique=True))
+
+
+def parse_pipe_full(body, *, sender: int, round_id: int, stage: int, N: int) -> PipeHave:
+    """A bitfield or full frame: a sequence number, then exactly W(N) words of have bits (bits beyond N are 0)."""
+    where = _where(sender, round_id, stage, "pipelined bitfield")
+    b = _words(body, where)
+    seq = _pipe_seq(b, where)
+    if b.size != 1 + _n_words(N):
+        raise ProtocolError(f"{where} has {b.size - 1} have-bit words, expected {_n_words(N)}")
+    return PipeHave(seq, np.flatnonzero(_bits(b[1:], N, where, "have set")).astype(np.int64))
+
+
+def parse_pipe_want(body, *, sender: int, round_id: int, stage: int) -> None:
+    """A want frame: no body (the asker lacks my whole have set)."""
+    where = _where(sender, round_id, stage, "pipelined want")
+    b = _words(body, where)
+    if b.size:
+        raise ProtocolError(f"{where} has {b.size} words, expected none")
 
 
 def parse_pipe_request(body, *, sender: int, round_id: int, stage: int, N: int, window: int) -> PipeRequest:

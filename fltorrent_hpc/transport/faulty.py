@@ -46,6 +46,10 @@ class Fault:
     peer: the destination it applies to, None for all.
     code: only control frames whose fourth word (a tracker frame's kind, a neighbour frame's code, e.g.
         bt_stages.BITFIELD) is `code`; None for every message.  A data message has no code and never matches.
+    after: only from the first control frame of this kind or code on that the rank sent or received in the round
+        (e.g. frames.KIND_PIPE_OPEN: from the moment its pipelined BitTorrent phase opened, a phase that is one
+        stage whatever its length); None: from the round's start.
+    count: at most this many messages are faulted (the first `count` that match); None: every one.
     round_id / from_stage / to_stage: the window (None: any round; stages inclusive).  A send that is no
         control frame and no data message has no stage and matches only a fault for any round from stage
         0.  All-gathers (the round's descriptors) are faulted only by "corrupt" (this rank's own
@@ -64,6 +68,8 @@ class Fault:
     offset: int = 0
     nbytes: int | None = None  # set: an all-gather fault, for contributions of this many bytes only
     code: int | None = None  # set: only control frames of this kind or neighbour code
+    after: int | None = None  # set: only once a control frame of this kind or code passed in the round
+    count: int | None = None  # set: at most this many messages
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -72,13 +78,24 @@ class Fault:
             raise ConfigError("a 'delay' Fault needs delay_s > 0")
         if self.stride < 1:
             raise ConfigError("Fault stride must be >= 1")
+        if self.count is not None and self.count < 1:
+            raise ConfigError("Fault count must be >= 1 (None: every matching message)")
 
     def matches(
-        self, channel: str, dest: int, round_id: int | None, stage: int | None, code: int | None = None
+        self,
+        channel: str,
+        dest: int,
+        round_id: int | None,
+        stage: int | None,
+        code: int | None = None,
+        seen: frozenset | set = frozenset(),
     ) -> bool:
+        """`seen`: the kinds and codes of the control frames that passed in the round so far (for `after`)."""
         if self.channel is not None and self.channel != channel and (self.channel, channel) != ("data", "pipe"):
             return False
         if self.code is not None and code != self.code:
+            return False
+        if self.after is not None and self.after not in seen:
             return False
         if self.peer is not None and self.peer != dest:
             return False
@@ -117,6 +134,12 @@ class _Epoch:
 
     round_id: int | None = None
     stage: int | None = None  # of the last control frame seen: a pipelined payload message's stage
+    seen: set  # kinds and codes of the control frames seen in the newest round (Fault.after)
+    seen_round: int | None = None
+    fired: dict  # Fault -> messages it faulted (Fault.count)
+
+    def __init__(self) -> None:
+        self.seen, self.fired = set(), {}
 
 
 class FaultyTransport(Transport):
@@ -138,8 +161,13 @@ class FaultyTransport(Transport):
     def _learn(self, buf: np.ndarray) -> int | None:
         """The stage of a control frame (and its round, remembered); None when `buf` is no frame."""
         if buf.dtype == np.int64 and buf.ndim == 1 and buf.size >= 4 and (int(buf[0]) & 0xFFFFFFFF) == MAGIC:
-            self._epoch.round_id = int(buf[1])
-            self._epoch.stage = int(buf[2])
+            ep, rid = self._epoch, int(buf[1])
+            if ep.seen_round is None or rid > ep.seen_round:  # a new round (a late frame of an old one is not)
+                ep.seen, ep.seen_round = set(), rid
+            if rid == ep.seen_round:
+                ep.seen.add(int(buf[3]))
+            ep.round_id = rid
+            ep.stage = int(buf[2])
             return int(buf[2])
         return None
 
@@ -156,7 +184,10 @@ class FaultyTransport(Transport):
         for f in self.faults:
             if f.nbytes is not None or f.action == "replay":
                 continue  # all-gather faults
-            if f.matches(self.name, dest, self._epoch.round_id, stage, code):
+            if f.count is not None and self._epoch.fired.get(id(f), 0) >= f.count:
+                continue
+            if f.matches(self.name, dest, self._epoch.round_id, stage, code, self._epoch.seen):
+                self._epoch.fired[id(f)] = self._epoch.fired.get(id(f), 0) + 1
                 return f
         return None
 

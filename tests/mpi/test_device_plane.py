@@ -49,20 +49,23 @@ def _model(rank: int, device: str = "cpu") -> list[torch.Tensor]:
     return [t.to(device) for t in ts]
 
 
-def _groups(privacy: str, comm):
-    cfg = SwarmConfig(chunk_bytes=256, privacy=privacy, timeout_s=60.0, stage_timeout_s=5.0)
+def _groups(privacy: str, comm, **kw):
+    cfg = SwarmConfig(chunk_bytes=256, privacy=privacy, timeout_s=60.0, stage_timeout_s=5.0, **kw)
     host = FLTorrentProcessGroup(comm.Dup(), timeout_s=60.0, config=cfg, owns_comm=True, name="host-plane")
     dev = FLTorrentProcessGroup(comm.Dup(), timeout_s=60.0, config=cfg, owns_comm=True, name="fake-device")
     return host, dev
 
 
+@pytest.mark.parametrize("swarm", [False, True])
 @pytest.mark.parametrize("privacy", ["none", "full"])
-def test_fake_device_round_moves_no_update_bytes_to_host(privacy, emu):
+def test_fake_device_round_moves_no_update_bytes_to_host(privacy, swarm, emu):
+    """`swarm`: direct_bytes=0, so the round is not small: the host group runs the pipelined BitTorrent phase (the
+    default), the device group the peer-decided stages (the pipelined phase moves host rows only)."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    host, dev = _groups(privacy, comm)
+    host, dev = _groups(privacy, comm, **(dict(direct_bytes=0) if swarm else {}))
     fake = FakeDeviceTransport(MPITransport(comm.Dup(), "fake-device", dup=False, owned=True))
     dev.set_device_plane(FakePlane(fake, emu))
     try:
@@ -76,6 +79,10 @@ def test_fake_device_round_moves_no_update_bytes_to_host(privacy, emu):
         assert rep_d.participants == rep_h.participants == list(range(size))
         assert rep_d.stats["streamed_fedavg"] == (size > 1)  # summed run by run during the round
         assert not rep_h.stats["streamed_fedavg"]
+        assert not rep_d.stats["pipelined"]
+        if swarm and size > 2:  # (two ranks with privacy full: the warm-up may already deliver everything)
+            assert rep_h.stats["pipelined"]
+            assert rep_d.stats["peer_decided_stages"] > 0
         if size > 1:  # the runs really went through the fake device's wire, stage by stage
             assert fake.recv_bytes >= (size - 1) * sum(t.numel() * t.element_size() for t in a)
             assert fake.flushes > 0

@@ -67,8 +67,8 @@ def test_privacy_and_uneven_links_keep_the_swarm():
     big = eng.disseminate(payload_of(COMM.rank, nb, 1), privacy="none")
     ok = all(np.array_equal(big.updates[u], payload_of(u, nb, 1)) for u in range(COMM.size))
     ok &= all(np.array_equal(full.updates[u], payload_of(u, nb)) for u in range(COMM.size))
-    if COMM.size > 2:
-        ok &= big.stats["peer_decided_stages"] > 0 and full.stats["peer_decided_stages"] > 0
+    if COMM.size > 2:  # the swarm ran: stage-clocked or pipelined BitTorrent (the default)
+        ok &= all(r.stats["peer_decided_stages"] > 0 or r.stats["pipelined"] for r in (big, full))
     eng.close()
     assert agree(ok)
 

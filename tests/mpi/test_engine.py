@@ -13,6 +13,7 @@ from mpi4py import MPI
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import ShapeMismatchError
 from fltorrent_hpc.runtime.engine import SwarmEngine
+from fltorrent_hpc.runtime.frames import KIND_PIPE_OPEN
 from fltorrent_hpc.swarm import SwarmRound
 from fltorrent_hpc.trace import merge_round, read_trace
 from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
@@ -135,11 +136,18 @@ def faulty_world(rank: int, *faults: Fault):
     return FaultyTransport(net, faults) if COMM.rank == rank else net
 
 
-def test_corrupted_chunk_is_caught_and_refetched():
+@pytest.mark.parametrize("bt", ["peers", "pipelined"])
+def test_corrupted_chunk_is_caught_and_refetched(bt):
     bad = 1 % COMM.size
-    # flip one byte per chunk of every data message the bad rank sends at stage 0
-    net = faulty_world(bad, Fault("corrupt", channel="data", to_stage=0, stride=C))
-    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, **PACED))
+    # flip one byte per chunk of every data message the bad rank sends at stage 0 (pipelined: its first two; the
+    # phase is one stage, stage 0 when privacy none has no warm-up, and a rank corrupting all of it is left out)
+    if bt == "peers":
+        fault = Fault("corrupt", channel="data", to_stage=0, stride=C)
+    else:
+        fault = Fault("corrupt", channel="data", count=2, stride=C)
+    net = faulty_world(bad, fault)
+    cfg = SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=2.0, bt_decisions=bt, **PACED)
+    eng = SwarmEngine(net, cfg)
     nb = 9 * C
     res = eng.disseminate(payload_of(COMM.rank, nb, salt=3), privacy="none")
     # every corrupted chunk is refused and the sender banned by its receiver; with a third rank the refused
@@ -161,16 +169,21 @@ def test_corrupted_chunk_is_caught_and_refetched():
             ok &= res.stats["bad_senders"] == [bad]
     if COMM.rank == bad and COMM.size > 1:
         ok &= net.injected.get("corrupt", 0) > 0  # the fault really fired
+    ok &= COMM.size == 1 or res.stats["pipelined"] == (bt == "pipelined")
     eng.close()
     net.close()
     assert agree(ok)
 
 
 @pytest.mark.mpi(min_size=3)
-def test_silent_peer_is_excluded_and_the_rest_agree():
+@pytest.mark.parametrize("bt", ["peers", "pipelined"])
+def test_silent_peer_is_excluded_and_the_rest_agree(bt):
     silent = COMM.size - 1
-    net = faulty_world(silent, Fault("silent", from_stage=1))  # stops sending anything from stage 1 on
-    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, **PACED))
+    # stops sending anything from stage 1 on (pipelined: from its phase's open frame on, the phase is one stage)
+    fault = Fault("silent", from_stage=1) if bt == "peers" else Fault("silent", after=KIND_PIPE_OPEN)
+    net = faulty_world(silent, fault)
+    cfg = SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, bt_decisions=bt, **PACED)
+    eng = SwarmEngine(net, cfg)
     nb = 30 * C
     res = eng.disseminate(payload_of(COMM.rank, nb, salt=5), privacy="none")
     part = res.participants
@@ -188,6 +201,7 @@ def test_silent_peer_is_excluded_and_the_rest_agree():
     else:
         ok &= res.stats["silent"]  # it learns from the end frame that it was excluded
     ok &= all(np.array_equal(allp[live[0]], allp[r]) for r in live)
+    ok &= res.stats["pipelined"] == (bt == "pipelined")
     eng.close()
     net.close()
     assert agree(ok)

@@ -5,6 +5,11 @@ tracker is the point).  Honest ranks must end the round with bit-identical resul
 misbehaving rank named, no wait past its bound, and the next round on the same engine must succeed (for a
 stalled tracker: every rank fails the round with the same error, then the next round succeeds).
 
+The faults that strike the BitTorrent phase run in both its modes (`bt`): the stage-clocked "peers", aimed at
+stages and stage frame codes, and "pipelined" (runtime/bt_pipeline.py), aimed at the phase itself (its frame codes,
+its `pipe` payload context, or `Fault.after` its open frame: the phase is one stage whatever its length); a
+pipelined case checks `stats["pipelined"]`, so it cannot pass on the stage path.
+
 .venv/bin/mpiexec -n 4 .venv/bin/python -m pytest --with-mpi -q tests/mpi/test_robust.py   (run at 4 and 7)
 """
 
@@ -20,6 +25,7 @@ from swarm_checks import honest_identical as shared_honest_identical
 
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, ShapeMismatchError, TransportError
+from fltorrent_hpc.runtime import frames
 from fltorrent_hpc.runtime.bt_stages import BITFIELD
 from fltorrent_hpc.runtime.engine import SwarmEngine
 from fltorrent_hpc.transport import base as tb
@@ -89,6 +95,12 @@ def two_rounds(faults: list[Fault], privacy: str, **cfg):
 
 
 PRIVACY = ["none", "full"]
+BT = ["peers", "pipelined"]
+
+
+def ran(res, bt: str) -> bool:
+    """The round ran the BitTorrent phase `bt` asked for (an honest rank's stats say which)."""
+    return R not in HONEST or res is None or bool(res.stats["pipelined"]) == (bt == "pipelined")
 
 
 @pytest.mark.parametrize("privacy", PRIVACY)
@@ -103,31 +115,39 @@ def test_a_message_longer_than_granted_is_refused_and_its_sender_banned(privacy)
     assert agree(ok)
 
 
+@pytest.mark.parametrize("bt", BT)
 @pytest.mark.parametrize("privacy", PRIVACY)
-def test_a_lost_bitfield_is_sent_again(privacy):
+def test_a_lost_bitfield_is_sent_again(privacy, bt):
     """A rank's bitfield frames (what it holds when the BitTorrent phase starts) never reach its neighbours.
-    They ask it for a full bitfield in their next have frames and it sends one, so the chunks only it held
+    They ask it for a full bitfield (a want flag in their next have frames; pipelined: a want frame once the
+    bitfield is 2 heartbeats late or a have frame shows a gap) and it sends one, so the chunks only it held
     still spread: the round completes with every rank, bit-identical everywhere."""
-    lost = Fault("drop", channel="nbr", round_id=0, code=BITFIELD)
-    r0, r1, dt, inj = two_rounds([lost], privacy)
+    lost = Fault("drop", channel="nbr", round_id=0, code=BITFIELD if bt == "peers" else frames.PIPE_BITFIELD)
+    r0, r1, dt, inj = two_rounds([lost], privacy, bt_decisions=bt)
     everyone = list(range(N))
-    ok = honest_identical(r0, 0, everyone) and honest_identical(r1, 1, everyone)
+    ok = honest_identical(r0, 0, everyone) and honest_identical(r1, 1, everyone) and ran(r0, bt)
     ok &= all(np.array_equal(r0.updates[u], payload_of(u, 0)) for u in everyone)  # the rank that lost its frames
     ok &= inj.get("drop", 0) == N - 1 if R == BAD else True  # one bitfield to each neighbour, all lost
     ok &= dt < 30
     assert agree(ok)
 
 
+@pytest.mark.parametrize("bt", BT)
 @pytest.mark.parametrize("privacy", PRIVACY)
-def test_a_rank_that_grants_and_does_not_serve_is_named_and_banned(privacy):
+def test_a_rank_that_grants_and_does_not_serve_is_named_and_banned(privacy, bt):
     """Row: granted requests (or was directed to send), then never sent the data, its control frames all on
     time.  A neighbour whose have frame came without the data it granted bans it and names it; in directed
     stages the receiver reports the missing data and the tracker, which had its report in time, names it and
     bans the pair.  Banned by all its neighbours it leaves; the chunks are fetched from other holders and the
-    round completes over the honest set."""
-    mute = Fault("drop", channel="data", round_id=0)  # every data message of round 0; frames go through
-    r0, r1, dt, inj = two_rounds([mute], privacy)
-    ok = honest_identical(r0, 0, HONEST) and honest_identical(r1, 1, list(range(N)))
+    round completes over the honest set.  Pipelined: it takes requests and keeps sending frames, never the data
+    (only the phase's payload context is muted, the warm-up serves): its requesters ban it and name it."""
+    # every data message of round 0 (pipelined: of its phase); frames go through
+    mute = Fault("drop", channel="data" if bt == "peers" else "pipe", round_id=0)
+    r0, r1, dt, inj = two_rounds([mute], privacy, bt_decisions=bt)
+    # pipelined: the phase opens after the warm-up (privacy full: the seed stages), which may already have given
+    # every rank its update; an owner that leaves during the phase stays in then (bt_pipeline.py)
+    must = HONEST if bt == "peers" else None
+    ok = honest_identical(r0, 0, must) and honest_identical(r1, 1, list(range(N))) and ran(r0, bt)
     ok &= inj.get("drop", 0) > 0 if R == BAD else True  # the fault fired
     ok &= named(r0, ("unserved",)) == {BAD}  # named, and nobody else
     ok &= BAD in named(r0, ("excluded",))
@@ -164,38 +184,47 @@ def test_a_rank_with_another_payload_size_is_left_out_and_told(privacy):
     assert agree(ok)
 
 
+@pytest.mark.parametrize("bt", BT)
 @pytest.mark.parametrize("privacy", PRIVACY)
-def test_a_request_flood_is_refused_not_served(privacy):
-    """Row: thousands of duplicate requests in ask frames.  Its neighbours ban the flooder; nobody's model
-    becomes its update, and the honest ranks agree bit for bit."""
-    r0, r1, dt, inj = two_rounds([Fault("flood", channel="nbr", round_id=0)], privacy)
-    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
+def test_a_request_flood_is_refused_not_served(privacy, bt):
+    """Row: thousands of duplicate requests in ask frames (pipelined: request frames).  Its neighbours ban the
+    flooder; nobody's model becomes its update, and the honest ranks agree bit for bit."""
+    r0, r1, dt, inj = two_rounds([Fault("flood", channel="nbr", round_id=0)], privacy, bt_decisions=bt)
+    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N))) and ran(r0, bt)
     ok &= inj.get("flood", 0) > 0 if R == BAD else True  # the fault fired
     ok &= BAD in named(r0, ("bad_senders", "protocol_errors"))
     ok &= dt < 30
     assert agree(ok)
 
 
+@pytest.mark.parametrize("bt", BT)
 @pytest.mark.parametrize("privacy", PRIVACY)
-def test_a_malformed_report_excludes_its_sender_and_nobody_aborts(privacy):
-    """Row: an out-of-range, negative, short or duplicate report.  The tracker excludes the liar like a silent
-    peer and the round completes over the rest."""
-    garble = Fault("corrupt", channel="ctrl", round_id=0, offset=8 * 5, stride=8)  # every word after the count
-    r0, r1, dt, inj = two_rounds([garble], privacy)
-    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
+def test_a_malformed_report_excludes_its_sender_and_nobody_aborts(privacy, bt):
+    """Row: an out-of-range, negative, short or duplicate report (pipelined: its progress reports, from the
+    status word on).  The tracker excludes the liar like a silent peer and the round completes over the rest."""
+    # every word after the count (pipelined: after the report number)
+    kind = None if bt == "peers" else frames.KIND_PIPE_REPORT
+    garble = Fault("corrupt", channel="ctrl", round_id=0, offset=8 * 5, stride=8, code=kind)
+    r0, r1, dt, inj = two_rounds([garble], privacy, bt_decisions=bt)
+    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N))) and ran(r0, bt)
     ok &= inj.get("corrupt", 0) > 0 if R == BAD else True  # the fault fired
     ok &= BAD in named(r0, ("misbehaved", "excluded"))
     ok &= dt < 30
     assert agree(ok)
 
 
+@pytest.mark.parametrize("bt", BT)
 @pytest.mark.parametrize("privacy", PRIVACY)
-def test_a_rank_that_sleeps_in_a_stage_falls_behind_and_rejoins(privacy):
-    """Row: a rank asleep for several stage timeouts inside one stage.  It is excluded, learns so from the end
-    frame (silent), its late report is discarded as stale, and the next round includes it again."""
-    nap = Fault("delay", channel="ctrl", round_id=0, from_stage=1, to_stage=1, delay_s=5.0)
-    r0, r1, dt, inj = two_rounds([nap], privacy)
-    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N)))
+def test_a_rank_that_sleeps_in_a_stage_falls_behind_and_rejoins(privacy, bt):
+    """Row: a rank asleep for several stage timeouts inside one stage (pipelined: its progress reports all come
+    5 s late).  It is excluded, learns so from the end frame (silent), its late report is discarded as stale,
+    and the next round includes it again."""
+    if bt == "peers":
+        nap = Fault("delay", channel="ctrl", round_id=0, from_stage=1, to_stage=1, delay_s=5.0)
+    else:
+        nap = Fault("delay", channel="ctrl", round_id=0, code=frames.KIND_PIPE_REPORT, delay_s=5.0)
+    r0, r1, dt, inj = two_rounds([nap], privacy, bt_decisions=bt)
+    ok = honest_identical(r0, 0) and honest_identical(r1, 1, list(range(N))) and ran(r0, bt)
     if R == BAD:  # the fault fired; it fell behind and knows it (fedavg_ reports applied=False)
         ok &= inj.get("delay", 0) > 0 and r0.stats["silent"]
     ok &= BAD in named(r0, ("excluded",))
@@ -203,17 +232,22 @@ def test_a_rank_that_sleeps_in_a_stage_falls_behind_and_rejoins(privacy):
     assert agree(ok)
 
 
+@pytest.mark.parametrize("bt", BT)
 @pytest.mark.parametrize("privacy", PRIVACY)
-def test_a_rank_silent_for_rounds_costs_nothing_and_leaves_no_state(privacy):
-    """Row: a rank silent round after round.  Each of those rounds excludes it (named: excluded, never as a
-    misbehaving rank); a later round includes it again, and no unfinished request outlives the rounds on any
-    rank."""
-    faults = [Fault("silent", round_id=r, from_stage=1) for r in (0, 1, 2)]
-    eng, net, base = engine(faults, privacy=privacy)
+def test_a_rank_silent_for_rounds_costs_nothing_and_leaves_no_state(privacy, bt):
+    """Row: a rank silent round after round (pipelined: from the moment its phase opens).  Each of those rounds
+    excludes it (named: excluded, never as a misbehaving rank); a later round includes it again, and no
+    unfinished request outlives the rounds on any rank."""
+    if bt == "peers":
+        faults = [Fault("silent", round_id=r, from_stage=1) for r in (0, 1, 2)]
+    else:
+        faults = [Fault("silent", round_id=r, after=frames.KIND_PIPE_OPEN) for r in (0, 1, 2)]
+    eng, net, base = engine(faults, privacy=privacy, bt_decisions=bt)
     t0 = time.monotonic()
     res = [eng.disseminate(payload_of(R, k)) for k in range(4)]
     dt = time.monotonic() - t0
     ok = all(honest_identical(res[k], k) for k in range(3)) and honest_identical(res[3], 3, list(range(N)))
+    ok &= all(ran(res[k], bt) for k in range(4))
     ok &= all(BAD in named(res[k], ("excluded",)) for k in range(3))
     ok &= all(named(res[k], ("unserved", "misbehaved")) == set() for k in range(3))  # silent, not misbehaving
     ok &= net.injected.get("silent", 0) > 0 if R == BAD else True
@@ -227,12 +261,18 @@ def test_a_rank_silent_for_rounds_costs_nothing_and_leaves_no_state(privacy):
     assert agree(ok)
 
 
+@pytest.mark.parametrize("bt", BT)
 @pytest.mark.parametrize("privacy", PRIVACY)
-def test_a_stalled_tracker_fails_the_round_the_same_way_everywhere(privacy):
+def test_a_stalled_tracker_fails_the_round_the_same_way_everywhere(privacy, bt):
     """Row: the tracker stalls.  Followers give up on it with PeerTimeoutError naming it; the tracker, which no
-    follower confirmed, fails the same way instead of succeeding alone; the next round succeeds."""
-    stall = Fault("delay", channel="ctrl", round_id=0, from_stage=1, delay_s=4.0)
-    eng, net, base = engine([stall], who=0, timeout_s=2.0, privacy=privacy)
+    follower confirmed, fails the same way instead of succeeding alone; the next round succeeds.  Pipelined: the
+    tracker stalls when its phase ends (its end frame late), and the followers, which hear from it at least every
+    quarter of their bound during the phase, give up on the same bound as between stages."""
+    if bt == "peers":
+        stall = Fault("delay", channel="ctrl", round_id=0, from_stage=1, delay_s=4.0)
+    else:
+        stall = Fault("delay", channel="ctrl", round_id=0, code=frames.KIND_END, delay_s=4.0)
+    eng, net, base = engine([stall], who=0, timeout_s=2.0, privacy=privacy, bt_decisions=bt)
     t0 = time.monotonic()
     try:
         eng.disseminate(payload_of(R, 0))
@@ -246,6 +286,7 @@ def test_a_stalled_tracker_fails_the_round_the_same_way_everywhere(privacy):
     ok &= dt < 2.0 + 3 * 0.5 + 5.0  # the follower's bound, plus the tracker's own stall
     ok &= net.injected.get("delay", 0) > 0 if R == 0 else True  # the stall happened
     res = eng.disseminate(payload_of(R, 1))
+    ok &= ran(res, bt)
     ok &= res.participants.tolist() == list(range(N))
     ok &= all(np.array_equal(res.updates[u], payload_of(u, 1)) for u in range(N))
     eng.close()
