@@ -621,9 +621,17 @@ class _PeerState:
                 ok[p0 : p0 + count] = self.check(src, owner, first, count, into[i])
 
         early = np.zeros(len(rreq), dtype=bool)
-        tb.post_paced(self.data, posts, tb.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
+        seen = np.zeros(len(rreq), dtype=bool)  # receives verified while this rank's sends waited for the link
+
+        def early_arrived(idx: list[int]) -> None:
+            seen[idx] = True
+            arrived(idx)
+
+        # a device transport starts nothing before `flush`: its receives are verified after it
+        on_early = early_arrived if self.plane is HOST else None
+        tb.post_paced(self.data, posts, tb.Pacer(self.cfg.uplink), sreq, rreq, early, on_early)
         self.data.flush()  # a device transport launches the stage's sends and receives together
-        arrived(np.flatnonzero(early).tolist())
+        arrived(np.flatnonzero(early & ~seen).tolist())
         deadline = time.monotonic() + self.cfg.stage_timeout_s
         done = tb.wait_until(
             self.data, rreq + sreq, deadline, np.concatenate([early, np.zeros(len(sreq), dtype=bool)]), on_done=arrived

@@ -235,11 +235,14 @@ def post_paced(
     reqs: list,
     progress: Sequence[Request] = (),
     progress_done: np.ndarray | None = None,
+    on_done: Callable[[list[int]], None] | None = None,
 ) -> None:
     """Run post callables in order, each when the pacer lets its bytes go.
 
     Meanwhile `progress` requests keep moving; those that complete are marked in `progress_done` (a request
-    reported here is not reported again, so the caller must learn of it from that mask).
+    reported here is not reported again, so the caller must learn of it from that mask) and handed to
+    `on_done` (their indices) at once: a receiver verifies what arrived while its own sends wait for the link,
+    instead of all of it after its last send (a 1600 Mbit/s rank's stage took 40 ms longer than its data).
     """
     progress = list(progress)
     for post, nbytes in posts:
@@ -252,5 +255,8 @@ def post_paced(
                     got = t.test([progress[i] for i in live])
                     if got:
                         progress_done[live[got]] = True
+                        if on_done is not None:
+                            on_done(live[got].tolist())
+                            continue  # the work took time: poll again before sleeping
             time.sleep(min(POLL_S * 50, max(0.0, end - time.monotonic())))
         reqs.append(post())
