@@ -190,14 +190,15 @@ class SwarmEngine:
         self.data = self.ctrl = self.nbrc = self.pipe = None
 
     # ------------------------------------------------------------------ collectives on the control comm
-    def _allgather(self, arr: np.ndarray, what: str) -> np.ndarray:
-        """An all-gather on the control context.  One that times out leaves that context out of step for good
-        (a late rank's contribution would match the next one): the engine then fails every later call, the
-        same way on every rank, and the abandoned buffers stay parked for MPI to finish writing."""
+    def _allgather(self, arr: np.ndarray, what: str, meanwhile: Callable[[], None] | None = None) -> np.ndarray:
+        """An all-gather on the control context (`meanwhile`: local work while it moves).  One that times out
+        leaves that context out of step for good (a late rank's contribution would match the next one): the
+        engine then fails every later call, the same way on every rank, and the abandoned buffers stay parked
+        for MPI to finish writing."""
         if self.out_of_step:
             raise TransportError(self.out_of_step)
         try:
-            return tb.allgather(self.ctrl, arr, self.cfg.timeout_s, what)
+            return tb.allgather(self.ctrl, arr, self.cfg.timeout_s, what, meanwhile)
         except PeerTimeoutError as e:
             self.out_of_step = (
                 f"rank {self.rank}: the control context fell out of step at round {self.round_id - 1} ({e}); "
@@ -223,17 +224,19 @@ class SwarmEngine:
             )
         return allm
 
-    def _agree_round(self, meta: np.ndarray, tail: np.ndarray | None = None) -> tuple[list[int], int, np.ndarray]:
+    def _agree_round(
+        self, meta: np.ndarray, tail: np.ndarray | None = None, meanwhile: Callable[[], None] | None = None
+    ) -> tuple[list[int], int, np.ndarray]:
         """The round's agreement (`round_meta` words): the ranks whose words differ from the tracker's in the
         payload size alone, if they are fewer than half of all, and the tracker's size; every rank gets the same
         answer.  Any other difference raises ShapeMismatchError on every rank, as `agree` does.  `tail`: int64
         words of the same width on every rank that ride in the same all-gather (a descriptor without digests);
-        returned gathered ([size, words]; [size, 0] without)."""
+        returned gathered ([size, words]; [size, 0] without).  `meanwhile`: local work while the all-gather moves."""
         # round_meta has a fixed width by construction, so one all-gather compares it (agree's length check first
         # is for callers whose words may differ in number)
         meta = np.ascontiguousarray(meta, dtype=np.int64).reshape(-1)
         words = meta if tail is None else np.concatenate([meta, np.asarray(tail, dtype=np.int64).reshape(-1)])
-        got = self._allgather(words, "round shape")
+        got = self._allgather(words, "round shape", meanwhile)
         allm, rest_words = got[:, : meta.size], np.ascontiguousarray(got[:, meta.size :])
         ref = allm[self.tracker]
         odd = np.flatnonzero(np.any(allm != ref, axis=1))
@@ -322,10 +325,16 @@ class SwarmEngine:
             return desc
 
         alld = None
+        own_digests: list[np.ndarray] = []  # this rank's chunk digests, computed while the shape's all-gather moves
+
+        def digest_own() -> None:
+            if nbytes:
+                own_digests.append(plane.digests(pay, C, round_key(self.salt, rid, me)))
+
         if not agreed:
             meta = self.round_meta(nbytes, cfg, consensus, rid)
             if hashed:
-                odd, ref_nbytes, _ = self._agree_round(meta)
+                odd, ref_nbytes, _ = self._agree_round(meta, meanwhile=digest_own)
             else:  # no digests: the descriptor has a fixed width and rides in the shape's all-gather
                 odd, ref_nbytes, alld = self._agree_round(meta, descriptor(math.ceil(nbytes / C), weight))
             if me in odd:  # take part in the descriptors' all-gather (an empty update of the agreed size), then raise
@@ -334,8 +343,10 @@ class SwarmEngine:
         K = math.ceil(nbytes / C) if nbytes else 0
         if alld is None:  # one all-gather of every owner's descriptor
             desc = descriptor(K, weight)
-            if K and hashed:
-                desc[DESC_HEAD:] = plane.digests(pay, C, round_key(self.salt, rid, me)).view(np.int64).reshape(-1)
+            if K and hashed and me not in odd:  # an odd rank's descriptor is refused whatever it holds
+                if not own_digests:
+                    digest_own()
+                desc[DESC_HEAD:] = own_digests[0].view(np.int64).reshape(-1)
             alld = self._allgather(desc, "descriptors")
         if me in odd:
             raise ShapeMismatchError(
@@ -705,7 +716,7 @@ class _PeerState:
         early = np.zeros(len(rreq), dtype=bool)
         tb.post_paced(self.data, posts, tb.Pacer(self.cfg.uplink), sreq, progress=rreq, progress_done=early)
         self.data.flush()  # a device transport launches the stage's sends and receives together
-        if self.own_due and not self.own_written:  # no own chunk comes back into own_in this round (hidden only)
+        if self.own_due and not self.hidden:  # hidden: own chunks come back into own_in, restored after the round
             self._copy_own(rreq, early)
         if meanwhile is not None:
             meanwhile()
