@@ -939,6 +939,8 @@ class _Tracker:
         warm_t = 0.0
         if self.bad_desc:  # owners whose descriptor is not of this round and owner take no part in it
             rnd.leave(self.bad_desc)
+        if self.derived and not rnd.direct_due:
+            raise ProtocolError(f"round {self.rid}: the peers derived a direct stage the tracker does not run")
         while not rnd.done and rnd.stage < s_max:
             if self.deadline and time.monotonic() - t0 > self.deadline:
                 break
@@ -955,8 +957,6 @@ class _Tracker:
                 st, delivered, silent = self._peer_stage()
             else:
                 derived, self.derived = self.derived, False
-                if derived and not rnd.direct_due:
-                    raise ProtocolError(f"round {self.rid}: the peers derived a direct stage the tracker does not run")
                 st = rnd.next_stage()
                 if st.phase == BT and rnd.s_bt == st.index and warm_t == 0.0:
                     warm_t = time.monotonic() - t0
