@@ -79,6 +79,18 @@ RUN_BYTES = 4 * 2**20  # longest message of coalesced chunks: its digests are ch
 # without digests nothing overlaps a message's arrival, so runs go whole up to the longest message every transport
 # takes (transport/torch_p2p.py leaves a body over 64 MiB unread): fewer messages, fewer requests to poll
 RUN_BYTES_UNHASHED = 64 * 2**20
+# digests of up to this many chunks ride in the round's shape all-gather (a fixed width, the same on every rank
+# whatever its payload), so a small round agrees on its shape and its descriptors in one all-gather; a round of
+# more chunks all-gathers its descriptors after it, as before
+FOLD_CHUNKS = 64
+ROUND_META_WORDS = 14  # SwarmEngine.round_meta's width
+
+
+def shape_bytes(hashed: bool = True) -> int:
+    """Bytes of one rank's contribution to a round's shape all-gather (`disseminate` with agreed=False): the
+    round_meta words, then its descriptor (digest slots for FOLD_CHUNKS chunks with integrity "blake3").  Tests
+    aim all-gather faults by size."""
+    return 8 * (ROUND_META_WORDS + DESC_HEAD + (DIGEST_WORDS * FOLD_CHUNKS if hashed else 0))
 
 
 def _runs(peer: np.ndarray, chunk: np.ndarray, K: int, most: int = 1 << 62) -> list[tuple[int, int, int, int]]:
@@ -190,15 +202,14 @@ class SwarmEngine:
         self.data = self.ctrl = self.nbrc = self.pipe = None
 
     # ------------------------------------------------------------------ collectives on the control comm
-    def _allgather(self, arr: np.ndarray, what: str, meanwhile: Callable[[], None] | None = None) -> np.ndarray:
-        """An all-gather on the control context (`meanwhile`: local work while it moves).  One that times out
-        leaves that context out of step for good (a late rank's contribution would match the next one): the
-        engine then fails every later call, the same way on every rank, and the abandoned buffers stay parked
-        for MPI to finish writing."""
+    def _allgather(self, arr: np.ndarray, what: str) -> np.ndarray:
+        """An all-gather on the control context.  One that times out leaves that context out of step for good
+        (a late rank's contribution would match the next one): the engine then fails every later call, the
+        same way on every rank, and the abandoned buffers stay parked for MPI to finish writing."""
         if self.out_of_step:
             raise TransportError(self.out_of_step)
         try:
-            return tb.allgather(self.ctrl, arr, self.cfg.timeout_s, what, meanwhile)
+            return tb.allgather(self.ctrl, arr, self.cfg.timeout_s, what)
         except PeerTimeoutError as e:
             self.out_of_step = (
                 f"rank {self.rank}: the control context fell out of step at round {self.round_id - 1} ({e}); "
@@ -225,26 +236,27 @@ class SwarmEngine:
         return allm
 
     def _agree_round(
-        self, meta: np.ndarray, tail: np.ndarray | None = None, meanwhile: Callable[[], None] | None = None
-    ) -> tuple[list[int], int, np.ndarray]:
+        self, meta: np.ndarray, tail: np.ndarray | None = None
+    ) -> tuple[list[int], np.ndarray, np.ndarray]:
         """The round's agreement (`round_meta` words): the ranks whose words differ from the tracker's in the
-        payload size alone, if they are fewer than half of all, and the tracker's size; every rank gets the same
-        answer.  Any other difference raises ShapeMismatchError on every rank, as `agree` does.  `tail`: int64
-        words of the same width on every rank that ride in the same all-gather (a descriptor without digests);
-        returned gathered ([size, words]; [size, 0] without).  `meanwhile`: local work while the all-gather moves."""
+        payload size or the round id alone (a replayed contribution), if they are fewer than half of all, and the
+        gathered round words ([size, words]: row `tracker` is the reference); every rank gets the same answer.  Any
+        other difference raises ShapeMismatchError on every rank, as `agree` does.  `tail`: int64 words of the same
+        width on every rank that ride in the same all-gather (the descriptor); returned gathered ([size, words];
+        [size, 0] without)."""
         # round_meta has a fixed width by construction, so one all-gather compares it (agree's length check first
         # is for callers whose words may differ in number)
         meta = np.ascontiguousarray(meta, dtype=np.int64).reshape(-1)
         words = meta if tail is None else np.concatenate([meta, np.asarray(tail, dtype=np.int64).reshape(-1)])
-        got = self._allgather(words, "round shape", meanwhile)
+        got = self._allgather(words, "round shape")
         allm, rest_words = got[:, : meta.size], np.ascontiguousarray(got[:, meta.size :])
         ref = allm[self.tracker]
         odd = np.flatnonzero(np.any(allm != ref, axis=1))
         if not odd.size:
-            return [], int(ref[2]), rest_words
-        rest = np.arange(allm.shape[1]) != 2  # every word but round_meta's nbytes
+            return [], allm, rest_words
+        rest = ~np.isin(np.arange(allm.shape[1]), [1, 2])  # every word but round_meta's round id and nbytes
         if 2 * odd.size < self.size and not np.any(allm[odd][:, rest] != ref[rest]):
-            return odd.tolist(), int(ref[2]), rest_words
+            return odd.tolist(), allm, rest_words
         r = int(odd[0])
         raise ShapeMismatchError(
             f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where the tracker (rank "
@@ -325,7 +337,7 @@ class SwarmEngine:
             return desc
 
         alld = None
-        own_digests: list[np.ndarray] = []  # this rank's chunk digests, computed while the shape's all-gather moves
+        own_digests: list[np.ndarray] = []  # this rank's chunk digests, computed once
 
         def digest_own() -> None:
             if nbytes:
@@ -333,12 +345,25 @@ class SwarmEngine:
 
         if not agreed:
             meta = self.round_meta(nbytes, cfg, consensus, rid)
-            if hashed:
-                odd, ref_nbytes, _ = self._agree_round(meta, meanwhile=digest_own)
-            else:  # no digests: the descriptor has a fixed width and rides in the shape's all-gather
-                odd, ref_nbytes, alld = self._agree_round(meta, descriptor(math.ceil(nbytes / C), weight))
+            # the descriptor rides in the shape's all-gather: with digests, those of the first FOLD_CHUNKS chunks
+            # (zero slots after the last), which are all of them in a small round
+            k_own = math.ceil(nbytes / C)
+            tail = descriptor(FOLD_CHUNKS if hashed else 0, weight)
+            tail[3] = k_own
+            if hashed and k_own:
+                digest_own()
+                m = min(k_own, FOLD_CHUNKS)
+                tail[DESC_HEAD : DESC_HEAD + DIGEST_WORDS * m] = own_digests[0][:m].view(np.int64).reshape(-1)
+            odd, allm, alld = self._agree_round(meta, tail)
+            ref_nbytes = int(allm[self.tracker, 2])
             if me in odd:  # take part in the descriptors' all-gather (an empty update of the agreed size), then raise
-                own, nbytes, pay, weight, out = nbytes, ref_nbytes, plane.zeros(ref_nbytes), 0.0, None
+                own = (int(allm[me, 1]), int(allm[me, 2]), int(allm[self.tracker, 1]))  # what the others saw
+                nbytes, pay, weight, out = ref_nbytes, plane.zeros(ref_nbytes), 0.0, None
+            K = math.ceil(nbytes / C) if nbytes else 0
+            if hashed and K <= FOLD_CHUNKS:
+                alld = alld[:, : DESC_HEAD + DIGEST_WORDS * K]
+            elif hashed:
+                alld = None  # more chunks than the shape's all-gather holds: the descriptors' own all-gather
         t0 = time.monotonic()
         K = math.ceil(nbytes / C) if nbytes else 0
         if alld is None:  # one all-gather of every owner's descriptor
@@ -350,8 +375,9 @@ class SwarmEngine:
             alld = self._allgather(desc, "descriptors")
         if me in odd:
             raise ShapeMismatchError(
-                f"rank {me}: round {rid}'s payload here is {own} bytes, the tracker's (rank {self.tracker}) is "
-                f"{ref_nbytes}: this rank is left out of the round and the others complete it without it"
+                f"rank {me}: round {own[0]}'s payload here is {own[1]} bytes, the tracker's (rank {self.tracker}) "
+                f"is {ref_nbytes} bytes in its round {own[2]}: this rank is left out of the round and the others "
+                "complete it without it"
             )
         # a descriptor not bound to this round and owner (replayed, forged), or whose weight or link rates are not
         # finite and >= 0, leaves its owner out on every rank (every rank sees the same all-gather)

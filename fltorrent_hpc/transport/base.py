@@ -193,21 +193,11 @@ def send_frame(t: Transport, frame: np.ndarray, dest: int, tag: int, timeout: fl
     wait_all(t, [t.post_send(frame, dest, tag)], timeout, lambda _: f"{what} to rank {dest}")
 
 
-def allgather(
-    t: Transport, arr: np.ndarray, timeout: float, what: str, meanwhile: Callable[[], None] | None = None
-) -> np.ndarray:
-    """Every rank's `arr` (same shape and dtype everywhere) stacked in rank order, bounded by `timeout`.
-    `meanwhile` runs once the all-gather is posted (local work that overlaps it); what it raises is raised
-    after the all-gather is settled, never while MPI may still write its buffers."""
+def allgather(t: Transport, arr: np.ndarray, timeout: float, what: str) -> np.ndarray:
+    """Every rank's `arr` (same shape and dtype everywhere) stacked in rank order, bounded by `timeout`."""
     arr = np.ascontiguousarray(arr)
     out = np.empty((t.size,) + arr.shape, dtype=arr.dtype)
     req = t.post_allgather(arr, out)
-    err: Exception | None = None
-    if meanwhile is not None:
-        try:
-            meanwhile()
-        except Exception as e:  # noqa: BLE001 - re-raised below, once the collective is settled
-            err = e
     try:
         wait_all(t, [req], timeout, lambda _: f"{what} (allgather over {t.size} ranks)")
     except PeerTimeoutError:
@@ -215,8 +205,6 @@ def allgather(
         # buffers stay referenced for the life of the process, never handed back to numpy
         GRAVEYARD.append((t, req, arr, out))
         raise
-    if err is not None:
-        raise err
     return out
 
 
