@@ -21,7 +21,7 @@ from swarm_checks import honest_identical as shared_honest_identical
 from fltorrent_hpc.config import SwarmConfig
 from fltorrent_hpc.errors import FLTorrentError, PeerTimeoutError, ShapeMismatchError, TransportError
 from fltorrent_hpc.runtime.bt_stages import BITFIELD
-from fltorrent_hpc.runtime.engine import SwarmEngine
+from fltorrent_hpc.runtime.engine import ROUND_META_WORDS, SwarmEngine, shape_bytes
 from fltorrent_hpc.transport import base as tb
 from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
 from fltorrent_hpc.transport.mpi import MPITransport
@@ -273,7 +273,9 @@ def test_a_rank_late_to_a_collective_cannot_corrupt_memory_and_the_group_fails_c
     gc.collect()
     # canaries of every small size the abandoned all-gathers used, several of each: numpy hands a freed small
     # buffer to the next array of its size, so a parked buffer given back at the timeout would be one of these
-    canaries = [np.full(k, CANARY, dtype=np.int64) for k in range(1, 16 * N + 1) for _ in range(16)]
+    # (and the shape all-gather's own sizes: one rank's round words and descriptor, and all ranks' of them)
+    sizes = list(range(1, 16 * N + 1)) + [shape_bytes() // 8, N * shape_bytes() // 8]
+    canaries = [np.full(k, CANARY, dtype=np.int64) for k in sizes for _ in range(16)]
     time.sleep(2.5)  # the late rank's all-gather is posted while the canaries are live
     COMM.Barrier()  # MPI progress on every rank: the late contribution is written now, wherever it goes
     ok = all(np.all(c == CANARY) for c in canaries)
@@ -285,7 +287,8 @@ def test_a_rank_late_to_a_collective_cannot_corrupt_memory_and_the_group_fails_c
         if mine:
             t, req, sent, out = mine[0]
             ok &= bool(tb.wait_until(t, [req], time.monotonic() + 10.0)[0])
-            ok &= np.array_equal(out[BAD], sent)  # the late rank sent the same metadata length
+            # the late rank sent the same round words (its descriptor after them is its own)
+            ok &= np.array_equal(out[BAD][:ROUND_META_WORDS], sent[:ROUND_META_WORDS])
     try:
         eng.disseminate(payload_of(R, 1))
         ok = False
