@@ -280,7 +280,10 @@ def test_a_rank_late_to_a_collective_cannot_corrupt_memory_and_the_group_fails_c
     COMM.Barrier()  # MPI progress on every rank: the late contribution is written now, wherever it goes
     ok = all(np.all(c == CANARY) for c in canaries)
     ok &= first is not None and issubclass(first, PeerTimeoutError) if R != BAD else True
-    ok &= waited < 1.0 + 1.5  # the punctual ranks' wait is the collective's timeout_s (plus scheduling slack)
+    if R != BAD:
+        ok &= waited < 1.0 + 1.5  # the punctual ranks' wait is the collective's timeout_s (plus scheduling slack)
+    else:  # its all-gather completes at once; then it waits, as a follower, for a tracker that gave up
+        ok &= waited < 1.0 + 3 * 0.5 + 1.5
     if R != BAD:  # the late contribution did arrive, into the parked buffer of the agreement's all-gather
         mine = tb.GRAVEYARD[parked:]
         ok &= len(mine) == 1
