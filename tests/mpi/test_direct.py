@@ -11,7 +11,7 @@ import pytest
 from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig
-from fltorrent_hpc.runtime.engine import SwarmEngine
+from fltorrent_hpc.runtime.engine import FOLD_CHUNKS, SwarmEngine
 from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
 from fltorrent_hpc.transport.mpi import MPITransport
 
@@ -160,14 +160,16 @@ def test_long_runs_travel_in_pieces(monkeypatch):
 
 
 @pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("chunks", [8, FOLD_CHUNKS + 1])
 @pytest.mark.parametrize("integrity", ["blake3", "none"])
-def test_a_rank_with_another_payload_size_is_left_out_of_the_direct_exchange(integrity):
-    """A rank whose payload is a chunk longer: the others run the direct stage they derived without it (without
-    digests, the descriptors ride in the shape's all-gather), it alone raises naming both sizes, and the next
-    round includes it again."""
+def test_a_rank_with_another_payload_size_is_left_out_of_the_direct_exchange(integrity, chunks):
+    """A rank whose payload is a chunk longer: the others run the direct stage they derived without it, it alone
+    raises naming both sizes, and the next round includes it again.  The descriptors ride in the shape's
+    all-gather up to FOLD_CHUNKS chunks (or without digests); above, they have an all-gather of their own, in which
+    the odd rank still takes part."""
     bad = COMM.size - 1
     eng = SwarmEngine(COMM, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, integrity=integrity))
-    nb = 8 * C
+    nb = chunks * C
     mine = payload_of(COMM.rank, nb, 11)
     if COMM.rank == bad:
         mine = np.concatenate([mine, np.zeros(C, np.uint8)])
