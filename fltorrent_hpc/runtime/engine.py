@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -76,6 +76,21 @@ class RoundResult:
 
 
 RUN_BYTES = 4 * 2**20  # longest message of coalesced chunks: its digests are checked while the next one moves
+# without digests nothing overlaps a message's arrival, so runs go whole up to the longest message every transport
+# takes (transport/torch_p2p.py leaves a body over 64 MiB unread): fewer messages, fewer requests to poll
+RUN_BYTES_UNHASHED = 64 * 2**20
+# digests of up to this many chunks ride in the round's shape all-gather (a fixed width, the same on every rank
+# whatever its payload), so a small round agrees on its shape and its descriptors in one all-gather; a round of
+# more chunks all-gathers its descriptors after it, as before
+FOLD_CHUNKS = 64
+ROUND_META_WORDS = 14  # SwarmEngine.round_meta's width
+
+
+def shape_bytes(hashed: bool = True) -> int:
+    """Bytes of one rank's contribution to a round's shape all-gather (`disseminate` with agreed=False): the
+    round_meta words, then its descriptor (digest slots for FOLD_CHUNKS chunks with integrity "blake3").  Tests
+    aim all-gather faults by size."""
+    return 8 * (ROUND_META_WORDS + DESC_HEAD + (DIGEST_WORDS * FOLD_CHUNKS if hashed else 0))
 
 
 def _runs(peer: np.ndarray, chunk: np.ndarray, K: int, most: int = 1 << 62) -> list[tuple[int, int, int, int]]:
@@ -92,6 +107,19 @@ def _runs(peer: np.ndarray, chunk: np.ndarray, K: int, most: int = 1 << 62) -> l
         for a in range(s, e, most):
             out.append((int(peer[a]), int(chunk[a] // K), int(chunk[a] % K), min(most, e - a)))
     return out
+
+
+def direct_lists(me: int, active: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rank `me`'s sends (receiver, chunk) and receives (sender, chunk) of the direct exchange's stage
+    (SwarmRound._direct_stage: every active peer sends its own K chunks to every other active peer), sorted as a
+    directive lists them (sends by receiver then chunk, receives by sender then chunk)."""
+    others = np.flatnonzero(active)
+    others = others[others != me].astype(np.int64)
+    own = me * K + np.arange(K, dtype=np.int64)
+    s_to, s_chunk = np.repeat(others, K), np.tile(own, others.size)
+    r_from = np.repeat(others, K)
+    r_chunk = (others[:, None] * K + np.arange(K, dtype=np.int64)[None, :]).reshape(-1)
+    return s_to, s_chunk, r_from, r_chunk
 
 
 class SwarmEngine:
@@ -207,18 +235,28 @@ class SwarmEngine:
             )
         return allm
 
-    def _agree_round(self, meta: np.ndarray) -> tuple[list[int], int]:
+    def _agree_round(
+        self, meta: np.ndarray, tail: np.ndarray | None = None
+    ) -> tuple[list[int], np.ndarray, np.ndarray]:
         """The round's agreement (`round_meta` words): the ranks whose words differ from the tracker's in the
-        payload size alone, if they are fewer than half of all, and the tracker's size; every rank gets the same
-        answer.  Any other difference raises ShapeMismatchError on every rank, as `agree` does."""
-        allm = self.agree(meta, ref=-1)
+        payload size or the round id alone (a replayed contribution), if they are fewer than half of all, and the
+        gathered round words ([size, words]: row `tracker` is the reference); every rank gets the same answer.  Any
+        other difference raises ShapeMismatchError on every rank, as `agree` does.  `tail`: int64 words of the same
+        width on every rank that ride in the same all-gather (the descriptor); returned gathered ([size, words];
+        [size, 0] without)."""
+        # round_meta has a fixed width by construction, so one all-gather compares it (agree's length check first
+        # is for callers whose words may differ in number)
+        meta = np.ascontiguousarray(meta, dtype=np.int64).reshape(-1)
+        words = meta if tail is None else np.concatenate([meta, np.asarray(tail, dtype=np.int64).reshape(-1)])
+        got = self._allgather(words, "round shape")
+        allm, rest_words = got[:, : meta.size], np.ascontiguousarray(got[:, meta.size :])
         ref = allm[self.tracker]
         odd = np.flatnonzero(np.any(allm != ref, axis=1))
         if not odd.size:
-            return [], int(ref[2])
-        rest = np.arange(allm.shape[1]) != 2  # every word but round_meta's nbytes
+            return [], allm, rest_words
+        rest = ~np.isin(np.arange(allm.shape[1]), [1, 2])  # every word but round_meta's round id and nbytes
         if 2 * odd.size < self.size and not np.any(allm[odd][:, rest] != ref[rest]):
-            return odd.tolist(), int(ref[2])
+            return odd.tolist(), allm, rest_words
         r = int(odd[0])
         raise ShapeMismatchError(
             f"ranks disagree on the round's shape: rank {r} has {allm[r].tolist()} where the tracker (rank "
@@ -288,25 +326,58 @@ class SwarmEngine:
         C = cfg.chunk_bytes
         nbytes = plane.nbytes(pay)
         odd: list[int] = []  # ranks whose payload size is not the tracker's: left out of the round
+        hashed = cfg.integrity == "blake3"
+        rseed = int(seed) if seed is not None else rng.round_seed(cfg.seed, rid)
+
+        def descriptor(k: int, w: float) -> np.ndarray:
+            """(MAGIC, round, owner, K), weight, links and seed, then the chunk digests (none without integrity)."""
+            desc = np.zeros(DESC_HEAD + (DIGEST_WORDS * k if hashed else 0), dtype=np.int64)
+            desc[:4] = [MAGIC, rid, me, k]
+            desc[4:DESC_HEAD] = np.array([float(w), cfg.uplink, cfg.downlink, float(rseed)], np.float64).view(np.int64)
+            return desc
+
+        alld = None
+        own_digests: list[np.ndarray] = []  # this rank's chunk digests, computed once
+
+        def digest_own() -> None:
+            if nbytes:
+                own_digests.append(plane.digests(pay, C, round_key(self.salt, rid, me)))
+
         if not agreed:
-            odd, ref_nbytes = self._agree_round(self.round_meta(nbytes, cfg, consensus, rid))
+            meta = self.round_meta(nbytes, cfg, consensus, rid)
+            # the descriptor rides in the shape's all-gather: with digests, those of the first FOLD_CHUNKS chunks
+            # (zero slots after the last), which are all of them in a small round
+            k_own = math.ceil(nbytes / C)
+            tail = descriptor(FOLD_CHUNKS if hashed else 0, weight)
+            tail[3] = k_own
+            if hashed and k_own:
+                digest_own()
+                m = min(k_own, FOLD_CHUNKS)
+                tail[DESC_HEAD : DESC_HEAD + DIGEST_WORDS * m] = own_digests[0][:m].view(np.int64).reshape(-1)
+            odd, allm, alld = self._agree_round(meta, tail)
+            ref_nbytes = int(allm[self.tracker, 2])
             if me in odd:  # take part in the descriptors' all-gather (an empty update of the agreed size), then raise
-                own, nbytes, pay, weight, out = nbytes, ref_nbytes, plane.zeros(ref_nbytes), 0.0, None
+                own = (int(allm[me, 1]), int(allm[me, 2]), int(allm[self.tracker, 1]))  # what the others saw
+                nbytes, pay, weight, out = ref_nbytes, plane.zeros(ref_nbytes), 0.0, None
+            K = math.ceil(nbytes / C) if nbytes else 0
+            if hashed and K <= FOLD_CHUNKS:
+                alld = alld[:, : DESC_HEAD + DIGEST_WORDS * K]
+            elif hashed:
+                alld = None  # more chunks than the shape's all-gather holds: the descriptors' own all-gather
         t0 = time.monotonic()
         K = math.ceil(nbytes / C) if nbytes else 0
-        rseed = int(seed) if seed is not None else rng.round_seed(cfg.seed, rid)
-        info = np.array([float(weight), cfg.uplink, cfg.downlink, float(rseed)], dtype=np.float64)
-        # one all-gather of every owner's descriptor: (MAGIC, round, owner, K), weight and links, chunk digests
-        desc = np.zeros(DESC_HEAD + DIGEST_WORDS * K, dtype=np.int64)
-        desc[:4] = [MAGIC, rid, me, K]
-        desc[4:DESC_HEAD] = info.view(np.int64)
-        if K and cfg.integrity == "blake3":
-            desc[DESC_HEAD:] = plane.digests(pay, C, round_key(self.salt, rid, me)).view(np.int64).reshape(-1)
-        alld = self._allgather(desc, "descriptors")
+        if alld is None:  # one all-gather of every owner's descriptor
+            desc = descriptor(K, weight)
+            if K and hashed and me not in odd:  # an odd rank's descriptor is refused whatever it holds
+                if not own_digests:
+                    digest_own()
+                desc[DESC_HEAD:] = own_digests[0].view(np.int64).reshape(-1)
+            alld = self._allgather(desc, "descriptors")
         if me in odd:
             raise ShapeMismatchError(
-                f"rank {me}: round {rid}'s payload here is {own} bytes, the tracker's (rank {self.tracker}) is "
-                f"{ref_nbytes}: this rank is left out of the round and the others complete it without it"
+                f"rank {me}: round {own[0]}'s payload here is {own[1]} bytes, the tracker's (rank {self.tracker}) "
+                f"is {ref_nbytes} bytes in its round {own[2]}: this rank is left out of the round and the others "
+                "complete it without it"
             )
         # a descriptor not bound to this round and owner (replayed, forged), or whose weight or link rates are not
         # finite and >= 0, leaves its owner out on every rank (every rank sees the same all-gather)
@@ -316,7 +387,11 @@ class SwarmEngine:
         bad_desc = [u for u in range(n) if not (sane[u] and np.array_equal(alld[u, :4], head + [0, 0, u, 0]))]
         bad_desc = sorted(set(bad_desc) | set(odd))
         all_info[bad_desc] = [0.0, 0.0, 0.0, 0.0]
-        all_hash = np.ascontiguousarray(alld[:, DESC_HEAD:]).view(np.uint64).reshape(n, K, DIGEST_WORDS)
+        all_hash = (
+            np.ascontiguousarray(alld[:, DESC_HEAD:]).view(np.uint64).reshape(n, K, DIGEST_WORDS)
+            if hashed
+            else np.zeros((n, K, DIGEST_WORDS), dtype=np.uint64)  # unused: check() passes every chunk
+        )
         weights = all_info[:, 0].copy()
         rseed = int(all_info[self.tracker, 3])
         rows = None if out is None else list(out)  # an [n, nbytes] array or n arrays (a torch all_gather's list)
@@ -328,13 +403,16 @@ class SwarmEngine:
             shapes = [f"{r.dtype} {list(r.shape)}" for r in rows]
             raise ShapeMismatchError(f"out must be {n} contiguous host uint8 rows of {nbytes} bytes, got {shapes}")
         bufs = [rows[u] if rows is not None else plane.empty(nbytes) for u in range(n)]
-        if rows is not None:
-            rows[me][:] = pay
+        # the output's own row gets the payload during the first stage's transfers (`_PeerState.own_due`): sends
+        # read the payload itself, so the copy need not come first
+        own_due = rows is not None and not np.shares_memory(rows[me], pay)
         bufs[me] = pay
         if sink is not None:
             sink.start(bufs, weights, bad_desc)
             sink.add(me, np.arange(K))
         if K == 0 or n == 1:
+            if own_due:
+                rows[me][:] = pay
             return RoundResult(
                 [bufs[u] for u in range(n)],
                 weights,
@@ -359,17 +437,43 @@ class SwarmEngine:
                 },
             )
         peer = _PeerState(self, cfg, rid, K, C, nbytes, bufs, all_hash, all_info, rseed, bad_desc, plane, sink)
-        if rows is not None and not np.shares_memory(rows[me], pay):
+        if own_due:
             peer.own_in = rows[me]  # own chunks coming back are verified in the output row, not in scratch of S
+            peer.own_due = True
+        # a direct round's first stage follows from the agreed descriptors alone (the tracker's SwarmRound decides
+        # it from the same inputs: swarm.budget.direct_round, the owners with a good descriptor), so every rank
+        # runs it at once, without waiting for a directive; the tracker checks that its stage is this one
+        active = np.ones(n, dtype=bool)
+        active[bad_desc] = False
+        derived = direct_round(cfg, n, nbytes, np.delete(all_info[:, 1], bad_desc)) and int(active.sum()) >= 2
         try:
+            role: list = []
+            if me == self.tracker:  # the tracker's round state is built while its first stage's transfers move
+
+                def build() -> None:
+                    try:
+                        role.append(_Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc, derived))
+                    except Exception as e:  # raised once the stage's requests are settled, never from inside move
+                        role.append(e)
+
+            first = peer.direct(active, build if me == self.tracker else None) if derived and active[me] else None
             if me == self.tracker:
-                end = _Tracker(self, cfg, rid, K, all_info, rseed, deadline_s, peer, bad_desc).run()
+                if not role:
+                    build()
+                if isinstance(role[0], Exception):
+                    raise role[0]
+                role[0].own_report = first
+                end = role[0].run()
             else:
-                end = peer.follow()
+                if first is not None:
+                    what = f"round {rid} report"
+                    tb.send_frame(self.ctrl, first, self.tracker, TAG_REPORT, cfg.timeout_s, what)
+                end = peer.follow(1 if derived else 0)
         finally:
             peer.drop_late()  # no receive kept past its deadline outlives the round's buffers
-            if peer.own_written:
+            if peer.own_written or peer.own_due:
                 peer.own_in[:] = pay  # whatever came back (a refused copy included), the output holds the payload
+                peer.own_due = False
         res = peer.finish(end, weights, consensus, t0, trace or cfg.trace)
         res.stats["shape_mismatch"] = odd  # ranks left out for a payload size other than the tracker's
         return res
@@ -422,6 +526,7 @@ class _PeerState:
         self.bufs, self.hashes, self.bad_desc = bufs, all_hash, bad_desc
         self.own_in: np.ndarray | None = None  # where own chunks coming back land (the caller's output row)
         self.own_written = False  # a receive was posted into own_in: restore it from the payload after the round
+        self.own_due = False  # own_in still lacks the payload (copied while a stage's transfers move, or at the end)
         self.pipelined = False  # this rank ran a pipelined BitTorrent phase (bt_pipeline.PipePeer)
         self.keys = [round_key(eng.salt, rid, u) for u in range(eng.size)] if cfg.integrity == "blake3" else []
         self.refused_bytes = 0
@@ -451,10 +556,11 @@ class _PeerState:
     def chunk_range(self, owner: int, first: int, count: int) -> tuple[int, int]:
         return first * self.C, min((first + count) * self.C, self.nbytes)
 
-    def follow(self) -> np.ndarray:
-        """Non-tracker ranks: execute directives until the end-of-round frame."""
+    def follow(self, nxt: int = 0) -> np.ndarray:
+        """Non-tracker ranks: execute directives until the end-of-round frame (`nxt`: the first stage the tracker
+        directs; 1 after a direct stage this rank derived itself).  Stages only move forward: a frame of a stage
+        already run is stale (frames.py)."""
         eng = self.eng
-        nxt = 0  # stages only move forward: a frame of a stage already run is stale (frames.py)
         while True:
             # a stage may spend up to ~2.5 stage timeouts excluding a silent peer before the next frame comes
             wait = self.cfg.timeout_s + 3 * self.cfg.stage_timeout_s
@@ -551,9 +657,21 @@ class _PeerState:
             msg, sender=eng.tracker, round_id=self.rid, n=eng.size, K=K, me=eng.rank, own_ok=self.hidden
         )
         self.settle_late()
-        stage, nr = d.stage, d.r_from.size
-        ok = self.move(stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind, self.late)
-        return np.concatenate([[self.eng.magic, self.rid, stage, KIND_REPORT, nr], ok.astype(np.int64), self.tail()])
+        ok = self.move(d.stage, d.s_to, d.s_chunk, d.r_from, d.r_chunk, d.r_kind, self.late)
+        return self.report(d.stage, ok)
+
+    def direct(self, active: np.ndarray, meanwhile: Callable[[], None] | None = None) -> np.ndarray:
+        """Stage 0 of a direct round, derived by this rank (`direct_lists`) instead of directed; the report frame.
+        `meanwhile` runs once its transfers are posted (the tracker builds its round state)."""
+        s_to, s_chunk, r_from, r_chunk = direct_lists(self.eng.rank, active, self.K)
+        kind = np.full(r_from.size, BT, dtype=np.int64)
+        ok = self.move(0, s_to, s_chunk, r_from, r_chunk, kind, self.late, meanwhile)
+        return self.report(0, ok)
+
+    def report(self, stage: int, ok: np.ndarray) -> np.ndarray:
+        """A directed stage's report frame: which receives arrived intact, then the tail (`tail`)."""
+        head = [self.eng.magic, self.rid, stage, KIND_REPORT, ok.size]
+        return np.concatenate([head, ok.astype(np.int64), self.tail()]).astype(np.int64)
 
     def move(
         self,
@@ -564,16 +682,17 @@ class _PeerState:
         r_chunk: np.ndarray,
         r_kind: np.ndarray,
         late: list | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> np.ndarray:
         """Move one stage's bytes: post receives, paced sends, wait, verify.  Lists sorted by (peer, chunk);
         returns which receives arrived intact.  `late`: receives still unfinished at the deadline go there (`Late`,
         with their buffers) instead of being cancelled, to tell a sender that never sent from a slow one
         (`settle_late` once the tracker moved on; bt_stages after the have frames); the caller completes or
-        cancels them before the round's buffers go."""
+        cancels them before the round's buffers go.  `meanwhile`: work to run once the transfers are posted."""
         eng, K, nr = self.eng, self.K, r_from.size
         now = time.monotonic() - self.t0
         tag = data_tag(self.rid, stage)
-        most = max(1, RUN_BYTES // self.C)
+        most = max(1, (RUN_BYTES if self.cfg.integrity != "none" else RUN_BYTES_UNHASHED) // self.C)
         rruns = _runs(r_from, r_chunk, K, most)
         rreq = []
         into = []  # each receive's buffer: its slot, or for this rank's own chunks coming back (hidden protocol),
@@ -631,6 +750,10 @@ class _PeerState:
         on_early = early_arrived if self.plane is HOST else None
         tb.post_paced(self.data, posts, tb.Pacer(self.cfg.uplink), sreq, rreq, early, on_early)
         self.data.flush()  # a device transport launches the stage's sends and receives together
+        if self.own_due and not self.hidden:  # hidden: own chunks come back into own_in, restored after the round
+            self._copy_own(rreq, early)
+        if meanwhile is not None:
+            meanwhile()
         arrived(np.flatnonzero(early & ~seen).tolist())
         deadline = time.monotonic() + self.cfg.stage_timeout_s
         done = tb.wait_until(
@@ -664,6 +787,20 @@ class _PeerState:
         lg["bytes"].append(np.minimum((r_chunk % K + 1) * self.C, self.nbytes) - (r_chunk % K) * self.C)
         lg["ok"].append(ok)
         return ok
+
+    def _copy_own(self, rreq: list, early: np.ndarray) -> None:
+        """Copy the payload into the output's own row while this stage's transfers move, a piece at a time with
+        a poll between pieces (MPI moves bytes only while some rank polls), marking receives that complete in
+        `early`.  Why: a 64 MiB copy ahead of the round delayed its first message by as long as the copy."""
+        pay, row = self.bufs[self.eng.rank], self.own_in
+        step = RUN_BYTES
+        for a in range(0, self.nbytes, step):
+            row[a : a + step] = pay[a : a + step]
+            live = np.flatnonzero(~early)
+            if live.size:
+                got = self.data.test([rreq[i] for i in live])
+                early[live[got]] = True
+        self.own_due = False
 
     def check(self, src: int, owner: int, first: int, count: int, buf: Any) -> np.ndarray:
         """Which of `count` chunks of `owner` from `first`, received from `src` into `buf`, match their owner's
@@ -777,8 +914,13 @@ class _Tracker:
         deadline_s: float | None,
         peer: _PeerState,
         bad_desc: list[int],
+        derived: bool = False,
+        own_report: np.ndarray | None = None,
     ):
+        """`derived`: every active rank already ran the direct stage it derived (`direct_lists`); `own_report`: this
+        rank's report of it (None when this rank is not active)."""
         self.eng, self.cfg, self.rid, self.K, self.peer = eng, cfg, rid, K, peer
+        self.derived, self.own_report = derived, own_report
         self.bad_desc = bad_desc
         self.bans: list[tuple[int, int, int]] = []  # (stage, sender, receiver): receiver refused sender's chunks
         self.misbehaved: dict[int, str] = peer.misbehaved  # peers excluded for a report that does not fit
@@ -802,11 +944,16 @@ class _Tracker:
         self.delivered: list[np.ndarray] = []
         self.times: list = []  # (t_start, t) arrays of a pipelined phase's stages, None for the others
 
+    @staticmethod
+    def _recv_index(st, p: int) -> np.ndarray:
+        """The indices of `st`'s transfers to `p`, sorted by (sender, chunk): the order of p's receive list."""
+        ri = np.flatnonzero(st.receiver == p)
+        return ri[np.lexsort((st.chunk[ri], st.sender[ri]))]
+
     def _directive(self, st, p: int) -> tuple[np.ndarray, np.ndarray]:
         si = np.flatnonzero(st.sender == p)
         si = si[np.lexsort((st.chunk[si], st.receiver[si]))]
-        ri = np.flatnonzero(st.receiver == p)
-        ri = ri[np.lexsort((st.chunk[ri], st.sender[ri]))]
+        ri = self._recv_index(st, p)
         msg = np.concatenate(
             [
                 [self.eng.magic, self.rid, st.index, KIND_DIRECTIVE, si.size, ri.size],
@@ -826,6 +973,8 @@ class _Tracker:
         warm_t = 0.0
         if self.bad_desc:  # owners whose descriptor is not of this round and owner take no part in it
             rnd.leave(self.bad_desc)
+        if self.derived and not rnd.direct_due:
+            raise ProtocolError(f"round {self.rid}: the peers derived a direct stage the tracker does not run")
         while not rnd.done and rnd.stage < s_max:
             if self.deadline and time.monotonic() - t0 > self.deadline:
                 break
@@ -841,10 +990,11 @@ class _Tracker:
                     warm_t = time.monotonic() - t0
                 st, delivered, silent = self._peer_stage()
             else:
+                derived, self.derived = self.derived, False
                 st = rnd.next_stage()
                 if st.phase == BT and rnd.s_bt == st.index and warm_t == 0.0:
                     warm_t = time.monotonic() - t0
-                delivered, silent = self._directed_stage(st)
+                delivered, silent = self._directed_stage(st, derived)
             rnd.complete(st, delivered)
             if silent:
                 rnd.leave(silent)
@@ -857,14 +1007,22 @@ class _Tracker:
             warm_t = time.monotonic() - t0
         return self._end(warm_t)
 
-    def _directed_stage(self, st: Stage) -> tuple[np.ndarray, list[int]]:
-        """A tracker-decided stage: one directive per peer, then every peer's delivered mask."""
+    def _directed_stage(self, st: Stage, derived: bool = False) -> tuple[np.ndarray, list[int]]:
+        """A tracker-decided stage: one directive per peer, then every peer's delivered mask.  `derived`: the
+        direct stage every active peer derived and ran itself (no directives; checked against `st`)."""
         eng, rnd = self.eng, self.rnd
         n, me = eng.size, eng.rank
         act = np.flatnonzero(rnd.active[:n])
         recv_idx: dict[int, np.ndarray] = {}
         sends = []
         for p in act:
+            if derived:
+                ri = self._recv_index(st, int(p))
+                _, _, r_from, r_chunk = direct_lists(int(p), rnd.active[:n], self.K)
+                if not (np.array_equal(st.sender[ri], r_from) and np.array_equal(st.chunk[ri], r_chunk)):
+                    raise ProtocolError(f"round {self.rid}: rank {p}'s derived direct stage is not the tracker's")
+                recv_idx[int(p)] = ri
+                continue
             msg, ri = self._directive(st, int(p))
             recv_idx[int(p)] = ri
             if p != me:
@@ -873,8 +1031,9 @@ class _Tracker:
                 own = msg
         delivered = np.zeros(st.size, dtype=bool)
         if rnd.active[me]:
+            mine = self.own_report if derived else self.peer.execute(own_frame(own, eng.magic))
             rep = frames.parse_report(
-                own_frame(self.peer.execute(own_frame(own, eng.magic)), eng.magic),
+                own_frame(mine, eng.magic),
                 sender=me,
                 round_id=self.rid,
                 n=n,
@@ -1058,19 +1217,31 @@ class _Tracker:
         return own_frame(end, eng.magic)  # as a follower reads it (MAGIC, not the session word)
 
     def _collect_acks(self, peers: list[int], deadline: float) -> list[int]:
-        """The peers among `peers` that confirmed this round's end frame by `deadline`."""
-        acked: list[int] = []
-        for p in peers:
-            while True:
+        """The first of `peers` to confirm this round's end frame by `deadline` ([] if none did).
+
+        One confirmation is all the tracker's verdict needs (a live follower did not give up on it), so it does
+        not wait for the slowest; the other confirmations stay queued and are skipped as stale frames of an
+        earlier round by the next reads on the control context (`_collect_reports`, frames.parse_header)."""
+        ctrl, live, idle = self.eng.ctrl, list(peers), 0
+        while live:
+            got = False
+            for p in list(live):
                 try:
-                    wait_s = max(0.01, deadline - time.monotonic())
-                    msg = tb.recv_frame(self.eng.ctrl, p, TAG_REPORT, wait_s, f"round {self.rid} end confirmation")
-                except (PeerTimeoutError, ProtocolError):
-                    break
+                    msg = ctrl.poll_frame(p, TAG_REPORT)
+                except ProtocolError:  # not whole int64 words: no confirmation from it
+                    live.remove(p)
+                    continue
+                if msg is None:
+                    continue
+                got = True
                 if msg.size == 4 and msg[0] == self.eng.magic and msg[1] == self.rid and msg[3] == KIND_ACK:
-                    acked.append(p)
-                    break  # anything else is a late report of this round: skip it
-        return acked
+                    return [p]  # anything else is a late report of this round: skip it
+            if time.monotonic() > deadline:
+                break
+            idle = 0 if got else idle + 1
+            if idle:
+                tb.pause(idle)
+        return []
 
     def _trace(self, A: np.ndarray, agreed: np.ndarray) -> Trace:
         rnd, cfg = self.rnd, self.cfg

@@ -8,9 +8,10 @@ Wrap the transport of the rank that should misbehave and hand it to the engine:
 A `Fault` says what to do (drop, delay, duplicate, corrupt, silent), to which messages: a context
 ("data", "ctrl", "nbr" or None for all), a peer (None: all), a round and a stage window.  The wrapper
 learns the current round from the control frames it sees pass (every frame starts MAGIC, round, stage,
-kind), and a data message's stage from its tag (`base.data_tag`), so a test names "round 1, stage 3"
-the way the trace does.  Requests of dropped sends complete at once, as if the bytes had left; a
-delayed send is posted when its time comes, during the wrapper's `test` calls.
+kind) and from the round's all-gathers (shape and descriptors start MAGIC, round), and a data message's
+stage from its tag (`base.data_tag`), so a test names "round 1, stage 3" the way the trace does.
+Requests of dropped sends complete at once, as if the bytes had left; a delayed send is posted when its
+time comes, during the wrapper's `test` calls.
 """
 
 from __future__ import annotations
@@ -288,6 +289,11 @@ class FaultyTransport(Transport):
         return msg
 
     def post_allgather(self, send: np.ndarray, recv: np.ndarray) -> Request:
+        words = np.asarray(send).reshape(-1)
+        if words.dtype == np.int64 and words.size >= 4 and (int(words[0]) & 0xFFFFFFFF) == MAGIC:
+            # a round's own all-gather (its shape, its descriptors: MAGIC, round, ...) opens that round at stage 0:
+            # a direct round's data leaves before any control frame of the round passes here
+            self._epoch.round_id, self._epoch.stage = int(words[1]), 0
         raw = np.ascontiguousarray(send).reshape(-1).view(np.uint8)
         earlier = self._gathered.get(raw.size)
         if earlier is None:

@@ -11,7 +11,7 @@ import pytest
 from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig
-from fltorrent_hpc.runtime.engine import SwarmEngine
+from fltorrent_hpc.runtime.engine import FOLD_CHUNKS, SwarmEngine
 from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
 from fltorrent_hpc.transport.mpi import MPITransport
 
@@ -33,6 +33,13 @@ def same_everywhere(words: np.ndarray) -> bool:
     allw = np.empty((COMM.size, words.size), dtype=np.int64)
     COMM.Allgather(np.ascontiguousarray(words, dtype=np.int64), allw)
     return bool(np.all(allw == allw[0]))
+
+
+def mask(ranks) -> np.ndarray:
+    """A fixed-width membership mask, so ranks that disagree fail the check instead of the all-gather."""
+    m = np.zeros(COMM.size, dtype=np.int64)
+    m[np.asarray(list(ranks), dtype=np.int64)] = 1
+    return m
 
 
 def payload_of(rank: int, nbytes: int, salt: int = 0) -> np.ndarray:
@@ -148,5 +155,89 @@ def test_long_runs_travel_in_pieces(monkeypatch):
     res = eng.disseminate(payload_of(COMM.rank, nb, 9), privacy="none")
     ok = all(np.array_equal(res.updates[u], payload_of(u, nb, 9)) for u in range(COMM.size))
     ok &= res.stats["stages"] == (1 if COMM.size > 1 else 0)
+    eng.close()
+    assert agree(ok)
+
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("chunks", [8, FOLD_CHUNKS + 1])
+@pytest.mark.parametrize("integrity", ["blake3", "none"])
+def test_a_rank_with_another_payload_size_is_left_out_of_the_direct_exchange(integrity, chunks):
+    """A rank whose payload is a chunk longer: the others run the direct stage they derived without it, it alone
+    raises naming both sizes, and the next round includes it again.  The descriptors ride in the shape's
+    all-gather up to FOLD_CHUNKS chunks (or without digests); above, they have an all-gather of their own, in which
+    the odd rank still takes part."""
+    bad = COMM.size - 1
+    eng = SwarmEngine(COMM, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, integrity=integrity))
+    nb = chunks * C
+    mine = payload_of(COMM.rank, nb, 11)
+    if COMM.rank == bad:
+        mine = np.concatenate([mine, np.zeros(C, np.uint8)])
+    r0, err = None, ""
+    try:
+        r0 = eng.disseminate(mine, privacy="none")
+    except Exception as e:  # noqa: BLE001 - the odd rank's error is checked below, any other fails the test
+        err = f"{type(e).__name__}: {e}"
+    honest = [r for r in range(COMM.size) if r != bad]
+    if COMM.rank == bad:
+        ok = err.startswith("ShapeMismatchError") and f"{nb + C} bytes" in err and str(nb) in err
+        words = mask(honest)
+    else:
+        ok = not err and r0.participants.tolist() == honest and r0.stats["stages"] == 1
+        ok &= r0.stats["shape_mismatch"] == [bad] and bad in r0.stats["bad_descriptors"]
+        ok &= all(np.array_equal(r0.updates[u], payload_of(u, nb, 11)) for u in honest)
+        words = mask(r0.participants)
+    ok &= same_everywhere(words)
+    r1 = eng.disseminate(payload_of(COMM.rank, nb, 12), privacy="none")
+    ok &= r1.participants.tolist() == list(range(COMM.size)) and r1.stats["stages"] == 1
+    ok &= all(np.array_equal(r1.updates[u], payload_of(u, nb, 12)) for u in range(COMM.size))
+    eng.close()
+    assert agree(ok)
+
+
+@pytest.mark.mpi(min_size=3)
+def test_a_fault_aimed_at_a_later_round_strikes_its_direct_stage():
+    """The direct stage leaves before any control frame of its round, so the fault-injecting wrapper must learn
+    the round from the round's all-gathers: a corrupting fault named for round 1 fires in round 1 (not round 0),
+    and there the honest ranks leave the corrupting rank out and agree."""
+    bad = 1
+    net = world(bad, Fault("corrupt", channel="data", round_id=1, stride=C))
+    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0))
+    nb = 5 * C
+    r0 = eng.disseminate(payload_of(COMM.rank, nb, 13), privacy="none")
+    hit0 = net.injected.get("corrupt", 0) if COMM.rank == bad else 0
+    r1 = eng.disseminate(payload_of(COMM.rank, nb, 14), privacy="none")
+    honest = [r for r in range(COMM.size) if r != bad]
+    ok = r0.participants.tolist() == list(range(COMM.size)) and r0.stats["stages"] == 1
+    if COMM.rank == bad:
+        ok &= hit0 == 0 and net.injected.get("corrupt", 0) > 0
+        words = mask(honest)
+    else:
+        ok &= r1.participants.tolist() == honest and r1.stats["bad_senders"] == [bad]
+        ok &= all(np.array_equal(r1.updates[u], payload_of(u, nb, 14)) for u in honest)
+        words = mask(r1.participants)
+    ok &= same_everywhere(words)
+    eng.close()
+    assert agree(ok)
+
+
+@pytest.mark.mpi(min_size=3)
+def test_rounds_in_a_row_with_a_rank_that_never_confirms_the_end():
+    """The tracker takes the first confirmation of its end frame and leaves the others queued: later rounds skip
+    them as stale frames (never a misbehaving peer), and a rank whose confirmations never come costs nothing."""
+    from fltorrent_hpc.runtime.engine import KIND_ACK
+
+    mute = COMM.size - 1
+    net = world(mute, Fault("drop", channel="ctrl", code=KIND_ACK))
+    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0))
+    nb = 3 * C + 1
+    ok = True
+    for k in range(6):
+        res = eng.disseminate(payload_of(COMM.rank, nb, 20 + k), privacy="none")
+        ok &= res.participants.tolist() == list(range(COMM.size)) and res.stats["stages"] == 1
+        ok &= not res.stats["misbehaved"] and not res.stats["excluded"]
+        ok &= all(np.array_equal(res.updates[u], payload_of(u, nb, 20 + k)) for u in range(COMM.size))
+    if COMM.rank == mute:
+        ok &= net.injected.get("drop", 0) == 6
     eng.close()
     assert agree(ok)

@@ -15,7 +15,8 @@ import pytest
 from mpi4py import MPI
 
 from fltorrent_hpc.config import SwarmConfig
-from fltorrent_hpc.runtime.engine import DESC_HEAD, SwarmEngine
+from fltorrent_hpc.errors import ShapeMismatchError
+from fltorrent_hpc.runtime.engine import DESC_HEAD, ROUND_META_WORDS, SwarmEngine, shape_bytes
 from fltorrent_hpc.transport.faulty import Fault, FaultyTransport
 from fltorrent_hpc.transport.mpi import MPITransport
 
@@ -27,7 +28,10 @@ BAD = N - 1  # not the tracker (rank 0)
 HONEST = [r for r in range(N) if r != BAD]
 C = 1024
 NB = 12 * C
-DESC_BYTES = 8 * (DESC_HEAD + 2 * (NB // C))  # one owner's descriptor: header, weight and links, 2 words a chunk
+# one rank's contribution to a round's shape all-gather: round_meta, then its descriptor (header, weight and links,
+# 2 words a chunk: NB // C chunks fit its digest slots, so the descriptor rides there)
+SHAPE_BYTES = shape_bytes()
+DIGESTS_AT = 8 * (ROUND_META_WORDS + DESC_HEAD)
 PACED = dict(uplink=400e3, downlink=400e3, slot_seconds=0.01)  # 4 chunks a stage: rounds of several stages
 
 
@@ -122,7 +126,7 @@ def test_forged_chunks_never_stay_in_a_caller_output(privacy):
 @pytest.mark.parametrize("privacy", ["none", "full"])
 def test_an_owner_whose_descriptor_lies_is_left_out_everywhere(privacy, paced):
     """BAD publishes digests that do not match its update (its descriptor's digest words flipped)."""
-    lie = Fault("corrupt", channel="ctrl", offset=8 * DESC_HEAD, stride=8, nbytes=DESC_BYTES)
+    lie = Fault("corrupt", channel="ctrl", offset=DIGESTS_AT, stride=8, nbytes=SHAPE_BYTES)
     (res,), slowest, inj = rounds([lie], privacy, paced)
     ok, parts = honest_agree(res)
     ok &= parts == HONEST
@@ -134,16 +138,33 @@ def test_an_owner_whose_descriptor_lies_is_left_out_everywhere(privacy, paced):
 
 @pytest.mark.parametrize("privacy", ["none", "full"])
 def test_a_descriptor_replayed_from_an_earlier_round_is_refused(privacy):
-    """BAD contributes its round-0 descriptor again in round 1: every rank refuses it and leaves BAD out."""
-    (r0, r1), slowest, inj = rounds(
-        [Fault("replay", channel="ctrl", nbytes=DESC_BYTES)], privacy, paced=False, n_rounds=2
-    )
+    """BAD contributes its round-0 shape and descriptor again in round 1: every rank refuses it and leaves BAD out
+    (a minority whose round words differ in the round id alone), and BAD is told (ShapeMismatchError)."""
+    base = MPITransport(COMM)
+    net = FaultyTransport(base, [Fault("replay", channel="ctrl", nbytes=SHAPE_BYTES)]) if R == BAD else base
+    eng = SwarmEngine(net, SwarmConfig(chunk_bytes=C, timeout_s=60, stage_timeout_s=1.0, privacy=privacy))
+    r0 = eng.disseminate(payload_of(R, 0))
+    r1, err = None, ""
+    try:
+        r1 = eng.disseminate(payload_of(R, 1))
+    except ShapeMismatchError as e:
+        err = str(e)
     ok0, parts0 = honest_agree(r0, 0)
-    ok1, parts1 = honest_agree(r1, 1)
-    ok = ok0 and ok1 and parts0 == list(range(N)) and parts1 == HONEST
-    ok &= r1.stats["bad_descriptors"] == [BAD] and r0.stats["bad_descriptors"] == []
-    ok &= BAD in r1.stats["excluded"]
-    ok &= inj.get("replay", 0) == 1 if R == BAD else True
+    ok = ok0 and parts0 == list(range(N)) and r0.stats["bad_descriptors"] == []
+    mask = np.zeros(N, dtype=np.int64)
+    if R == BAD:
+        mask[HONEST] = 1  # the bad rank does not vote
+        ok &= r1 is None and "round 0's" in err and "its round 1" in err
+        ok &= net.injected.get("replay", 0) == 1
+    else:
+        mask[r1.participants] = 1
+        ok &= not err and r1.stats["bad_descriptors"] == [BAD] and BAD in r1.stats["excluded"]
+        ok &= all(np.array_equal(r1.updates[u], payload_of(u, 1)) for u in HONEST)
+    allm = np.empty((N, N), dtype=np.int64)
+    COMM.Allgather(mask, allm)
+    ok &= all(np.flatnonzero(allm[r]).tolist() == HONEST for r in range(N))
+    eng.close()
+    base.close()
     assert agree(ok)
 
 
