@@ -3,13 +3,13 @@
     mpiexec -n 4 python jobs/bench_crossover.py [--sizes 256KiB,1MiB,4MiB,16MiB,64MiB] [--json out.json]
 
 Each rank's uplink is paced at lo * (1 + 3 r / (n - 1)) (spread 4x, as bench_allgather's emulated section).  Per
-size, in the same run: the ring (gated by the slowest uplink), the engine forced to one direct exchange
-(`direct_bytes` above the size: every rank sends its update to every other, (n-1)S over its own uplink) and
-forced to the swarm (`direct_bytes=0`, the pipelined BitTorrent phase: fast uplinks relay the slow ones'
-chunks), and the capacity bound max(n(n-1)S/sum U, S/min U) as a computed row.  Chunks are the size / 16
-(at least 64 KiB, at most `--chunk-bytes`), so even small rounds have chunks to relay.  The last line names the
-smallest size from which the swarm beats the direct exchange: `SwarmConfig.direct_bytes` (the rule in
-swarm/budget.direct_round) should sit below it on such links.
+size, in the same run: the ring (gated by the slowest uplink); the engine forced to one direct exchange (every
+rank sends its update to every other, (n-1)S over its own uplink: `direct_bytes` and the uneven-links cap
+swarm.budget.UNEVEN_DIRECT_BYTES lifted for that row); forced to the swarm (`direct_bytes=0`, the pipelined
+BitTorrent phase: fast uplinks relay the slow ones' chunks); the engine's own choice (`auto`, the defaults);
+and the capacity bound max(n(n-1)S/sum U, S/min U) as a computed row.  Chunks are the size / 16 (at least
+64 KiB, at most `--chunk-bytes`), so even small rounds have chunks to relay.  The last line names the smallest
+size from which the swarm beats the direct exchange: UNEVEN_DIRECT_BYTES should sit below it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,18 @@ from bench_allgather import COMM, ME, WORLD, N, line, pattern, timed, wrong  # n
 from fltorrent_hpc.config import SwarmConfig, parse_bytes, parse_rate  # noqa: E402
 from fltorrent_hpc.runtime.engine import SwarmEngine  # noqa: E402
 from fltorrent_hpc.runtime.sim_events import capacity_bound  # noqa: E402
+from fltorrent_hpc.swarm import budget  # noqa: E402
 from fltorrent_hpc.transport.mpi import ring_allgather  # noqa: E402
+
+
+def forced_direct(eng: SwarmEngine, pay: np.ndarray, out: np.ndarray) -> None:
+    """One round of `eng` with the uneven-links cap lifted (every rank the same), so it is a direct exchange."""
+    cap = budget.UNEVEN_DIRECT_BYTES
+    budget.UNEVEN_DIRECT_BYTES = 1 << 62
+    try:
+        eng.disseminate(pay, out=out)
+    finally:
+        budget.UNEVEN_DIRECT_BYTES = cap
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         direct = SwarmEngine(COMM, cfg.replace(direct_bytes=size))
         swarm = SwarmEngine(COMM, cfg.replace(direct_bytes=0))
+        auto = SwarmEngine(COMM, cfg)  # the engine's own choice (swarm.budget.direct_round, small_round)
         pay = pattern(ME, size)
         out = np.empty((N, size), dtype=np.uint8)
         cases = {
             "ring_paced": partial(ring_allgather, WORLD, pay, out, 600, uplink=float(ups[ME])),
-            "direct_paced": partial(direct.disseminate, pay, out=out),
+            "direct_paced": partial(forced_direct, direct, pay, out),
             "swarm_paced": partial(swarm.disseminate, pay, out=out),
+            "auto_paced": partial(auto.disseminate, pay, out=out),
         }
         res = {}
         for name, fn in cases.items():
@@ -82,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         if ME == 0:
             print(line(size, "bound", bound, None))
             print(
-                f"#   swarm/direct {res['swarm_paced'] / res['direct_paced']:.3f}, bound/swarm "
+                f"#   swarm/direct {res['swarm_paced'] / res['direct_paced']:.3f}, auto/best "
+                f"{res['auto_paced'] / min(res['swarm_paced'], res['direct_paced']):.3f}, bound/swarm "
                 f"{bound / res['swarm_paced']:.3f}, bound/direct {bound / res['direct_paced']:.3f}",
                 flush=True,
             )
         if crossover is None and res["swarm_paced"] < res["direct_paced"]:
             crossover = size
-        direct.close()
-        swarm.close()
+        for e in (direct, swarm, auto):
+            e.close()
     if ME == 0:
         print(f"# the swarm beats one direct exchange from {crossover} B a rank" if crossover else "# never crossed")
         if a.json:

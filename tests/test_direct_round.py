@@ -21,6 +21,12 @@ def test_rule_small_or_even_links_without_privacy():
     assert direct_round(cfg, 4, 64 * MiB, np.array([1e9, 1.1e9, 1.2e9, 1.0e9]))  # within 1.25x
     assert not direct_round(cfg, 4, 64 * MiB, np.array([1e9, 2e9, 3e9, 4e9]))  # uneven: fast peers relay
     assert not direct_round(cfg, 4, 64 * MiB, np.array([0, 2e9, 3e9, 4e9]))  # partly unknown: the swarm
+    # uneven links: direct only up to the measured crossover (UNEVEN_DIRECT_BYTES), whatever direct_bytes allows
+    big = SwarmConfig(privacy="none", direct_bytes="4MiB")
+    uneven = np.array([50e6, 100e6, 150e6, 200e6])
+    assert direct_round(big, 4, MiB, uneven) and direct_round(big, 4, MiB, np.array([0, 2e9, 3e9, 4e9]))
+    assert not direct_round(big, 4, 2 * MiB, uneven) and not direct_round(big, 4, 4 * MiB, uneven)
+    assert direct_round(big, 4, 4 * MiB) and direct_round(big, 4, 4 * MiB, np.zeros(4))  # unknown or even
     assert not direct_round(cfg, 1, MiB) and not direct_round(cfg, 4, 0)
 
 

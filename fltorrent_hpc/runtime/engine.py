@@ -934,7 +934,9 @@ class _Tracker:
         direct = direct_round(cfg, n, peer.nbytes, np.delete(all_info[:, 1], bad_desc))
         # a small round's BitTorrent stages are the tracker's (the same decisions: swarm/bt_peer.py): a directive,
         # the data and a report per stage instead of nine neighbour exchanges, which are all a small round costs
-        small = small_round(cfg, peer.nbytes)
+        # (a privacy-none round the rule sends to the swarm, small or not, runs the swarm's own phase: the relaying
+        # that made the rule choose it is what the stages would slow down)
+        small = small_round(cfg, peer.nbytes) and (direct or bool(cfg.privacy))
         # the pipelined phase moves host rows on its own context; a device plane's rounds keep the peers' stages
         self.pipelined = cfg.bt_decisions == "pipelined" and not small and peer.plane is HOST
         self.peer_decided = cfg.bt_decisions in ("peers", "pipelined") and not small and not self.pipelined

@@ -27,6 +27,9 @@ def too_slow(rate: np.ndarray, chunk_bytes: int, slot_seconds: float) -> np.ndar
 
 
 EVEN_LINKS = 1.25  # uplinks within this factor of each other count as even (direct_round)
+# uneven uplinks: a direct exchange only up to this many bytes a rank; the swarm wins above it (4 ranks, uplinks
+# 400..1600 Mbit/s, jobs/bench_crossover.py: swarm/direct 0.76-0.95 at 1 MiB, 0.52-0.55 at 4 MiB)
+UNEVEN_DIRECT_BYTES = 2**20
 
 
 def small_round(config, nbytes: int) -> bool:
@@ -39,21 +42,22 @@ def direct_round(config, n: int, nbytes: int, uplinks: np.ndarray | None = None)
 
     Only without privacy (every privacy setting needs its hops) and with `config.direct_bytes > 0` (0: never
     direct, the swarm always runs).  Then direct when
-    - the round is small (`nbytes <= config.direct_bytes`): its cost is its control exchanges, which one direct
-      stage cuts to a directive, the data and a report; or
     - the uplinks are even (all unpaced, or all within EVEN_LINKS of the slowest): each rank must upload
       (n-1) x nbytes in any all-gather, so sending it straight is already at the capacity bound, and relaying
-      through the swarm only adds stages.  On uneven links the swarm lets fast peers carry the slow ones'
-      chunks (bound max(n(n-1)S / sum U, S / min U) instead of (n-1)S / min U).
-    docs/ARCHITECTURE.md ("Small rounds and the direct exchange") gives the measured crossover.
+      through the swarm only adds stages; or
+    - the round is small (`nbytes <= config.direct_bytes`; on uneven or partly unknown uplinks also at most
+      UNEVEN_DIRECT_BYTES): its cost is its control exchanges, which one direct stage cuts to the data and a
+      report.  Above that the swarm lets fast peers carry the slow ones' chunks (bound max(n(n-1)S / sum U,
+      S / min U) instead of (n-1)S / min U), which pays for its extra exchanges.
+    Link rates unknown (`uplinks` None): small rounds only.  docs/ARCHITECTURE.md ("Small rounds and the direct
+    exchange") gives the measured crossover.
     """
     if config.privacy or config.direct_bytes <= 0 or n < 2 or nbytes <= 0:
         return False
-    if small_round(config, nbytes):
-        return True
+    small = small_round(config, nbytes)
     if uplinks is None:
-        return False
+        return small
     up = np.asarray(uplinks, dtype=np.float64)[:n]
-    if np.all(up <= 0):
+    if np.all(up <= 0) or (np.all(up > 0) and up.max() <= EVEN_LINKS * up.min()):
         return True
-    return bool(np.all(up > 0) and up.max() <= EVEN_LINKS * up.min())
+    return small and nbytes <= UNEVEN_DIRECT_BYTES
