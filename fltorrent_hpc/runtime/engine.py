@@ -955,7 +955,7 @@ class _Tracker:
     def _directive(self, st, p: int) -> tuple[np.ndarray, np.ndarray]:
         si = np.flatnonzero(st.sender == p)
         si = si[np.lexsort((st.chunk[si], st.receiver[si]))]
-        ri = self._recv_index(st, p)
+        ri = _Tracker._recv_index(st, p)
         msg = np.concatenate(
             [
                 [self.eng.magic, self.rid, st.index, KIND_DIRECTIVE, si.size, ri.size],
