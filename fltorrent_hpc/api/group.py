@@ -1087,33 +1087,17 @@ class FLTorrentProcessGroup(dist.ProcessGroup):
     def _release(self) -> None:
         if self._thread.is_alive():
             return  # still inside the transport; freeing its contexts under it would crash
-        for attr in ("_coll", "_p2p"):
-            c = getattr(self, attr, None)
-            if c is not None:
+        # contexts first, then the engine, the device plane and the root transport (an owned MPI sub-communicator;
+        # goodbyes to gloo peers); MPI may already be finalized, so a failing close is ignored
+        for attr in ("_coll", "_p2p", "_engine", "_plane", "_net"):
+            obj = getattr(self, attr, None)
+            if obj is not None:
                 try:
-                    c.close()
-                except Exception:  # noqa: BLE001 - MPI may already be finalized
+                    obj.close()
+                except Exception:  # noqa: BLE001
                     pass
                 setattr(self, attr, None)
-        if self._engine is not None:
-            try:
-                self._engine.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._engine = None
-        if self._plane is not None:
-            try:
-                self._plane.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._plane = None
-        if self._net is not None:  # frees an owned MPI sub-communicator; says goodbye to gloo peers
-            try:
-                self._net.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._net = None
-            self._comm = None
+        self._comm = None
 
 
 # --------------------------------------------------------------------------------------------- internals

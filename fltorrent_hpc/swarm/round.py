@@ -499,17 +499,7 @@ class SwarmRound:
                 (np.full(chunks.size * others.size, u), np.repeat(others, chunks.size), np.tile(chunks, others.size))
             )
         s, r, c = (np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(3))
-        return Stage(
-            index=self.stage,
-            phase=BT,
-            sender=s,
-            receiver=r,
-            chunk=c,
-            kind=np.full(s.size, BT, dtype=np.int64),
-            sender_owned=np.full(s.size, self.K, dtype=np.int64),
-            sender_buffer=self.held[s],
-            capacity=self.capacity(),
-        )
+        return self.reported_bt_stage(s, r, c)  # the same BitTorrent-kind stage, of the tracker's own transfers
 
     def _enter_bt(self) -> None:
         self.phase = BT
@@ -521,8 +511,9 @@ class SwarmRound:
         return int(self.up[self.active[: self.n]].sum())
 
     def reported_bt_stage(self, sender: np.ndarray, receiver: np.ndarray, chunk: np.ndarray) -> Stage:
-        """The BitTorrent stage of the current slot made of transfers the peers decided and reported themselves
-        (a real round's decentralised or pipelined BitTorrent), for `complete`, the trace and the agreement."""
+        """A BitTorrent-kind stage of the current slot made of given transfers: those the peers decided and
+        reported themselves (a real round's decentralised or pipelined BitTorrent), for `complete`, the trace and
+        the agreement, or the direct exchange's."""
         s = np.asarray(sender, dtype=np.int64)
         return Stage(
             index=self.stage,
